@@ -1,0 +1,58 @@
+# liverseg — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PORT ?= 5001
+export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+# TensorFlow's oneDNN/C++ banner lines are noise for a user.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test test-fast lint format ui serve bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip check
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the pinned dependencies and liverseg (editable)
+
+run: $(STAMP) ## set up and run the whole pipeline (dvc repro) on the default data
+	source $(BIN)/activate && dvc repro
+	source $(BIN)/activate && dvc metrics show
+
+test: $(STAMP) ## set up and run the whole test suite (incl. the slow end-to-end tests)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the unit tests only (no end-to-end runs)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff's formatting and import sorting
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over the local store
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h 127.0.0.1 -p 5000
+
+serve: $(STAMP) ## serve the champion model on http://127.0.0.1:$(PORT)
+	source $(BIN)/activate && mlflow models serve -m "models:/liver-unet@champion" \
+		--env-manager local -h 127.0.0.1 -p $(PORT)
+
+bench: $(STAMP) ## run the benchmarks (figures in benchmarks/README.md)
+	source $(BIN)/activate && bash benchmarks/run_all.sh
+
+clean: ## remove the pipeline's outputs (not the MLflow store, not the venv)
+	rm -rf data models reports optuna

@@ -1,0 +1,299 @@
+"""Fetch and unpack the IRCAD archive without ever leaving a half-written or hostile result.
+
+Contracts:
+
+* :func:`fetch` streams ``source`` (an ``http(s)://`` URL, a ``file://`` URL or a local path)
+  into a temporary file beside ``dest`` and renames it into place only once the byte count
+  matches the announced size (the server's ``Content-Length`` when it sent one, the file size
+  for a local source) and the SHA-256 matches the expected digest (when one is given). On any
+  failure ``dest`` is left as it was (absent for a first download) and no temporary file
+  remains.
+* :func:`safe_extract_zip` checks every entry of the archive *before* writing anything, then
+  extracts into a temporary folder beside ``target`` that replaces ``target`` only when every
+  entry was written; a refused or corrupt archive leaves ``target`` as it was.
+
+Every failure is a :class:`~liverseg.errors.DataError` naming the source or archive (and the
+entry) and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import posixpath
+import re
+import stat
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from liverseg.errors import DataError
+from liverseg.fsutil import atomic_dir, atomic_file
+
+__all__ = ["MAX_RATIO", "RATIO_MIN_BYTES", "fetch", "safe_extract_zip", "sha256_file"]
+
+# Read size for streaming: large enough for throughput, small enough to keep memory flat.
+CHUNK_BYTES = 1 << 20
+# Zip-bomb heuristic: an entry larger than RATIO_MIN_BYTES whose uncompressed size is more than
+# MAX_RATIO times its compressed size is refused. CT data (NIfTI/DICOM) compresses far less;
+# small entries are exempt because a few KB of zeros legitimately compress that well.
+RATIO_MIN_BYTES = 1 << 20
+MAX_RATIO = 1000.0
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_USER_AGENT = "liverseg-download"
+
+
+# ------------------------------------------------------------------------------------ hashing
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so that multi-GB archives need no memory."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file to hash it: {exc}") from exc
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ download
+def fetch(
+    source: str,
+    dest: Path,
+    sha256: str = "",
+    *,
+    progress: bool = True,
+    timeout: float = 60,
+) -> str:
+    """Download (or copy) ``source`` to ``dest`` and return the hex SHA-256 of its bytes.
+
+    The digest is computed while streaming, so a pinned ``sha256`` costs no second read; with
+    ``sha256`` empty the digest is still returned, so that a first download can be pinned.
+    ``timeout`` (seconds) bounds each network operation, not the whole transfer, so a slow but
+    live connection is not cut off while a stalled one is.
+    """
+    dest = Path(dest)
+    expected = sha256.strip().lower()
+    if expected and not _HEX64.fullmatch(expected):
+        raise DataError(f"{source}: expected sha256 {sha256!r} is not a 64-digit hex digest")
+
+    digest = hashlib.sha256()
+    with (
+        _open_source(source, timeout) as (stream, length),
+        atomic_file(dest) as tmp,
+        tmp.open("wb") as out,
+        tqdm(
+            total=length,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=dest.name,
+            disable=not progress,
+        ) as bar,
+    ):
+        received = 0
+        try:
+            while chunk := stream.read(CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+                received += len(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            # A reset or timed-out connection: the same failure as a short body, but say why.
+            of = "" if length is None else f" of {length}"
+            raise DataError(
+                f"{source}: truncated download: received {received}{of} bytes before "
+                f"the transfer failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        if length is not None and received != length:
+            raise DataError(f"{source}: truncated download: received {received} of {length} bytes")
+        actual = digest.hexdigest()
+        if expected and actual != expected:
+            raise DataError(
+                f"{source}: SHA-256 checksum mismatch: expected {expected}, got {actual}"
+            )
+    return actual
+
+
+@contextmanager
+def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+    """Open ``source`` for reading and yield it with its announced size (None if unknown)."""
+    parts = urllib.parse.urlsplit(source)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        with _open_http(source, timeout) as opened:
+            yield opened
+        return
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise DataError(f"{source}: file:// URL with a remote host is not supported")
+        local = Path(urllib.request.url2pathname(parts.path))
+    elif scheme == "" or _DRIVE.match(source):
+        local = Path(source)
+    else:
+        raise DataError(
+            f"{source}: unsupported URL scheme {parts.scheme!r} "
+            "(expected http://, https://, file:// or a local path)"
+        )
+    if not local.is_file():
+        raise DataError(f"{source}: local source {local} does not exist or is not a file")
+    try:
+        fh = local.open("rb")
+    except OSError as exc:
+        raise DataError(f"{source}: cannot open local source: {exc}") from exc
+    with fh:
+        yield fh, local.stat().st_size
+
+
+@contextmanager
+def _open_http(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+    """Open an HTTP(S) URL (redirects followed) and yield the body with its Content-Length."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise DataError(f"{url}: HTTP error {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise DataError(f"{url}: cannot reach the server: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise DataError(f"{url}: request failed ({type(exc).__name__}: {exc})") from exc
+    with response:
+        header = response.headers.get("Content-Length")
+        length = int(header) if header is not None and header.strip().isdigit() else None
+        yield response, length
+
+
+# ------------------------------------------------------------------------------------- unpack
+def safe_extract_zip(
+    archive: Path,
+    target: Path,
+    *,
+    max_bytes: int,
+    max_ratio: float = MAX_RATIO,
+    ratio_min_bytes: int = RATIO_MIN_BYTES,
+) -> list[Path]:
+    """Extract ``archive`` into ``target`` (replacing it) and return the extracted file paths.
+
+    The archive comes from the internet, so it is treated as hostile: entries that would land
+    outside ``target`` (``../x``, ``/x``, ``C:x``), symlinks and other non-regular entries,
+    encrypted entries, a total uncompressed size over ``max_bytes``, an entry compressed more
+    than ``max_ratio``:1 (when larger than ``ratio_min_bytes``), duplicate names and corrupt
+    data (bad CRC, truncated archive) are refused. Sizes are checked from the central
+    directory before anything is written; an entry cannot yield more than its declared size
+    (see :func:`_extract_entry`), so a lying header cannot get past the limits either.
+    Returned paths are under ``target``, in archive order, files only (not folders).
+    """
+    archive = Path(archive)
+    target = Path(target)
+    if not archive.is_file():
+        raise DataError(f"{archive}: archive does not exist or is not a file")
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise DataError(f"{archive}: not a valid zip archive: {exc}") from exc
+    with zf:
+        plan = _plan_extraction(archive, zf, max_bytes, max_ratio, ratio_min_bytes)
+        written: list[Path] = []
+        with atomic_dir(target) as tmp:
+            for info, rel in plan:
+                out = tmp.joinpath(*rel.split("/"))
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                _extract_entry(archive, zf, info, out)
+                written.append(target.joinpath(*rel.split("/")))
+    return written
+
+
+def _plan_extraction(
+    archive: Path,
+    zf: zipfile.ZipFile,
+    max_bytes: int,
+    max_ratio: float,
+    ratio_min_bytes: int,
+) -> list[tuple[zipfile.ZipInfo, str]]:
+    """Validate every entry before anything is written; return (entry, safe relative path)."""
+    plan: list[tuple[zipfile.ZipInfo, str]] = []
+    seen: set[str] = set()
+    total = 0
+    for info in zf.infolist():
+        name = info.filename
+        where = f"{archive}: entry {name!r}"
+        rel = _safe_relpath(name)
+        if rel is None:
+            raise DataError(f"{where}: path escapes the extraction folder (zip slip)")
+        if rel == "":
+            continue  # the archive's root folder itself ("./")
+        kind = stat.S_IFMT(info.external_attr >> 16)
+        if kind == stat.S_IFLNK:
+            raise DataError(f"{where}: symlink entries are refused")
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise DataError(f"{where}: special file (mode {oct(kind)}) entries are refused")
+        if info.flag_bits & 0x1:
+            raise DataError(f"{where}: encrypted entries are not supported")
+        if rel in seen:
+            raise DataError(f"{where}: duplicate entry for path {rel!r}")
+        seen.add(rel)
+        total += info.file_size
+        if total > max_bytes:
+            raise DataError(
+                f"{where}: total uncompressed size {total} bytes exceeds max_bytes={max_bytes}"
+            )
+        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
+            info.compress_size, 1
+        ):
+            ratio = info.file_size / max(info.compress_size, 1)
+            raise DataError(
+                f"{where}: compression ratio {ratio:.0f}:1 ({info.file_size} bytes from "
+                f"{info.compress_size}) exceeds {max_ratio:.0f}:1 (zip bomb?)"
+            )
+        plan.append((info, rel))
+    return plan
+
+
+def _safe_relpath(name: str) -> str | None:
+    """Normalised '/'-separated path of an entry inside the target, or None if it escapes.
+
+    Backslashes count as separators (archives written on Windows use them) and ``..`` is
+    resolved lexically; the extraction folder is brand new, so no symlink on disk can
+    redirect a lexically-safe path.
+    """
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or _DRIVE.match(unified) or "\x00" in unified:
+        return None
+    norm = posixpath.normpath(unified)
+    if norm == ".":
+        return ""
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def _extract_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> None:
+    """Write one entry to ``out``; corrupt data becomes a DataError naming the entry.
+
+    ``zipfile`` stops reading at the entry's declared size and then checks the CRC, so a
+    header that under-states the size (to slip past the size limits) fails here as corrupt.
+    """
+    where = f"{archive}: entry {info.filename!r}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, out.open("wb") as dst:
+            while chunk := src.read(CHUNK_BYTES):
+                dst.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise DataError(f"{where}: corrupt or unsupported data: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"{where}: cannot write {out.name}: {exc}") from exc

@@ -1,0 +1,110 @@
+"""From RAS volumes to model-ready 2D slices: HU window, scaling, resizing, slice selection.
+
+Contract: a volume is (X, Y, Z) in RAS (see :mod:`liverseg.data.volumes`); a stack of slices
+is (N, H, W) with slice n = ``volume[:, :, k_n]``, so H runs along x and W along y. CT slices
+are float32 windowed then scaled to [0, 1]; masks are uint8 0/1.
+
+Resizing is separable linear resampling written as two small matrix products per stack, so a
+whole volume goes through BLAS at once instead of a Python loop of per-slice ``resize`` calls.
+The weights are a triangle (bilinear) kernel widened by the down-sampling factor, i.e.
+anti-aliased like ``skimage.transform.resize(anti_aliasing=True)`` or PIL's bilinear filter.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip HU to [low, high] and scale linearly to [0, 1] as float32.
+
+    The liver window keeps soft-tissue contrast (liver vs. spleen vs. lesions); air and bone
+    saturate to 0 and 1, so a raw HU value never wraps around as the notebook's uint8 cast did.
+    """
+    out = np.clip(hu.astype(np.float32, copy=False), low, high)
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return out
+
+
+@lru_cache(maxsize=64)
+def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of anti-aliased linear resampling along one axis.
+
+    Pixel centres are aligned (``align_corners=False``): output pixel i sits at input
+    coordinate (i + 0.5) * n_in / n_out - 0.5. Rows sum to 1, so edges are clamped.
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be >= 1, got {n_in} -> {n_out}")
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    dist = np.abs(np.arange(n_in)[None, :] - centres[:, None]) / support
+    w = np.clip(1.0 - dist, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    w = w.astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
+def resize_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (N, H, W) float stack to (N, size[0], size[1]) with anti-aliased linear weights."""
+    n, h, w = stack.shape
+    wh = resample_matrix(h, size[0])
+    ww = resample_matrix(w, size[1])
+    # (oh, H) @ (N, H, W) -> (N, oh, W); then @ (W, ow) -> (N, oh, ow).
+    return np.matmul(np.matmul(wh, stack.astype(np.float32, copy=False)), ww.T)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel for nearest-neighbour resampling (centres aligned)."""
+    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp)
+    return np.minimum(idx, n_in - 1)
+
+
+def resize_mask_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (N, H, W) 0/1 mask stack by nearest neighbour (labels are never interpolated)."""
+    _, h, w = stack.shape
+    return stack[:, nearest_indices(h, size[0])][:, :, nearest_indices(w, size[1])]
+
+
+def volume_to_stack(volume: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+    """(X, Y, Z) volume -> (N, X, Y) stack of its axial slices (all, or those at ``indices``)."""
+    if indices is not None:
+        volume = volume[:, :, indices]
+    return np.ascontiguousarray(np.moveaxis(volume, 2, 0))
+
+
+def select_slices(
+    mask: np.ndarray, liver_free_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Sorted indices of the axial slices to train on: every liver slice plus a seeded share
+    of liver-free ones (drawn without replacement), so the model also learns "no liver here"."""
+    has_liver = mask.any(axis=(0, 1))
+    liver = np.flatnonzero(has_liver)
+    free = np.flatnonzero(~has_liver)
+    n_free = int(round(liver_free_fraction * free.size))
+    chosen = rng.choice(free, size=n_free, replace=False) if n_free else free[:0]
+    return np.sort(np.concatenate([liver, chosen]))
+
+
+def prepare_volume(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    *,
+    window_hu: tuple[float, float],
+    image_size: int,
+    liver_free_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One case's training slices: (image (N, S, S) float32 [0, 1], mask (N, S, S) uint8, indices).
+
+    Slices are selected before resizing, so the liver-free slices dropped cost nothing.
+    """
+    idx = select_slices(mask, liver_free_fraction, rng)
+    size = (image_size, image_size)
+    image = window(resize_stack(volume_to_stack(hu, idx), size), *window_hu)
+    labels = resize_mask_stack(volume_to_stack(mask, idx), size).astype(np.uint8)
+    return image, labels, idx

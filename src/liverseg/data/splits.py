@@ -1,0 +1,54 @@
+"""Patient-level data splits: a held-out test set of whole patients plus k folds over the rest.
+
+A slice never crosses a split: every split is a list of case ids, never of slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+
+from liverseg.errors import DataError
+
+
+def make_splits(
+    slice_counts: dict[str, int], *, n_test: int, k_folds: int, seed: int
+) -> dict[str, Any]:
+    """Split case ids into ``test`` (n_test patients) and ``folds`` (k lists of patients).
+
+    The test patients are a seeded draw; the folds come from scikit-learn's ``GroupKFold``
+    (shuffled, seeded) over the slices grouped by patient, which balances the number of
+    slices per fold while keeping each patient in exactly one fold.
+    """
+    cases = sorted(slice_counts)
+    if len(cases) < n_test + k_folds:
+        raise DataError(
+            f"need at least n_test + k_folds = {n_test + k_folds} cases, have {len(cases)}"
+        )
+    rng = np.random.default_rng(seed)
+    test = sorted(rng.choice(cases, size=n_test, replace=False).tolist())
+    rest = [c for c in cases if c not in test]
+    groups = np.repeat(rest, [max(1, slice_counts[c]) for c in rest])
+    gkf = GroupKFold(n_splits=k_folds, shuffle=True, random_state=seed)
+    folds = [
+        sorted(np.unique(groups[val_idx]).tolist())
+        for _, val_idx in gkf.split(np.zeros(len(groups)), groups=groups)
+    ]
+    return {"seed": seed, "n_test": n_test, "k_folds": k_folds, "test": test, "folds": folds}
+
+
+def fold_cases(splits: dict[str, Any], fold: int) -> tuple[list[str], list[str]]:
+    """(train case ids, validation case ids) of fold ``fold``."""
+    folds = splits["folds"]
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"fold {fold} out of range: there are {len(folds)} folds")
+    val = list(folds[fold])
+    train = sorted(c for i, f in enumerate(folds) if i != fold for c in f)
+    return train, val
+
+
+def trainval_cases(splits: dict[str, Any]) -> list[str]:
+    """All non-test case ids (what the final model trains on)."""
+    return sorted(c for f in splits["folds"] for c in f)

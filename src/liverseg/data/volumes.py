@@ -1,0 +1,213 @@
+"""NIfTI I/O: the one place where volumes are read, validated, reoriented and written.
+
+Axis contract: every array this module returns is in the canonical RAS orientation that
+``nibabel.as_closest_canonical`` gives, axes (x, y, z) = (towards Right, towards Anterior,
+towards Superior), so ``data[:, :, k]`` is one axial slice and slices of every source look
+alike whatever orientation the file was stored in. The file's own affine and header are kept
+so that a mask computed on the RAS array goes back onto the input's grid with
+:func:`from_canonical` / :func:`save_mask_like`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from liverseg.errors import DataError
+from liverseg.fsutil import atomic_file
+
+RAS = axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D volume in canonical RAS orientation, remembering the file it came from.
+
+    ``data`` is float32 (CT in HU) or uint8 (mask, 0/1); ``affine`` maps RAS voxel indices to
+    scanner millimetres; ``source_affine``/``header`` are the file's own, for writing back.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    source_affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the RAS array axes."""
+        zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        sx, sy, sz = self.spacing
+        return sx * sy * sz / 1000.0
+
+
+def _read(path: Path) -> nib.Nifti1Image:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
+        np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise DataError(f"{path}: not a NIfTI image (got {type(img).__name__})")
+    return img
+
+
+def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = None) -> Volume:
+    """Validate an in-memory NIfTI image and reorient it to RAS.
+
+    ``kind`` is "image" (CT in HU, float32) or "mask" (values {0, 1} or {0, 255}, uint8 0/1).
+    """
+    where = str(path) if path is not None else "<in-memory NIfTI>"
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = nib.funcs.squeeze_image(img)
+        shape = img.shape
+    if len(shape) != 3:
+        raise DataError(f"{where}: expected a 3-D volume, got {len(shape)}-D shape {tuple(shape)}")
+    if min(shape) < 1:
+        raise DataError(f"{where}: empty volume of shape {tuple(shape)}")
+    source_affine = img.affine.copy()
+    if not np.all(np.isfinite(source_affine)):
+        raise DataError(f"{where}: affine has NaN or inf entries")
+    canon = nib.as_closest_canonical(img)
+    raw = np.asanyarray(canon.dataobj)
+    if kind == "image":
+        data = np.asarray(canon.get_fdata(dtype=np.float32))
+        if not np.all(np.isfinite(data)):
+            n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+            raise DataError(f"{where}: {n_bad} NaN or inf voxels in the CT")
+    elif kind == "mask":
+        data = _binary_mask(np.asarray(raw), where)
+    else:  # pragma: no cover - programming error
+        raise ValueError(f"kind must be 'image' or 'mask', not {kind!r}")
+    return Volume(
+        data=data,
+        affine=canon.affine.copy(),
+        source_affine=source_affine,
+        header=img.header.copy(),
+        path=path,
+    )
+
+
+def _binary_mask(raw: np.ndarray, where: str) -> np.ndarray:
+    if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+        raise DataError(f"{where}: NaN or inf values in the mask")
+    values = np.unique(raw)
+    if set(values.tolist()) <= {0, 1}:
+        return (raw != 0).astype(np.uint8)
+    if set(values.tolist()) <= {0, 255}:
+        # Some exports store masks as 0/255 images: accepted and mapped to 0/1.
+        return (raw != 0).astype(np.uint8)
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+    raise DataError(f"{where}: mask is not binary: values {{{shown}}} (expected 0/1 or 0/255)")
+
+
+def load_volume(path: Path, *, kind: str = "image") -> Volume:
+    """Load, validate and reorient a NIfTI file (see :func:`volume_from_image`)."""
+    path = Path(path)
+    return volume_from_image(_read(path), kind=kind, path=path)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A CT volume and its liver mask on the same grid, both in RAS."""
+
+    case_id: str
+    image: Volume
+    mask: Volume
+
+
+def load_case(
+    image_path: Path, mask_path: Path, *, case_id: str, require_liver: bool = True
+) -> Case:
+    """Load a CT/mask pair and check that they belong together.
+
+    Raises :class:`DataError` naming the file on a shape or affine mismatch, and, when
+    ``require_liver``, on a mask without any liver voxel.
+    """
+    image = load_volume(image_path, kind="image")
+    mask = load_volume(mask_path, kind="mask")
+    if image.data.shape != mask.data.shape:
+        raise DataError(
+            f"{mask_path}: mask shape {mask.data.shape} does not match CT shape "
+            f"{image.data.shape} of {image_path}"
+        )
+    if not np.allclose(image.affine, mask.affine, atol=1e-3, rtol=1e-4):
+        raise DataError(
+            f"{mask_path}: mask affine differs from the CT's ({image_path}); "
+            f"the pair is not on one grid"
+        )
+    if require_liver and not mask.data.any():
+        raise DataError(f"{mask_path}: empty liver mask (no voxel is 1) in a training case")
+    return Case(case_id=case_id, image=image, mask=mask)
+
+
+def from_canonical(data_ras: np.ndarray, ref: Volume) -> np.ndarray:
+    """Map an array on ``ref``'s RAS grid back onto the grid of the file ``ref`` came from."""
+    back = ornt_transform(RAS, io_orientation(ref.source_affine))
+    return apply_orientation(data_ras, back)
+
+
+def to_canonical(data: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """Reorient an array stored with ``source_affine`` to RAS (as :func:`load_volume` does)."""
+    return apply_orientation(data, io_orientation(source_affine))
+
+
+def save_mask_like(mask_ras: np.ndarray, ref: Volume, path: Path) -> Path:
+    """Write a 0/1 mask (on ``ref``'s RAS grid) as uint8 NIfTI on the input's own grid.
+
+    The output carries the input's affine and header (sform/qform codes, pixdim), with the
+    data type set to uint8 and no intensity scaling. Written atomically.
+    """
+    if mask_ras.shape != ref.data.shape:
+        raise ValueError(f"mask shape {mask_ras.shape} != reference shape {ref.data.shape}")
+    data = np.ascontiguousarray(from_canonical(mask_ras.astype(np.uint8), ref))
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(data, ref.source_affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    return _save(img, Path(path))
+
+
+def save_pair(
+    image_hu: np.ndarray, mask: np.ndarray, affine: np.ndarray, image_path: Path, mask_path: Path
+) -> None:
+    """Write a CT (int16 HU) and its mask (uint8 0/1) as NIfTI files with one affine."""
+    ct = np.clip(np.rint(image_hu), -32768, 32767).astype(np.int16)
+    ct_img = nib.Nifti1Image(ct, affine)
+    mk_img = nib.Nifti1Image((mask != 0).astype(np.uint8), affine)
+    for img in (ct_img, mk_img):
+        img.header.set_xyzt_units("mm")
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    _save(ct_img, Path(image_path))
+    _save(mk_img, Path(mask_path))
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> Path:
+    # The temporary name must keep the .nii.gz suffix: nibabel picks compression from it.
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_file(path) as tmp:
+        real_tmp = tmp.with_name(tmp.name + suffix)
+        try:
+            nib.save(img, str(real_tmp))
+            real_tmp.replace(tmp)
+        finally:
+            real_tmp.unlink(missing_ok=True)
+    return path

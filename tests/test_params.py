@@ -1,0 +1,50 @@
+"""params.yaml: typed sections, unknown keys and bad values named by their dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from liverseg.errors import ParamsError
+from liverseg.params import SECTIONS, as_flat_dict, load_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_repository_params_load(section: str) -> None:
+    load_section(section, REPO / "params.yaml")
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "match"),
+    [
+        ("prepare", {"image_size": 100}, r"prepare\.image_size: must be a multiple of 16"),
+        ("prepare", {"window": [400, -100]}, r"prepare\.window"),
+        ("prepare", {"bogus": 1}, r"prepare\.bogus: unknown key"),
+        ("train", {"model": {"depth": 9}}, r"train\.model\.depth: must be in \[1, 6\]"),
+        ("train", {"model": {"filters": 9}}, r"train\.model\.filters: unknown key"),
+        ("train", {"epochs": "ten"}, r"train\.epochs: must be an integer"),
+        ("train", {"use_tuned": "yes"}, r"train\.use_tuned: must be true or false"),
+        ("tune", {"lr_min": 0.1, "lr_max": 0.01}, r"tune\.lr_min"),
+        ("ingest", {"dataset": "lits"}, r"ingest\.dataset"),
+        ("ingest", {"ircad": {"sha256": "abc"}}, r"ingest\.ircad\.sha256"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, section: str, data: dict, match: str) -> None:
+    with pytest.raises(ParamsError, match=match):
+        load_section(section, _write(tmp_path, {section: data}))
+
+
+def test_flat_dict_for_mlflow() -> None:
+    flat = as_flat_dict(load_section("train", REPO / "params.yaml"))
+    assert flat["model.depth"] >= 1
+    assert "augment.flip" in flat

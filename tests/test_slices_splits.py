@@ -1,0 +1,124 @@
+"""Slice preparation (window, resize, selection) and the patient-level splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.transform import resize
+
+from liverseg.data.slices import (
+    nearest_indices,
+    prepare_volume,
+    resample_matrix,
+    resize_mask_stack,
+    resize_stack,
+    select_slices,
+    window,
+)
+from liverseg.data.splits import fold_cases, make_splits, trainval_cases
+from liverseg.errors import DataError
+
+
+@pytest.mark.parametrize(
+    ("hu", "expected"),
+    [(-1000.0, 0.0), (-100.0, 0.0), (150.0, 0.5), (400.0, 1.0), (3000.0, 1.0)],
+)
+def test_window_table(hu: float, expected: float) -> None:
+    assert window(np.array([hu]), -100, 400)[0] == pytest.approx(expected)
+    assert window(np.array([hu]), -100, 400).dtype == np.float32
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(512, 96), (96, 512), (10, 10), (7, 3)])
+def test_resample_rows_sum_to_one(n_in: int, n_out: int) -> None:
+    w = resample_matrix(n_in, n_out)
+    assert w.shape == (n_out, n_in)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_identity_resize_is_exact() -> None:
+    x = np.random.default_rng(0).random((3, 9, 7)).astype(np.float32)
+    np.testing.assert_allclose(resize_stack(x, (9, 7)), x, atol=1e-6)
+
+
+def test_downsample_by_two_is_pair_average_on_linear_ramp() -> None:
+    # A linear ramp stays linear under any normalised symmetric kernel (away from edges).
+    ramp = np.tile(np.arange(16, dtype=np.float32), (1, 16, 1))
+    out = resize_stack(ramp, (8, 8))
+    np.testing.assert_allclose(out[0, 4, 2:6], [4.5, 6.5, 8.5, 10.5], atol=1e-5)
+
+
+def test_resize_close_to_skimage_antialiased() -> None:
+    rng = np.random.default_rng(1)
+    from scipy.ndimage import gaussian_filter
+
+    img = gaussian_filter(rng.random((128, 128)), 3).astype(np.float32)
+    ours = resize_stack(img[None], (32, 32))[0]
+    ref = resize(img, (32, 32), order=1, anti_aliasing=True)
+    assert np.abs(ours - ref).mean() < 0.01 * (img.max() - img.min())
+
+
+def test_nearest_mask_resize_keeps_labels() -> None:
+    m = np.zeros((1, 8, 8), np.uint8)
+    m[0, 2:6, 2:6] = 1
+    out = resize_mask_stack(m, (4, 4))
+    assert set(np.unique(out)) <= {0, 1}
+    np.testing.assert_array_equal(out[0], m[0, ::2, ::2] | m[0, 1::2, 1::2])
+    assert nearest_indices(8, 4).tolist() == [1, 3, 5, 7]
+
+
+def test_select_slices_keeps_all_liver_and_a_seeded_share() -> None:
+    mask = np.zeros((4, 4, 20), np.uint8)
+    mask[1, 1, 5:10] = 1
+    idx = select_slices(mask, 0.2, np.random.default_rng(3))
+    assert set(range(5, 10)) <= set(idx.tolist())
+    assert len(idx) == 5 + 3  # 20% of the 15 liver-free slices
+    assert len(set(idx.tolist())) == len(idx)  # drawn without replacement
+    np.testing.assert_array_equal(idx, select_slices(mask, 0.2, np.random.default_rng(3)))
+
+
+def test_prepare_volume_shapes_and_ranges() -> None:
+    hu = np.full((40, 30, 10), 1000.0)
+    hu[:, :, :] = np.linspace(-1000, 1000, 40)[:, None, None]
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[10:20, 10:20, 3:6] = 1
+    img, lab, idx = prepare_volume(
+        hu,
+        mask,
+        window_hu=(-100, 400),
+        image_size=16,
+        liver_free_fraction=0.0,
+        rng=np.random.default_rng(0),
+    )
+    assert img.shape == lab.shape == (3, 16, 16)
+    assert idx.tolist() == [3, 4, 5]
+    assert img.dtype == np.float32 and img.min() >= 0.0 and img.max() <= 1.0
+    assert lab.dtype == np.uint8 and lab.any()
+
+
+def _counts(n: int) -> dict[str, int]:
+    return {f"e{i:02d}": 10 + i for i in range(1, n + 1)}
+
+
+@pytest.mark.parametrize(("n", "n_test", "k"), [(12, 3, 3), (20, 4, 5), (6, 1, 2)])
+def test_splits_are_patient_disjoint_and_complete(n: int, n_test: int, k: int) -> None:
+    s = make_splits(_counts(n), n_test=n_test, k_folds=k, seed=7)
+    assert len(s["test"]) == n_test and len(s["folds"]) == k
+    seen = [c for f in s["folds"] for c in f] + s["test"]
+    assert sorted(seen) == sorted(_counts(n))  # every case exactly once
+    assert len(seen) == len(set(seen))
+    for fold in range(k):
+        train, val = fold_cases(s, fold)
+        assert not set(train) & set(val)
+        assert not (set(train) | set(val)) & set(s["test"])
+    assert sorted(trainval_cases(s)) == sorted(set(seen) - set(s["test"]))
+
+
+def test_splits_are_seeded() -> None:
+    a = make_splits(_counts(12), n_test=3, k_folds=3, seed=1)
+    assert a == make_splits(_counts(12), n_test=3, k_folds=3, seed=1)
+    assert a != make_splits(_counts(12), n_test=3, k_folds=3, seed=2)
+
+
+def test_too_few_cases() -> None:
+    with pytest.raises(DataError, match="need at least n_test \\+ k_folds = 5 cases, have 4"):
+        make_splits(_counts(4), n_test=2, k_folds=3, seed=0)
