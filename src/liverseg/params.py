@@ -157,7 +157,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    flip: bool = True
+    flip: bool = False
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05

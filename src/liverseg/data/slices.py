@@ -4,10 +4,11 @@ Contract: a volume is (X, Y, Z) in RAS (see :mod:`liverseg.data.volumes`); a sta
 is (N, H, W) with slice n = ``volume[:, :, k_n]``, so H runs along x and W along y. CT slices
 are float32 windowed then scaled to [0, 1]; masks are uint8 0/1.
 
-Resizing is separable linear resampling written as two small matrix products per stack, so a
-whole volume goes through BLAS at once instead of a Python loop of per-slice ``resize`` calls.
-The weights are a triangle (bilinear) kernel widened by the down-sampling factor, i.e.
-anti-aliased like ``skimage.transform.resize(anti_aliasing=True)`` or PIL's bilinear filter.
+Resizing is separable linear resampling written as two sparse matrix products over the whole
+volume (each output pixel reads only the few input pixels under its kernel), instead of a
+Python loop of per-slice ``resize`` calls. The weights are a triangle (bilinear) kernel widened
+by the down-sampling factor, i.e. anti-aliased like ``skimage.transform.resize(anti_aliasing=
+True)`` or PIL's bilinear filter.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import scipy.sparse as sp
 
 
 def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -49,13 +51,29 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
+@lru_cache(maxsize=64)
+def _sparse_matrix(n_in: int, n_out: int) -> sp.csr_matrix:
+    return sp.csr_matrix(resample_matrix(n_in, n_out))
+
+
+def resize_xy(volume: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the first two axes of an (X, Y, Z) float volume to ``size``: (size[0], size[1], Z).
+
+    Works on the volume's own memory layout: the x pass is one sparse product over a
+    reshaped view, the y pass one over the (smaller) result, so no full-size copy is made.
+    """
+    x, y, z = volume.shape
+    ox, oy = size
+    vol = np.ascontiguousarray(volume, dtype=np.float32)
+    a = (_sparse_matrix(x, ox) @ vol.reshape(x, y * z)).reshape(ox, y, z)
+    b = np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(y, ox * z)
+    c = (_sparse_matrix(y, oy) @ b).reshape(oy, ox, z)
+    return np.ascontiguousarray(c.transpose(1, 0, 2), dtype=np.float32)
+
+
 def resize_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a (N, H, W) float stack to (N, size[0], size[1]) with anti-aliased linear weights."""
-    n, h, w = stack.shape
-    wh = resample_matrix(h, size[0])
-    ww = resample_matrix(w, size[1])
-    # (oh, H) @ (N, H, W) -> (N, oh, W); then @ (W, ow) -> (N, oh, ow).
-    return np.matmul(np.matmul(wh, stack.astype(np.float32, copy=False)), ww.T)
+    return np.ascontiguousarray(np.moveaxis(resize_xy(np.moveaxis(stack, 0, 2), size), 2, 0))
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -105,6 +123,6 @@ def prepare_volume(
     """
     idx = select_slices(mask, liver_free_fraction, rng)
     size = (image_size, image_size)
-    image = window(resize_stack(volume_to_stack(hu, idx), size), *window_hu)
+    image = window(volume_to_stack(resize_xy(hu[:, :, idx], size)), *window_hu)
     labels = resize_mask_stack(volume_to_stack(mask, idx), size).astype(np.uint8)
     return image, labels, idx

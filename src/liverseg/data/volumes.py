@@ -14,6 +14,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -56,7 +57,7 @@ def _read(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
         np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:

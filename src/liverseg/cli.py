@@ -1,0 +1,58 @@
+"""The ``liverseg`` command: one sub-command per DVC stage, plus ``predict``.
+
+Stage modules are imported only when their sub-command runs, so ``liverseg ingest`` does not
+pay TensorFlow's import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from liverseg.errors import LiversegError
+
+COMMANDS = {
+    "ingest": ("liverseg.stages.ingest", "make the data set's NIfTI pairs (phantom or IRCAD)"),
+    "prepare": ("liverseg.stages.prepare", "window, resize and select slices; patient splits"),
+    "tune": ("liverseg.stages.tune", "Optuna study over learning rate and batch size"),
+    "train": ("liverseg.stages.train", "k-fold cross-validation and the final model (MLflow)"),
+    "evaluate": ("liverseg.stages.evaluate", "3D metrics on the held-out test patients"),
+    "register": ("liverseg.stages.register", "register the model; move the champion alias"),
+    "predict": ("liverseg.predict", "segment the liver of a CT NIfTI file"),
+}
+
+# MLflow 3 refuses a plain ./mlruns file store; the project's local store is a SQLite database
+# inside mlruns/ (artifacts beside it). Set here, in the entry point, never at import.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to declare its arguments."""
+    parser = argparse.ArgumentParser(prog="liverseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    try:
+        importlib.import_module(args._module).main(args)
+    except LiversegError as exc:
+        print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Segmenter: a CT volume in HU (any size, any orientation) -> a binary liver mask on its grid.
+
+Steps: reorient to RAS (done by :func:`liverseg.data.volumes.load_volume`), HU window and
+scale to [0, 1], resize each axial slice to the model's input size, predict in batches of
+slices (memory stays bounded by the batch, not the volume), resize the probabilities back to
+the slice's own size, threshold, then (switchable) keep the largest 3-D connected component and
+fill holes per slice. The mask comes back on the input's grid and orientation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from liverseg.data.slices import resize_xy, window
+from liverseg.data.volumes import Volume, from_canonical
+from liverseg.evaluation.postprocess import fill_holes as fill_holes_fn
+from liverseg.evaluation.postprocess import postprocess
+
+MODEL_FILE = "model.keras"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """What happens to the probabilities after the network."""
+
+    threshold: float = 0.5
+    largest_component: bool = True
+    fill_holes: bool = True
+
+
+class Segmenter:
+    """Runs a trained U-Net over whole volumes or stacks of slices."""
+
+    def __init__(
+        self,
+        model: object,
+        *,
+        window_hu: tuple[float, float],
+        image_size: int,
+        post: PostProcessing | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.window_hu = (float(window_hu[0]), float(window_hu[1]))
+        self.image_size = int(image_size)
+        self.post = post or PostProcessing()
+        self.batch_size = int(batch_size)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
+        """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``)."""
+        import keras
+
+        from liverseg.model.metrics import CUSTOM_OBJECTS
+
+        folder = Path(folder)
+        model_file = folder / MODEL_FILE if folder.is_dir() else folder
+        prep_file = model_file.parent / PREPROCESSING_FILE
+        for f in (model_file, prep_file):
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: not found (expected a train stage model folder)")
+        prep = json.loads(prep_file.read_text())
+        model = keras.models.load_model(model_file, custom_objects=CUSTOM_OBJECTS, compile=False)
+        return cls(model, window_hu=tuple(prep["window"]), image_size=prep["image_size"], **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, source: str | Path, **kwargs: object) -> Segmenter:
+        """From a local model folder/file, or an MLflow URI (``models:/liver-unet@champion``,
+        ``runs:/<run_id>``): the artifacts are downloaded and searched for the model files."""
+        s = str(source)
+        if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
+            import mlflow
+
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s))
+            found = sorted(local.rglob(PREPROCESSING_FILE))
+            if not found or not (found[0].parent / MODEL_FILE).exists():
+                raise FileNotFoundError(f"{s}: no {MODEL_FILE} with {PREPROCESSING_FILE} inside")
+            return cls.from_dir(found[0].parent, **kwargs)
+        return cls.from_dir(Path(s), **kwargs)
+
+    # ------------------------------------------------------------------ prediction
+    def _batches(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(n, start + self.batch_size))
+
+    def threshold_ras(
+        self, hu_ras: np.ndarray, progress: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Thresholded network output (X, Y, Z) bool for a volume (X, Y, Z) in HU, before any
+        post-processing. Works through ``batch_size`` axial slices at a time, so memory is
+        bounded by the batch and the uint8-sized output, never a float copy of the volume."""
+        x, y, z = hu_ras.shape
+        s = self.image_size
+        out = np.empty((x, y, z), dtype=bool)
+        for b in self._batches(z):
+            small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
+            batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
+            p = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)[..., 0]  # type: ignore[attr-defined]
+            prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
+            out[:, :, b] = prob >= self.post.threshold
+            if progress is not None:
+                progress(b.stop - b.start)
+        return out
+
+    def segment_slices(self, stack_hu: np.ndarray) -> np.ndarray:
+        """Masks (N, H, W) uint8 for independent 2-D slices (threshold and per-slice hole
+        filling; no 3-D connected component, since slices need not be neighbours)."""
+        if stack_hu.ndim != 3:
+            raise ValueError(f"expected slices of shape (N, H, W), got {stack_hu.shape}")
+        mask = self.threshold_ras(np.moveaxis(stack_hu, 0, 2))
+        if self.post.fill_holes:
+            mask = fill_holes_fn(mask)
+        return np.ascontiguousarray(np.moveaxis(mask, 2, 0).astype(np.uint8))
+
+    def segment_ras(
+        self, hu_ras: np.ndarray, progress: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Mask (X, Y, Z) uint8 for a RAS volume (X, Y, Z) in HU."""
+        if hu_ras.ndim != 3:
+            raise ValueError(f"expected a 3-D volume, got shape {hu_ras.shape}")
+        mask = self.threshold_ras(hu_ras, progress)
+        return postprocess(
+            mask, largest=self.post.largest_component, fill=self.post.fill_holes
+        ).astype(np.uint8)
+
+    def segment_volume(
+        self, volume: Volume, progress: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Mask on ``volume``'s RAS grid (use :func:`save_mask_like` to write it back)."""
+        return self.segment_ras(volume.data, progress)
+
+    def segment_volume_native(self, volume: Volume) -> np.ndarray:
+        """Mask on the grid and orientation of the file ``volume`` was read from."""
+        return from_canonical(self.segment_volume(volume), volume)

@@ -1,0 +1,151 @@
+"""2-D U-Net for binary liver segmentation of axial CT slices.
+
+Shape contract: the model maps ``(N, H, W, 1)`` float32 slices (HU windowed, scaled to [0, 1])
+to ``(N, H, W, 1)`` float32 sigmoid probabilities of "liver". ``H`` and ``W`` are free (the
+input is declared ``(None, None, 1)``) but must each be divisible by ``2**depth`` so that every
+max-pool halves exactly and the decoder's upsampled maps line up with their skip connections.
+This lets a model trained on 96x96 crops run on other sizes at inference.
+
+Layer names: ``enc{k}_conv{1,2}`` / ``_bn{1,2}`` / ``_relu{1,2}`` / ``_pool`` for encoder level
+``k`` (0 = full resolution), ``bottleneck_*``, ``dec{k}_up`` / ``_concat`` / ``_conv{1,2}`` ... for
+the decoder level that returns to the resolution of ``enc{k}``, ``logits`` (1x1 conv) and
+``mask`` (the sigmoid, always float32 so the model is usable under ``mixed_bfloat16``).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from liverseg.errors import ParamsError
+from liverseg.params import ModelParams
+
+KERNEL_SIZE = 3
+POOL = 2
+
+
+class _Seeds:
+    """Hands out a distinct seed per initializer so a seeded build is reproducible.
+
+    Keras 3 initializers with an integer seed return the same values on every call, so one
+    shared seeded initializer would give every layer of the same shape identical weights.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self._seed = seed
+        self._count = 0
+
+    def next(self) -> int | None:
+        if self._seed is None:
+            return None
+        self._count += 1
+        return self._seed + self._count
+
+
+def _conv_block(
+    x: keras.KerasTensor, filters: int, prefix: str, params: ModelParams, seeds: _Seeds
+) -> keras.KerasTensor:
+    """Two 3x3 same-padded convolutions, each followed by optional BatchNorm and ReLU."""
+    for i in (1, 2):
+        x = keras.layers.Conv2D(
+            filters,
+            KERNEL_SIZE,
+            padding="same",
+            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            # A bias right before BatchNorm is cancelled by its mean subtraction.
+            use_bias=not params.batch_norm,
+            name=f"{prefix}_conv{i}",
+        )(x)
+        if params.batch_norm:
+            x = keras.layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+        x = keras.layers.ReLU(name=f"{prefix}_relu{i}")(x)
+    return x
+
+
+def check_image_size(image_size: int, depth: int) -> None:
+    """Raise ParamsError unless ``depth`` poolings halve ``image_size`` exactly."""
+    factor = 2**depth
+    if image_size < factor or image_size % factor != 0:
+        raise ParamsError(
+            f"params: prepare.image_size={image_size} must be a positive multiple of "
+            f"2**train.model.depth={factor} (depth {depth})"
+        )
+
+
+def build_unet(
+    image_size: int | None, params: ModelParams, *, seed: int | None = None
+) -> keras.Model:
+    """Build the (uncompiled) U-Net described in the module docstring.
+
+    ``image_size`` only validates the training size against ``params.depth``; the model itself
+    accepts any ``H, W`` divisible by ``2**depth``. ``seed`` makes initial weights and dropout
+    masks reproducible (``None``: fresh random weights).
+    """
+    if image_size is not None:
+        check_image_size(image_size, params.depth)
+    seeds = _Seeds(seed)
+    inputs = keras.Input(shape=(None, None, 1), name="image")
+    x = inputs
+    skips: list[keras.KerasTensor] = []
+    for level in range(params.depth):
+        x = _conv_block(x, params.base_filters * 2**level, f"enc{level}", params, seeds)
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(POOL, name=f"enc{level}_pool")(x)
+
+    x = _conv_block(x, params.base_filters * 2**params.depth, "bottleneck", params, seeds)
+    if params.dropout > 0:
+        x = keras.layers.Dropout(params.dropout, seed=seeds.next(), name="bottleneck_dropout")(x)
+
+    for level in reversed(range(params.depth)):
+        filters = params.base_filters * 2**level
+        x = keras.layers.Conv2DTranspose(
+            filters,
+            POOL,
+            strides=POOL,
+            padding="same",
+            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            name=f"dec{level}_up",
+        )(x)
+        x = keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = _conv_block(x, filters, f"dec{level}", params, seeds)
+
+    logits = keras.layers.Conv2D(
+        1,
+        1,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seeds.next()),
+        name="logits",
+    )(x)
+    # Under mixed_bfloat16 the logits are bfloat16; the sigmoid (and so the loss) runs in
+    # float32 to keep probabilities near 0/1 resolvable.
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="mask")(logits)
+    return keras.Model(inputs, outputs, name=f"unet_d{params.depth}_f{params.base_filters}")
+
+
+def count_flops(model: keras.Model, image_size: int) -> float:
+    """Approximate forward FLOPs for one ``image_size`` x ``image_size`` slice.
+
+    Counts only convolutions (2 FLOPs per multiply-accumulate); BatchNorm, ReLU, pooling and
+    the sigmoid add well under 1 %. Used to report model cost next to its Dice.
+    """
+    convs = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D | keras.layers.Conv2DTranspose)
+    ]
+    if not convs:
+        return 0.0
+    probe = keras.Model(model.inputs, [layer.output for layer in convs])
+    in_shape = (1, image_size, image_size, model.inputs[0].shape[-1])
+    specs = probe.compute_output_spec(keras.KerasTensor(in_shape))
+    if not isinstance(specs, list | tuple):
+        specs = [specs]
+    total = 0.0
+    for layer, spec in zip(convs, specs, strict=True):
+        kh, kw, a, b = layer.kernel.shape
+        _, h, w, _ = spec.shape
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            # Kernel is (kh, kw, out, in); every input pixel scatters kh*kw*out MACs.
+            sh, sw = layer.strides
+            total += 2.0 * (h // sh) * (w // sw) * kh * kw * a * b
+        else:
+            total += 2.0 * h * w * kh * kw * a * b
+    return total

@@ -1,0 +1,123 @@
+"""`evaluate` stage: the Segmenter on every held-out test patient, 3-D metrics in mm.
+
+Writes ``reports/evaluate/``: ``metrics.json`` (mean, std and per patient), ``per_patient.csv``
+and ``overlays/<case>_z<k>.png``; logs the same to an MLflow run under the training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.volumes import load_case
+from liverseg.evaluation.metrics import volume_metrics
+from liverseg.evaluation.plots import overlay, overlay_slices
+from liverseg.fsutil import atomic_dir, write_json
+from liverseg.params import EvaluateParams, as_flat_dict, load_section
+
+METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
+
+
+def evaluate(
+    raw: Path, prepared: Path, model_dir: Path, out: Path, cfg: EvaluateParams
+) -> dict[str, Any]:
+    """Segment the test patients listed in ``prepared/splits.json``; write ``out``."""
+    from liverseg.inference import PostProcessing, Segmenter
+
+    test_ids = json.loads((prepared / "splits.json").read_text())["test"]
+    pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
+    seg = Segmenter.load(
+        model_dir,
+        post=PostProcessing(cfg.threshold, cfg.largest_component, cfg.fill_holes),
+        batch_size=cfg.batch_size,
+    )
+    rows: list[dict[str, Any]] = []
+    with atomic_dir(out) as tmp:
+        for cid in test_ids:
+            case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
+            t0 = time.perf_counter()
+            pred = seg.segment_volume(case.image)
+            seconds = time.perf_counter() - t0
+            m = volume_metrics(pred, case.mask.data, case.image.spacing)
+            vox_ml = case.image.voxel_volume_ml
+            row = {
+                "case": cid,
+                **{k: float(m[k]) for k in METRICS},
+                "volume_true_ml": float(case.mask.data.sum() * vox_ml),
+                "volume_pred_ml": float(pred.sum() * vox_ml),
+                "seconds": round(seconds, 3),
+            }
+            rows.append(row)
+            for z in overlay_slices(
+                case.mask.data.astype(bool), pred.astype(bool), cfg.overlays_per_patient
+            ):
+                overlay(
+                    case.image.data[:, :, z],
+                    case.mask.data[:, :, z],
+                    pred[:, :, z],
+                    tmp / "overlays" / f"{cid}_z{z:03d}.png",
+                    title=f"{cid} z={z}  Dice(3D)={row['dice']:.3f}",
+                )
+            print(
+                f"evaluate: {cid}: Dice {row['dice']:.4f} HD95 {row['hd95_mm']:.1f} mm", flush=True
+            )
+        summary: dict[str, Any] = {}
+        for k in METRICS:
+            vals = np.array([r[k] for r in rows], dtype=float)
+            summary[f"{k}_mean"] = float(vals.mean())
+            summary[f"{k}_std"] = float(vals.std())
+        result = {**summary, "n_patients": len(rows), "per_patient": rows}
+        write_json(tmp / "metrics.json", result)
+        with open(tmp / "per_patient.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return result
+
+
+def log_to_mlflow(result: dict[str, Any], out: Path, cfg: EvaluateParams, train_run: Path) -> str:
+    """An ``evaluate`` run nested under the training parent run (if known)."""
+    import mlflow
+
+    from liverseg.training.tracking import ensure_experiment, git_commit, log_params_flat
+
+    link = json.loads(train_run.read_text()) if train_run.exists() else {}
+    exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
+    tags = {"kind": "evaluate", "git_commit": git_commit()}
+    if link.get("parent_run_id"):
+        # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
+        tags["mlflow.parentRunId"] = link["parent_run_id"]
+        tags["train_final_run_id"] = link.get("final_run_id", "")
+    with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
+        log_params_flat(as_flat_dict(cfg))
+        mlflow.log_metrics({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
+        for r in result["per_patient"]:
+            mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        mlflow.log_artifacts(str(out), artifact_path="evaluate")
+        return str(run.info.run_id)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--train-run", type=Path, required=True, help="train's run.json")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg: EvaluateParams = load_section("evaluate", args.params)
+    result = evaluate(args.raw, args.prepared, args.model_dir, args.out, cfg)
+    run_id = log_to_mlflow(result, args.out, cfg, args.train_run)
+    print(
+        f"evaluate: {result['n_patients']} test patients: Dice {result['dice_mean']:.4f} ± "
+        f"{result['dice_std']:.4f}, HD95 {result['hd95_mm_mean']:.1f} mm (MLflow run {run_id})"
+    )

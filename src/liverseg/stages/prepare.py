@@ -1,0 +1,74 @@
+"""`prepare` stage: NIfTI pairs -> model-ready slices per case, plus the patient-level splits.
+
+Output folder layout (``data/prepared/``):
+  cases/<case_id>.npz  image (N, S, S) float32 in [0, 1], mask (N, S, S) uint8 0/1,
+                       slice_index (N,) int: the axial index k of each slice in the RAS volume
+  splits.json          {"test": [...], "folds": [[...], ...], "seed", "n_test", "k_folds"}
+  meta.json            window, image size, and per case: shape, spacing, slices kept
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.slices import prepare_volume
+from liverseg.data.splits import make_splits
+from liverseg.data.volumes import load_case
+from liverseg.fsutil import atomic_dir, write_json
+from liverseg.params import PrepareParams, as_flat_dict, load_section
+
+
+def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
+    """Window, resize and select slices of every case in ``raw``; write ``out`` atomically."""
+    pairs = find_nifti_pairs(raw)
+    meta: dict[str, Any] = {"params": as_flat_dict(params), "cases": {}}
+    counts: dict[str, int] = {}
+    with atomic_dir(out) as tmp:
+        (tmp / "cases").mkdir()
+        for i, pair in enumerate(pairs):
+            case = load_case(pair.image, pair.mask, case_id=pair.case_id)
+            # One generator per case (seed, case index): the slices drawn for one case do not
+            # change when another case is added or removed.
+            rng = np.random.default_rng([params.seed, i])
+            image, mask, idx = prepare_volume(
+                case.image.data,
+                case.mask.data,
+                window_hu=params.window,
+                image_size=params.image_size,
+                liver_free_fraction=params.liver_free_fraction,
+                rng=rng,
+            )
+            np.savez_compressed(
+                tmp / "cases" / f"{pair.case_id}.npz", image=image, mask=mask, slice_index=idx
+            )
+            counts[pair.case_id] = int(idx.size)
+            meta["cases"][pair.case_id] = {
+                "shape": list(case.image.data.shape),
+                "spacing_mm": [round(s, 4) for s in case.image.spacing],
+                "slices_total": int(case.image.data.shape[2]),
+                "slices_kept": int(idx.size),
+                "liver_slices": int(mask.any(axis=(1, 2)).sum()),
+            }
+        splits = make_splits(counts, n_test=params.n_test, k_folds=params.k_folds, seed=params.seed)
+        write_json(tmp / "splits.json", splits)
+        write_json(tmp / "meta.json", meta)
+    return splits
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", type=Path, required=True, help="folder of NIfTI pairs (ingest)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+
+def main(args: argparse.Namespace) -> None:
+    params: PrepareParams = load_section("prepare", args.params)
+    splits = prepare(args.raw, args.out, params)
+    print(
+        f"prepare: test {splits['test']}; folds " + "; ".join(",".join(f) for f in splits["folds"])
+    )

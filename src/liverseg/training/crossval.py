@@ -1,0 +1,185 @@
+"""Patient-level k-fold cross-validation and the final model, recorded in MLflow.
+
+MLflow layout (one experiment): a parent run per call of :func:`cross_validate` holding all
+params, the seed, git commit and data hash tags, and mean/std over folds; a child run per fold
+(``fold-0`` ...) with per-epoch metrics, its case ids and its best weights as a Keras model;
+and a child run ``final`` with the model that the later stages use.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+
+from liverseg.data.splits import fold_cases, trainval_cases
+from liverseg.params import TrainParams, as_flat_dict
+from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
+from liverseg.training.pipeline import load_prepared
+from liverseg.training.tracking import log_params_flat
+
+KERAS_PIP = [f"keras=={keras.__version__}"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`cross_validate` produced."""
+
+    parent_run_id: str
+    final_run_id: str
+    final_model: keras.Model
+    summary: dict[str, Any]
+    histories: dict[str, dict[str, list[float]]]
+
+
+def _log_keras_model(model: keras.Model) -> None:
+    import tensorflow as tf
+
+    mlflow.keras.log_model(
+        model, name="model", pip_requirements=[f"tensorflow-cpu=={tf.__version__}", *KERAS_PIP]
+    )
+
+
+def ensemble(models: list[keras.Model]) -> keras.Model:
+    """One Keras model averaging the probabilities of ``models`` (the fold ensemble)."""
+    inp = keras.Input(shape=(None, None, 1), name="image")
+    outs = [m(inp) for m in models]
+    out = keras.layers.Average(name="mean_prob")(outs) if len(outs) > 1 else outs[0]
+    return keras.Model(inp, out, name="fold_ensemble")
+
+
+def cross_validate(
+    prepared: Path,
+    cfg: TrainParams,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    experiment_id: str,
+    tags: dict[str, str],
+    extra_params: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train every fold, then the final model; every run ends FINISHED or FAILED."""
+    splits = json.loads((prepared / "splits.json").read_text())
+    k = len(splits["folds"])
+    histories: dict[str, dict[str, list[float]]] = {}
+    fold_rows: list[dict[str, Any]] = []
+    fold_models: list[keras.Model] = []
+    with mlflow.start_run(experiment_id=experiment_id, run_name="cv", tags=tags) as parent:
+        params = as_flat_dict(cfg)
+        params.update({"learning_rate": learning_rate, "batch_size": batch_size, "k_folds": k})
+        params.update(extra_params or {})
+        log_params_flat(params)
+        mlflow.set_tags({"test_cases": ",".join(splits["test"]), "stage": "train"})
+        for fold in range(k):
+            train_ids, val_ids = fold_cases(splits, fold)
+            train = load_prepared(prepared, train_ids)
+            val = load_prepared(prepared, val_ids)
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"fold-{fold}", nested=True, tags=tags
+            ) as run:
+                mlflow.log_params(
+                    {"fold": fold, "learning_rate": learning_rate, "batch_size": batch_size}
+                )
+                mlflow.set_tags(
+                    {
+                        "val_cases": ",".join(val_ids),
+                        "train_cases": ",".join(train_ids),
+                        "kind": "fold",
+                    }
+                )
+                res = fit(
+                    train,
+                    val,
+                    cfg,
+                    learning_rate=learning_rate,
+                    batch_size=batch_size,
+                    epochs=cfg.epochs,
+                    seed=cfg.seed + fold,
+                    patience=cfg.patience,
+                    callbacks=[MlflowEpochLogger(run.info.run_id)],
+                )
+                assert res.best_epoch is not None
+                row: dict[str, Any] = {
+                    "fold": fold,
+                    "val_cases": val_ids,
+                    "best_epoch": res.best_epoch + 1,
+                    "best_val_dice": res.best["val_dice"],
+                    "best_val_iou": res.best["val_iou"],
+                    "n_train_slices": int(train[0].shape[0]),
+                    "n_val_slices": int(val[0].shape[0]),
+                    "seconds": round(res.seconds, 1),
+                }
+                mlflow.log_metrics(
+                    {
+                        "best_val_dice": row["best_val_dice"],
+                        "best_val_iou": row["best_val_iou"],
+                        "best_epoch": row["best_epoch"],
+                        "train_seconds": res.seconds,
+                    }
+                )
+                _log_keras_model(res.model)
+            print(
+                f"train: fold {fold}: best val Dice {row['best_val_dice']:.4f} at epoch "
+                f"{row['best_epoch']} ({res.seconds:.0f} s, val {','.join(val_ids)})",
+                flush=True,
+            )
+            fold_rows.append(row)
+            histories[f"fold-{fold}"] = res.history
+            if cfg.final == "ensemble":
+                fold_models.append(res.model)
+            else:
+                keras.backend.clear_session(free_memory=True)
+
+        dice = np.array([r["best_val_dice"] for r in fold_rows])
+        iou = np.array([r["best_val_iou"] for r in fold_rows])
+        summary: dict[str, Any] = {
+            "cv_val_dice_mean": float(dice.mean()),
+            "cv_val_dice_std": float(dice.std()),
+            "cv_val_iou_mean": float(iou.mean()),
+            "cv_val_iou_std": float(iou.std()),
+        }
+        mlflow.log_metrics(summary)
+
+        final_epochs = int(round(float(np.median([r["best_epoch"] for r in fold_rows]))))
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name="final", nested=True, tags=tags
+        ) as final_run:
+            mlflow.set_tag("kind", "final")
+            trainval = trainval_cases(splits)
+            if cfg.final == "ensemble":
+                model = ensemble(fold_models)
+                mlflow.log_params({"final": "ensemble", "members": k})
+                final_hist: dict[str, list[float]] = {}
+            else:
+                mlflow.log_params({"final": "retrain", "epochs": final_epochs})
+                mlflow.set_tag("train_cases", ",".join(trainval))
+                t0 = time.perf_counter()
+                res_final: FitResult = fit(
+                    load_prepared(prepared, trainval),
+                    None,
+                    cfg,
+                    learning_rate=learning_rate,
+                    batch_size=batch_size,
+                    epochs=final_epochs,
+                    seed=cfg.seed + k,
+                    callbacks=[MlflowEpochLogger(final_run.info.run_id)],
+                )
+                model = res_final.model
+                final_hist = res_final.history
+                mlflow.log_metric("train_seconds", time.perf_counter() - t0)
+            _log_keras_model(model)
+        histories["final"] = final_hist
+        summary.update({"final": cfg.final, "final_epochs": final_epochs, "folds": fold_rows})
+        return TrainResult(
+            parent_run_id=parent.info.run_id,
+            final_run_id=final_run.info.run_id,
+            final_model=model,
+            summary=summary,
+            histories=histories,
+        )

@@ -1,0 +1,220 @@
+"""tf.data input pipeline: prepared slices in memory -> shuffled, augmented batches.
+
+Shape contract: ``images`` and ``masks`` are ``(N, H, W, 1)`` float32; images are HU-windowed
+CT scaled to [0, 1] (0 = at or below the window's low end, i.e. air and fat), masks are 0/1.
+Every batch the dataset yields is ``(B, H, W, 1), (B, H, W, 1)`` float32 with the same
+contract (B = ``batch_size`` except the last, smaller batch).
+
+Augmentation runs per batch, vectorised over the batch, after batching:
+
+* geometry (flip, rotation, zoom) is ONE affine map per slice applied to image and mask
+  stacked on the channel axis, so both move identically; bilinear sampling, the mask channel
+  is re-binarised at 0.5, pixels coming from outside the slice are 0 (air / background);
+* intensity (contrast/brightness) and Gaussian blur touch the image only.
+
+Determinism: the shuffle order and the per-batch augmentation seeds come from seeded tf.data
+sources that re-randomise on every pass (epoch), and all augmentation draws are stateless ops
+keyed on that per-batch seed. Two datasets built with the same ``seed`` (under the same global
+TensorFlow seed, which ``keras.utils.set_random_seed`` sets) yield identical batches epoch
+after epoch, while successive epochs differ.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from liverseg.errors import DataError
+from liverseg.params import AugmentParams
+
+# Gaussian blur strength, drawn per blurred slice. Not in params.yaml: blur_prob is the knob;
+# sigma 0.5-1.0 px mimics the spread between sharp and soft reconstruction kernels at
+# ~1-2.5 mm pixels without erasing the liver edge.
+BLUR_SIGMA_RANGE = (0.5, 1.0)
+MASK_THRESHOLD = 0.5
+_N_DRAWS = 8  # independent random streams per batch (see _augment_batch)
+_AUGMENT_SEED_OFFSET = 7919
+
+
+def make_dataset(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    batch_size: int,
+    training: bool,
+    augment: AugmentParams | None,
+    seed: int,
+) -> tf.data.Dataset:
+    """Batched ``(image, mask)`` dataset over in-memory slices.
+
+    ``training``: shuffle (full buffer, reshuffled each epoch) and, if ``augment`` is given,
+    augment on the fly. Not training: slices in their given order, untouched (``augment`` is
+    ignored), so validation is the same every epoch.
+    """
+    images, masks = _check_arrays(images, masks)
+    if batch_size < 1:
+        raise ValueError(f"make_dataset: batch_size must be >= 1, got {batch_size}")
+    n = images.shape[0]
+    ds = tf.data.Dataset.from_tensor_slices((images, masks))
+    if not training:
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if augment is not None:
+        # One int64 pair per batch: the stateless seed for every draw in that batch.
+        # Offset so this stream is not the shuffle's own random stream (same op seed).
+        seeds = tf.data.Dataset.random(
+            seed=seed + _AUGMENT_SEED_OFFSET, rerandomize_each_iteration=True
+        ).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda batch, s: _augment_batch(batch[0], batch[1], s, augment),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_arrays(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the array contract and return float32 views/copies."""
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
+    if masks.shape != images.shape:
+        raise DataError(
+            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
+        )
+    if images.shape[0] == 0:
+        raise DataError("make_dataset: no slices (N = 0)")
+    return images.astype(np.float32, copy=False), masks.astype(np.float32, copy=False)
+
+
+def _augment_batch(
+    images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, params: AugmentParams
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Apply the random augmentations of ``params`` to one batch, one draw per slice."""
+    draws = tf.random.experimental.stateless_split(seed, num=_N_DRAWS)
+    b = tf.shape(images)[0]
+    height = tf.shape(images)[1]
+    width = tf.shape(images)[2]
+
+    def uniform(i: int, low: float, high: float) -> tf.Tensor:
+        return tf.random.stateless_uniform([b], draws[i], minval=low, maxval=high)
+
+    # --- geometry: output pixel (x, y) samples input at C + M (out - C), with
+    # M = R(angle) F / zoom, C the slice centre, F = diag(-1, 1) when mirrored.
+    # Flip: only left-right, and only when params.flip is set. The data are RAS-canonical
+    # (volumes.py), so at inference the liver is always on the same side and the spine always
+    # posterior; an up-down flip (spine on top) never occurs and is never applied. A
+    # left-right mirror also never occurs in canonical data and removes the laterality cue
+    # that separates liver from spleen (similar HU), so train.augment.flip should normally
+    # be false; it is kept for data whose orientation is not normalised.
+    geometric = params.flip or params.rotate_deg > 0 or params.scale > 0
+    if geometric:
+        flip_prob = 0.5 if params.flip else 0.0
+        mirror = tf.where(uniform(0, 0.0, 1.0) < flip_prob, -1.0, 1.0)
+        angle = uniform(1, -params.rotate_deg, params.rotate_deg) * (math.pi / 180.0)
+        zoom = uniform(2, 1.0 - params.scale, 1.0 + params.scale)
+        cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+        cx = (tf.cast(width, tf.float32) - 1.0) / 2.0
+        cy = (tf.cast(height, tf.float32) - 1.0) / 2.0
+        a0, a1 = mirror * cos, -sin
+        b0, b1 = mirror * sin, cos
+        a2 = cx - a0 * cx - a1 * cy
+        b2 = cy - b0 * cx - b1 * cy
+        zeros = tf.zeros([b])
+        transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+        stacked = tf.concat([images, masks], axis=-1)
+        warped = tf.raw_ops.ImageProjectiveTransformV3(
+            images=stacked,
+            transforms=transforms,
+            output_shape=tf.stack([height, width]),
+            fill_value=tf.constant(0.0),
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )
+        warped.set_shape(stacked.shape)  # keep the static (H, W) the op cannot infer
+        images = warped[..., :1]
+        masks = tf.cast(warped[..., 1:] >= MASK_THRESHOLD, tf.float32)
+
+    # --- intensity: per-slice contrast (gain) and brightness (offset), image only.
+    if params.intensity > 0:
+        gain = uniform(3, 1.0 - params.intensity, 1.0 + params.intensity)
+        offset = uniform(4, -params.intensity, params.intensity)
+        images = images * gain[:, None, None, None] + offset[:, None, None, None]
+        images = tf.clip_by_value(images, 0.0, 1.0)
+
+    # --- blur: Gaussian with a per-slice sigma on a random subset of slices, image only.
+    if params.blur_prob > 0:
+        sigma = uniform(5, *BLUR_SIGMA_RANGE)
+        blurred = _gaussian_blur(images, sigma, radius=math.ceil(3 * BLUR_SIGMA_RANGE[1]))
+        chosen = uniform(6, 0.0, 1.0) < params.blur_prob
+        images = tf.where(chosen[:, None, None, None], blurred, images)
+
+    return images, masks
+
+
+def _gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur with a different ``sigma`` per slice, as two depthwise convs.
+
+    The batch axis is moved onto the channel axis so each slice gets its own kernel;
+    reflect padding keeps the border intensity instead of darkening it.
+    """
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-(offsets[None, :] ** 2) / (2.0 * sigma[:, None] ** 2))  # (B, K)
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+    kernel = tf.transpose(kernel)  # (K, B)
+    x = tf.transpose(images, [3, 1, 2, 0])  # (1, H, W, B)
+    x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    x = tf.nn.depthwise_conv2d(x, kernel[:, None, :, None], [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, kernel[None, :, :, None], [1, 1, 1, 1], "VALID")
+    return tf.transpose(x, [3, 1, 2, 0])
+
+
+def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack the prepared slices of ``case_ids`` into ``(N, H, W, 1)`` float32 images, masks.
+
+    Each ``prepared_dir/cases/<case_id>.npz`` holds ``image`` (n, H, W) float32 in [0, 1] and
+    ``mask`` (n, H, W) uint8; slices keep the order of ``case_ids`` then of the file.
+    """
+    if not case_ids:
+        raise DataError(f"load_prepared: no case ids given for {prepared_dir}")
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    for case_id in case_ids:
+        path = Path(prepared_dir) / "cases" / f"{case_id}.npz"
+        image, mask = _load_case(path)
+        if images and image.shape[1:] != images[0].shape[1:]:
+            raise DataError(
+                f"{path}: slice size {image.shape[1:]} differs from {images[0].shape[1:]} "
+                f"of case {case_ids[0]}"
+            )
+        images.append(image)
+        masks.append(mask)
+    return (
+        np.concatenate(images)[..., None].astype(np.float32, copy=False),
+        np.concatenate(masks)[..., None].astype(np.float32),
+    )
+
+
+def _load_case(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one prepared case file."""
+    if not path.is_file():
+        raise DataError(f"{path}: prepared case file not found (run the prepare stage)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted({"image", "mask"} - set(data.files))
+            if missing:
+                raise DataError(f"{path}: missing key(s) {missing} (has {sorted(data.files)})")
+            image = np.asarray(data["image"])
+            mask = np.asarray(data["mask"])
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
+    if image.ndim != 3 or image.shape != mask.shape:
+        raise DataError(f"{path}: image {image.shape} and mask {mask.shape} must both be (n, H, W)")
+    if mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise DataError(f"{path}: mask values must be 0/1, got range [{mask.min()}, {mask.max()}]")
+    return image.astype(np.float32, copy=False), mask

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny synthetic data and a tiny copy of the repository for end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A pipeline small enough for CI: 6 phantom cases of 32x32x16, a 2-level U-Net of 4 filters.
+TINY_PARAMS = {
+    "ingest": {"phantom": {"n_cases": 6, "size": 48, "n_slices": 16, "spacing": [6.0, 6.0, 8.0]}},
+    "prepare": {"image_size": 32, "n_test": 2, "k_folds": 2, "liver_free_fraction": 0.2},
+    "tune": {"n_trials": 2, "epochs": 1, "batch_sizes": [8, 16], "timeout_s": 120},
+    "train": {"model": {"depth": 2, "base_filters": 4}, "epochs": 2, "patience": 2},
+}
+
+IGNORE = shutil.ignore_patterns(
+    ".venv",
+    ".git",
+    "data",
+    "models",
+    "reports",
+    "optuna",
+    "mlartifacts",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "mlflow.db",
+    "artifacts",
+    "tmp",
+    "cache",
+)
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: the venv's bin first on PATH, quiet TensorFlow."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(**extra), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode})\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def make_repo_copy(dest: Path, params_override: dict) -> Path:
+    """A git repository in ``dest`` holding this project's files with tiny params."""
+    shutil.copytree(REPO, dest, ignore=IGNORE)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    deep_update(params, params_override)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "mlruns").mkdir(exist_ok=True)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny copy of the repository on which ``dvc repro`` has run once."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
+    run(["dvc", "repro"], repo)
+    return repo

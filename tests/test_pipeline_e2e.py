@@ -1,0 +1,80 @@
+"""The real `dvc repro` on a tiny copy of the repository, and what it leaves in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_outputs_exist(tiny_repo: Path) -> None:
+    raw = sorted((tiny_repo / "data/raw/phantom").glob("*.nii.gz"))
+    assert len(raw) == 12  # 6 cases x (CT, mask)
+    splits = json.loads((tiny_repo / "data/prepared/splits.json").read_text())
+    assert len(splits["test"]) == 2 and len(splits["folds"]) == 2
+    assert (tiny_repo / "models/model.keras").exists()
+    metrics = json.loads((tiny_repo / "reports/train/metrics.json").read_text())
+    assert len(metrics["folds"]) == 2
+    ev = json.loads((tiny_repo / "reports/evaluate/metrics.json").read_text())
+    assert ev["n_patients"] == 2
+    assert {r["case"] for r in ev["per_patient"]} == set(splits["test"])
+    assert 0.0 <= ev["dice_mean"] <= 1.0
+    assert list((tiny_repo / "reports/evaluate/overlays").glob("*.png"))
+
+
+def test_dvc_lock_versions_the_data(tiny_repo: Path) -> None:
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    outs = {o["path"]: o for o in lock["stages"]["ingest"]["outs"]}
+    assert outs["data/raw/phantom"]["md5"].endswith(".dir")
+
+
+def test_second_repro_does_nothing(tiny_repo: Path) -> None:
+    out = run(["dvc", "repro"], tiny_repo).stdout
+    assert "Running stage" not in out, out
+    status = run(["dvc", "status"], tiny_repo).stdout
+    assert "up to date" in status, status
+
+
+def test_changed_prepare_param_does_not_rerun_ingest(tiny_repo: Path) -> None:
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["prepare"]["liver_free_fraction"] = 0.5
+    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = run(["dvc", "status"], tiny_repo).stdout
+        assert "prepare:" in status and "ingest:" not in status, status
+        out = run(["dvc", "repro", "prepare"], tiny_repo).stdout
+        assert "Running stage 'prepare'" in out and "Running stage 'ingest'" not in out, out
+    finally:
+        run(["git", "checkout", "params.yaml"], tiny_repo)
+        run(["dvc", "repro", "prepare"], tiny_repo)
+
+
+def test_mlflow_holds_parent_fold_and_final_runs(tiny_repo: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo / 'mlruns/mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
+        train_parents = runs[runs["tags.stage"] == "train"]
+        assert len(train_parents) >= 1
+        parent_id = train_parents.iloc[0]["run_id"]
+        children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
+        names = set(children["tags.mlflow.runName"])
+        assert {"fold-0", "fold-1", "final", "evaluate"} <= names, names
+        assert (runs["status"] == "FINISHED").all()
+        parent = train_parents.iloc[0]
+        assert 0.0 <= parent["metrics.cv_val_dice_mean"] <= 1.0
+        assert parent["tags.git_commit"] not in ("", "unknown")
+        assert parent["tags.data_dvc_md5"].endswith(".dir")
+        fold0 = children[children["tags.mlflow.runName"] == "fold-0"].iloc[0]
+        hist = mlflow.MlflowClient().get_metric_history(fold0["run_id"], "val_dice")
+        assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
+        lr_hist = mlflow.MlflowClient().get_metric_history(fold0["run_id"], "learning_rate")
+        assert len(lr_hist) == len(hist)
+    finally:
+        mlflow.set_tracking_uri(None)
