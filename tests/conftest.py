@@ -22,24 +22,20 @@ TINY_PARAMS = {
     "train": {"model": {"depth": 2, "base_filters": 4}, "epochs": 2, "patience": 2},
 }
 
-IGNORE = shutil.ignore_patterns(
-    ".venv",
-    ".git",
-    "data",
-    "models",
-    "reports",
-    "optuna",
-    "mlartifacts",
-    "__pycache__",
-    "*.egg-info",
-    ".pytest_cache",
-    ".mypy_cache",
-    ".ruff_cache",
-    "mlflow.db",
-    "artifacts",
-    "tmp",
-    "cache",
+# Outputs and environments at the repository's top level are not copied (the copy makes its own).
+TOP_LEVEL_SKIP = {".venv", ".git", "data", "models", "reports", "optuna", "mlartifacts", "mlruns"}
+ANYWHERE_SKIP = shutil.ignore_patterns(
+    "__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache"
 )
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    skip = set(ANYWHERE_SKIP(folder, names))
+    if Path(folder) == REPO:
+        skip |= TOP_LEVEL_SKIP & set(names)
+    if Path(folder) == REPO / ".dvc":
+        skip |= {"tmp", "cache"} & set(names)
+    return skip
 
 
 def deep_update(base: dict, over: dict) -> dict:
@@ -73,7 +69,7 @@ def run(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[
 
 def make_repo_copy(dest: Path, params_override: dict) -> Path:
     """A git repository in ``dest`` holding this project's files with tiny params."""
-    shutil.copytree(REPO, dest, ignore=IGNORE)
+    shutil.copytree(REPO, dest, ignore=_ignore)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     deep_update(params, params_override)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
