@@ -20,6 +20,7 @@ from liverseg.errors import ParamsError
 from liverseg.params import ModelParams
 
 KERNEL_SIZE = 3
+BN_MOMENTUM = 0.9
 POOL = 2
 
 
@@ -56,7 +57,10 @@ def _conv_block(
             name=f"{prefix}_conv{i}",
         )(x)
         if params.batch_norm:
-            x = keras.layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+            # momentum 0.9, not Keras' 0.99: with a few dozen steps per epoch the moving
+            # statistics must follow the weights within an epoch, or validation (which uses
+            # them) lags training by several epochs and swings from epoch to epoch.
+            x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{i}")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu{i}")(x)
     return x
 

@@ -99,7 +99,10 @@ def fit(
             )
         )
     t0 = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs, verbose=0)
+    # The dataset shuffles itself (seeded); Keras must not try to.
+    hist = model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs, verbose=0, shuffle=False
+    )
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     result = FitResult(model=model, history=history, seconds=seconds)

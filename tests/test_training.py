@@ -1,0 +1,105 @@
+"""The fold loop's MLflow records, and FAILED (never RUNNING) runs after an error."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from liverseg.data.phantom import write_phantom
+from liverseg.params import ModelParams, PhantomParams, PrepareParams, TrainParams
+from liverseg.stages.prepare import prepare
+from liverseg.training import crossval
+from liverseg.training.tracking import ensure_experiment
+
+TINY_TRAIN = TrainParams(
+    model=ModelParams(depth=2, base_filters=4), epochs=2, patience=2, batch_size=8, seed=3
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prep")
+    write_phantom(root / "raw", PhantomParams(n_cases=5, size=32, n_slices=10, seed=1))
+    prepare(root / "raw", root / "prepared", PrepareParams(image_size=32, n_test=1, k_folds=2))
+    return root / "prepared"
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield ensure_experiment("t", tmp_path / "artifacts")
+    mlflow.set_tracking_uri(None)
+
+
+def _runs(exp_id: str):
+    return mlflow.search_runs(experiment_ids=[exp_id], output_format="pandas")
+
+
+def test_cross_validation_records(prepared: Path, store: str) -> None:
+    res = crossval.cross_validate(
+        prepared,
+        TINY_TRAIN,
+        learning_rate=1e-3,
+        batch_size=8,
+        experiment_id=store,
+        tags={"seed": "3"},
+    )
+    runs = _runs(store)
+    names = sorted(runs["tags.mlflow.runName"])
+    assert names == ["cv", "final", "fold-0", "fold-1"]
+    assert set(runs["status"]) == {"FINISHED"}
+    parent = runs[runs["tags.mlflow.runName"] == "cv"].iloc[0]
+    assert parent["run_id"] == res.parent_run_id
+    assert parent["params.model.depth"] == "2" and parent["tags.seed"] == "3"
+    for k in ("cv_val_dice_mean", "cv_val_dice_std", "cv_val_iou_mean", "cv_val_iou_std"):
+        assert 0.0 <= parent[f"metrics.{k}"] <= 1.0
+    folds = runs[runs["tags.mlflow.runName"].str.startswith("fold")]
+    assert (folds["tags.mlflow.parentRunId"] == res.parent_run_id).all()
+    # the fold's case ids are recorded and disjoint
+    v0, v1 = (set(s.split(",")) for s in folds.sort_values("tags.mlflow.runName")["tags.val_cases"])
+    assert v0 and v1 and not v0 & v1
+    client = mlflow.MlflowClient()
+    for run_id in folds["run_id"]:
+        for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "learning_rate"):
+            hist = client.get_metric_history(run_id, key)
+            assert [m.step for m in hist] == [0, 1], key
+        # the fold's best weights are logged as a Keras model
+        assert mlflow.search_logged_models(
+            experiment_ids=[store],
+            filter_string=f"source_run_id = '{run_id}'",
+            output_format="list",
+        )
+    assert len(res.summary["folds"]) == 2
+
+
+def test_error_ends_runs_failed(
+    prepared: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fit = crossval.fit
+    calls = {"n": 0}
+
+    def failing_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure in fold 1")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit", failing_fit)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        crossval.cross_validate(
+            prepared,
+            replace(TINY_TRAIN, epochs=1),
+            learning_rate=1e-3,
+            batch_size=8,
+            experiment_id=store,
+            tags={},
+        )
+    runs = _runs(store)
+    status = dict(zip(runs["tags.mlflow.runName"], runs["status"], strict=True))
+    assert status == {"cv": "FAILED", "fold-0": "FINISHED", "fold-1": "FAILED"}
+    assert mlflow.active_run() is None
