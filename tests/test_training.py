@@ -103,3 +103,22 @@ def test_error_ends_runs_failed(
     status = dict(zip(runs["tags.mlflow.runName"], runs["status"], strict=True))
     assert status == {"cv": "FAILED", "fold-0": "FINISHED", "fold-1": "FAILED"}
     assert mlflow.active_run() is None
+
+
+def test_fold_ensemble_is_the_mean_and_survives_saving(tmp_path: Path) -> None:
+    import keras
+    import numpy as np
+
+    from liverseg.model.metrics import CUSTOM_OBJECTS
+    from liverseg.model.unet import build_unet
+
+    members = [build_unet(32, ModelParams(depth=2, base_filters=4), seed=i) for i in range(3)]
+    model = crossval.ensemble(members)
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype("float32")
+    mean = np.mean([m.predict_on_batch(x) for m in members], axis=0)
+    np.testing.assert_allclose(model.predict_on_batch(x), mean, atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(
+        tmp_path / "m.keras", custom_objects=CUSTOM_OBJECTS, compile=False
+    )
+    np.testing.assert_allclose(loaded.predict_on_batch(x), mean, atol=1e-6)

@@ -118,9 +118,9 @@ class TuneParams:
     timeout_s: float = 150.0
     epochs: int = 4
     folds: tuple[int, ...] = (0,)
-    lr_min: float = 3e-4
+    lr_min: float = 1e-3
     lr_max: float = 1e-2
-    batch_sizes: tuple[int, ...] = (8, 16, 32)
+    batch_sizes: tuple[int, ...] = (4, 8, 16)
     pruner_warmup_epochs: int = 1
     seed: int = 42
     storage: str = "sqlite:///optuna/optuna.db"
@@ -179,7 +179,7 @@ class TrainParams:
     use_tuned: bool = True
     epochs: int = 14
     patience: int = 4
-    final: str = "retrain"
+    final: str = "ensemble"
     precision: str = "float32"
     augment: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 42
@@ -205,7 +205,7 @@ class TrainParams:
 class EvaluateParams:
     threshold: float = 0.5
     largest_component: bool = True
-    fill_holes: bool = True
+    fill_holes: bool = False
     batch_size: int = 32
     overlays_per_patient: int = 3
     experiment: str = "liverseg"
@@ -220,7 +220,6 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class RegisterParams:
     model_name: str = "liver-unet"
-    experiment: str = "liverseg"
 
     def __post_init__(self) -> None:
         _require(bool(self.model_name), "register.model_name", "must be a name")

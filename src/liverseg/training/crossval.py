@@ -49,7 +49,10 @@ def _log_keras_model(model: keras.Model) -> None:
 def ensemble(models: list[keras.Model]) -> keras.Model:
     """One Keras model averaging the probabilities of ``models`` (the fold ensemble)."""
     inp = keras.Input(shape=(None, None, 1), name="image")
-    outs = [m(inp) for m in models]
+    # The fold models share one architecture and so one name; a functional model needs
+    # unique names, so each member is re-wrapped (same layers and weights) under its own.
+    members = [keras.Model(m.input, m.output, name=f"fold_{i}") for i, m in enumerate(models)]
+    outs = [m(inp) for m in members]
     out = keras.layers.Average(name="mean_prob")(outs) if len(outs) > 1 else outs[0]
     return keras.Model(inp, out, name="fold_ensemble")
 

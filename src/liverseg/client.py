@@ -1,0 +1,117 @@
+"""A small client of the served model (``mlflow models serve``), standard library only.
+
+``url`` is the server's base address (``http://127.0.0.1:5000``) or its ``/invocations``
+endpoint. Shapes: ``segment_slices`` takes and returns ``(N, H, W)`` arrays (HU in, 0/1 uint8
+out); ``segment_volume_file`` sends a whole NIfTI CT and writes the mask on the CT's own grid.
+A refused request raises :class:`ServingError` with the server's message (HTTP 400 for a bad
+input, e.g. ``slices: expected shape (N, H, W) ...``).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverseg.errors import DataError, LiversegError
+from liverseg.fsutil import atomic_file
+
+DEFAULT_TIMEOUT_S = 300.0
+_MLFLOW_ERROR_PREFIX = "\nError: "
+_INT_SAFE = 2.0**31  # floats below this that are whole numbers convert to int64 exactly
+
+
+class ServingError(LiversegError, RuntimeError):
+    """The server refused or failed a request, or could not be reached (message says which)."""
+
+
+def invocations_url(url: str) -> str:
+    """``url`` with ``/invocations`` appended unless it already ends with it."""
+    base = url.rstrip("/")
+    return base if base.endswith("/invocations") else base + "/invocations"
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+    """POST ``body`` as JSON to the scoring endpoint; the decoded ``predictions``."""
+    target = invocations_url(url)
+    data = json.dumps(body, allow_nan=False).encode()
+    request = urllib.request.Request(
+        target, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode("utf-8", errors="replace")
+        try:
+            message = str(json.loads(text).get("message", text))
+        except (ValueError, AttributeError):
+            message = text
+        # The scoring server prefixes the model's message with a dump of the input data.
+        message = message.rsplit(_MLFLOW_ERROR_PREFIX, 1)[-1]
+        raise ServingError(f"{target}: HTTP {exc.code}: {message}") from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise ServingError(f"{target}: cannot reach the server ({exc})") from exc
+    if not isinstance(answer, dict) or "predictions" not in answer:
+        raise ServingError(f"{target}: unexpected answer without 'predictions'")
+    return answer["predictions"]
+
+
+def _jsonable_slices(slices: np.ndarray) -> list[Any]:
+    arr = np.asarray(slices)
+    if arr.ndim != 3:
+        raise DataError(f"slices: expected shape (N, H, W), got {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise DataError("slices: NaN or inf values cannot be sent")
+        # CT values are mostly whole HU: sending those as integers is lossless and shortens
+        # the JSON about threefold.
+        if np.abs(arr).max() < _INT_SAFE and np.array_equal(arr, np.round(arr)):
+            arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iu":
+        raise DataError(f"slices: expected numbers (HU), got dtype {arr.dtype}")
+    out: list[Any] = arr.tolist()
+    return out
+
+
+def segment_slices(
+    url: str, slices: np.ndarray, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> np.ndarray:
+    """Masks (N, H, W) uint8 0/1 of a stack of axial slices (N, H, W) in HU."""
+    predictions = post_json(url, {"inputs": _jsonable_slices(slices)}, timeout)
+    masks = np.asarray(predictions, dtype=np.uint8)
+    if masks.shape != np.shape(slices):
+        raise ServingError(f"{url}: answer of shape {masks.shape} for slices {np.shape(slices)}")
+    return masks
+
+
+def segment_volume_file(
+    url: str, ct_path: Path, out_path: Path, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> float:
+    """Send a CT NIfTI file, write its liver mask to ``out_path``; the liver volume in mL.
+
+    The mask is written gzip-compressed unless ``out_path`` ends in plain ``.nii``.
+    """
+    ct_path, out_path = Path(ct_path), Path(out_path)
+    try:
+        payload = base64.b64encode(ct_path.read_bytes()).decode("ascii")
+    except FileNotFoundError as exc:
+        raise DataError(f"{ct_path}: file not found") from exc
+    body = {"dataframe_split": {"columns": ["nifti"], "data": [[payload]]}}
+    predictions = post_json(url, body, timeout)
+    try:
+        record = predictions[0]
+        mask_gz = base64.b64decode(record["mask_nifti"], validate=True)
+        volume_ml = float(record["liver_volume_ml"])
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ServingError(f"{url}: unexpected answer for a volume ({exc})") from exc
+    data = gzip.decompress(mask_gz) if out_path.name.endswith(".nii") else mask_gz
+    with atomic_file(out_path) as tmp:
+        tmp.write_bytes(data)
+    return volume_ml

@@ -1,0 +1,444 @@
+"""MLflow pyfunc around :class:`~liverseg.inference.Segmenter`, for ``mlflow models serve``.
+
+Two request forms reach :meth:`LiverSegModel.predict` (JSON bodies of ``POST /invocations``):
+
+1. Slices: ``{"inputs": [[[hu, ...], ...], ...]}``, an array ``(N, H, W)`` of CT values in HU,
+   any ``N, H, W >= 1`` (each slice is resized to the network's size and the mask back to
+   ``H x W``). Answer: ``{"predictions": <(N, H, W) array of 0/1>}``, the same masks as
+   :meth:`Segmenter.segment_slices` (threshold and per-slice hole filling; no 3-D component,
+   since the slices need not be neighbours).
+2. A whole volume: ``{"dataframe_split": {"columns": ["nifti"], "data": [["<base64>"]]}}``, the
+   base64 of a single-file ``.nii`` or ``.nii.gz`` CT in HU, any orientation, one volume per
+   request. Answer: ``{"predictions": [{"mask_nifti": "<base64 .nii.gz>", "liver_volume_ml":
+   float, "liver_voxels": int}]}``; the mask is uint8 0/1 on the input's own grid, affine and header
+   (what ``liverseg predict`` writes), after the full 3-D post-processing.
+
+Optional request ``"params"`` override the logged post-processing: ``threshold`` (0..1),
+``largest_component`` and ``fill_holes`` (booleans).
+
+Signature. The logged signature declares these params only and no input schema, on purpose:
+MLflow 3.17 parses and enforces the body against the input schema before ``predict`` runs, and
+no schema admits both forms (tried): a ``TensorSpec(float32, (-1, -1, -1))`` rejects the
+``nifti`` string column while parsing; a ``ColSpec(string, "nifti")`` turns every tensor value
+into a Python string inside a DataFrame (about 1 s more per 512x512 slice); ``ColSpec(Any)``
+turns slices into DataFrame rows. The two forms, with their variable ``-1`` dimensions, are
+recorded in the MLmodel ``metadata`` instead, and :meth:`LiverSegModel.predict` validates every
+request itself, answering HTTP 400 with a message that says what is wrong.
+
+Request size. ``LIVERSEG_MAX_REQUEST_MB`` (default 512, read when the model loads) bounds what
+a request may make the model allocate: the slices as float32 for form 1; for form 2 the NIfTI
+file after base64 and gzip decoding, and its voxels as float32 (checked from the header before
+any voxel is read, so a small gzip bomb is refused too). The scoring server itself reads and
+JSON-parses the whole body before ``predict`` runs and has no body-size option, so a hard limit
+on bytes on the wire belongs in a reverse proxy in front (e.g. nginx ``client_max_body_size``).
+
+Array contract: slices ``(N, H, W)`` as sent; volumes as stored in the file, reoriented to RAS
+for the network and back (see :mod:`liverseg.data.volumes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import json
+import os
+import struct
+import tempfile
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
+
+from liverseg.data.volumes import Volume, save_mask_like, volume_from_image
+from liverseg.errors import DataError
+from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+
+MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
+DEFAULT_MAX_REQUEST_MB = 512.0
+POSTPROCESSING_FILE = "postprocessing.json"
+NIFTI_COLUMN = "nifti"
+# The distributions the served model imports; pinned to the versions liverseg declares.
+SERVING_DISTRIBUTIONS = ("mlflow", "tensorflow-cpu", "keras", "numpy", "scipy", "nibabel")
+
+# NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
+_NIFTI1_HEADER_SIZE = 348
+_NIFTI2_HEADER_SIZE = 540
+_NIFTI1_MAGIC = slice(344, 348)  # "n+1\0" single file, "ni1\0" .hdr of a pair
+_GZIP_MAGIC = b"\x1f\x8b"
+_FLOAT32_BYTES = 4
+_MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------ request decoding
+def max_request_bytes(environ: dict[str, str] | None = None) -> int:
+    """The request bound in bytes from ``LIVERSEG_MAX_REQUEST_MB`` (a positive number)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(MAX_REQUEST_ENV, "")
+    if not raw.strip():
+        return int(DEFAULT_MAX_REQUEST_MB * _MB)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not (np.isfinite(mb) and mb > 0):
+        raise ValueError(f"{MAX_REQUEST_ENV}={raw!r}: must be a positive number of megabytes")
+    return int(mb * _MB)
+
+
+def _too_large(what: str, n_bytes: int, limit: int) -> DataError:
+    return DataError(
+        f"request too large: {what} is {n_bytes / _MB:.1f} MB, over the server's limit of "
+        f"{limit / _MB:.1f} MB ({MAX_REQUEST_ENV})"
+    )
+
+
+def slices_from_input(model_input: Any, limit: int) -> np.ndarray:
+    """The tensor form as a finite float32 ``(N, H, W)`` array, or DataError saying why not."""
+    try:
+        arr = np.asarray(model_input)
+    except ValueError as exc:  # ragged nested lists (in-process callers)
+        raise DataError(f"slices: not a rectangular (N, H, W) array ({exc})") from exc
+    if arr.dtype.kind not in "iuf":
+        raise DataError(
+            f"slices: expected numbers (CT values in HU), got values of type {arr.dtype}"
+        )
+    if arr.size == 0:
+        raise DataError(f"slices: empty input of shape {arr.shape}")
+    if arr.ndim != 3:
+        raise DataError(
+            f"slices: expected shape (N, H, W), got shape {arr.shape} "
+            "(send one slice as [[[...], ...]])"
+        )
+    n_bytes = arr.size * _FLOAT32_BYTES
+    if n_bytes > limit:
+        raise _too_large(f"the slices array {arr.shape} as float32", n_bytes, limit)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        out = arr.astype(np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise DataError(
+            f"slices: {out.size - int(np.count_nonzero(finite))} values are NaN or inf "
+            "(or outside the float32 range)"
+        )
+    return out
+
+
+def _b64decode(text: str, limit: int) -> bytes:
+    # base64 wraps lines at 76 characters unless told not to (-w0): whitespace is allowed.
+    compact = "".join(text.split())
+    n_bytes = len(compact) * 3 // 4
+    if n_bytes > limit:
+        raise _too_large("the NIfTI file", n_bytes, limit)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataError(f"{NIFTI_COLUMN}: not valid base64 ({exc})") from exc
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise DataError(f"{NIFTI_COLUMN}: corrupt gzip data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise _too_large("the NIfTI file after gunzip", max(len(out), limit + 1), limit)
+    if not inflater.eof:
+        raise DataError(f"{NIFTI_COLUMN}: truncated gzip data (the stream ends early)")
+    return out
+
+
+def _nifti_kind(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
+    if len(raw) < _NIFTI1_HEADER_SIZE:
+        raise DataError(
+            f"{NIFTI_COLUMN}: not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI header)"
+        )
+    sizes = {struct.unpack("<i", raw[:4])[0], struct.unpack(">i", raw[:4])[0]}
+    if _NIFTI1_HEADER_SIZE in sizes:
+        magic = raw[_NIFTI1_MAGIC]
+        if magic == b"ni1\x00":
+            raise DataError(
+                f"{NIFTI_COLUMN}: a NIfTI .hdr/.img pair header; send a single-file .nii or .nii.gz"
+            )
+        if magic != b"n+1\x00":
+            raise DataError(f"{NIFTI_COLUMN}: not a NIfTI-1 file (bad magic {magic!r})")
+        return nib.Nifti1Image
+    if _NIFTI2_HEADER_SIZE in sizes and len(raw) >= _NIFTI2_HEADER_SIZE:
+        return nib.Nifti2Image
+    raise DataError(
+        f"{NIFTI_COLUMN}: not a NIfTI file (header size field {sorted(sizes)[0]}, "
+        f"expected {_NIFTI1_HEADER_SIZE} or {_NIFTI2_HEADER_SIZE})"
+    )
+
+
+def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2Image:
+    """Decode base64 (of a ``.nii`` or ``.nii.gz``) into a NIfTI image, refusing anything whose
+    decoded file or float32 voxel array would exceed ``limit`` bytes, before it is read."""
+    if isinstance(payload, bytes):
+        payload = payload.decode("ascii", errors="replace")
+    if not isinstance(payload, str):
+        raise DataError(
+            f"{NIFTI_COLUMN}: expected a base64 string of a .nii/.nii.gz file, "
+            f"got {type(payload).__name__}"
+        )
+    if not payload.strip():
+        raise DataError(f"{NIFTI_COLUMN}: empty string")
+    raw = _b64decode(payload, limit)
+    if raw[:2] == _GZIP_MAGIC:
+        raw = _gunzip(raw, limit)
+    cls = _nifti_kind(raw)
+    try:
+        img = cls.from_bytes(raw)
+        header = img.header
+        shape = tuple(int(s) for s in img.shape)
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel raises many types for a malformed header
+        raise DataError(f"{NIFTI_COLUMN}: unreadable NIfTI header ({exc})") from exc
+    # nibabel reports offset 0 for an in-memory single file; voxels start after the header.
+    offset = max(offset, len(header.binaryblock) + 4)
+    n_vox = int(np.prod(shape, dtype=np.int64))
+    if n_vox * _FLOAT32_BYTES > limit:
+        raise _too_large(f"the volume {shape} as float32", n_vox * _FLOAT32_BYTES, limit)
+    if offset + n_vox * itemsize > len(raw):
+        raise DataError(
+            f"{NIFTI_COLUMN}: truncated NIfTI: the header declares shape {shape} "
+            f"({n_vox * itemsize} bytes of voxels), the file has {max(len(raw) - offset, 0)}"
+        )
+    return img
+
+
+def volume_from_payload(payload: Any, limit: int) -> Volume:
+    """The CT of a base64 NIfTI payload, validated and in RAS (see :func:`volume_from_image`)."""
+    img = nifti_from_payload(payload, limit)
+    try:
+        return volume_from_image(img, kind="image")
+    except DataError as exc:
+        raise DataError(f"{NIFTI_COLUMN}: {exc}") from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{NIFTI_COLUMN}: unreadable voxel data ({exc})") from exc
+
+
+def mask_to_base64(mask_ras: np.ndarray, volume: Volume) -> str:
+    """Base64 of the ``.nii.gz`` that ``liverseg predict`` would write for this mask."""
+    with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
+        path = save_mask_like(mask_ras, volume, Path(tmp) / "mask.nii.gz")
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _payloads(model_input: Any) -> list[Any] | None:
+    """The ``nifti`` values of a volume-form input, or None for the tensor form."""
+    if isinstance(model_input, pd.DataFrame):
+        if NIFTI_COLUMN not in model_input.columns:
+            raise DataError(
+                f"expected a '{NIFTI_COLUMN}' column (base64 of a .nii/.nii.gz CT), got columns "
+                f'{[str(c) for c in model_input.columns]}; send slices as {{"inputs": '
+                "[[[...]]]}"
+            )
+        return list(model_input[NIFTI_COLUMN])
+    if isinstance(model_input, dict):
+        if NIFTI_COLUMN not in model_input:
+            raise DataError(f"expected the key '{NIFTI_COLUMN}', got keys {sorted(model_input)}")
+        value = np.asarray(model_input[NIFTI_COLUMN], dtype=object)
+        return [value.item()] if value.ndim == 0 else list(value.ravel())
+    return None
+
+
+# ------------------------------------------------------------------------------------- the model
+class LiverSegModel(PythonModel):
+    """The pyfunc: artifacts ``model`` (model.keras), ``preprocessing`` and ``postprocessing``
+    (JSON), loaded once per server process; see the module docstring for the request forms."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the network; read the request bound (a bad value stops the server at start)."""
+        model_file = Path(context.artifacts["model"])
+        prep_file = Path(context.artifacts["preprocessing"])
+        if prep_file.parent != model_file.parent:
+            raise FileNotFoundError(
+                f"{model_file}: {PREPROCESSING_FILE} must sit beside it, found {prep_file}"
+            )
+        post = json.loads(Path(context.artifacts["postprocessing"]).read_text())
+        self.post = PostProcessing(**post)
+        self.segmenter = Segmenter.from_dir(model_file, post=self.post)
+        self.max_bytes = max_request_bytes()
+        # The scoring server runs each request in a thread; one network call at a time keeps
+        # peak memory at one request's worth (TensorFlow already uses every core per call).
+        self._lock = threading.Lock()
+
+    def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
+        if not params:
+            return self.segmenter
+        post = PostProcessing(
+            threshold=float(params.get("threshold", self.post.threshold)),
+            largest_component=bool(params.get("largest_component", self.post.largest_component)),
+            fill_holes=bool(params.get("fill_holes", self.post.fill_holes)),
+        )
+        if not 0.0 < post.threshold < 1.0:
+            raise DataError(f"params: threshold must be in (0, 1), got {post.threshold}")
+        if post == self.post:
+            return self.segmenter
+        base = self.segmenter
+        return Segmenter(
+            base.model,
+            window_hu=base.window_hu,
+            image_size=base.image_size,
+            post=post,
+            batch_size=base.batch_size,
+        )
+
+    # No type hint on the input or the result, on purpose (MLflow warns once at import): MLflow
+    # 3 would derive an input schema from it and then pass only the raw ``inputs`` field,
+    # refusing the ``dataframe_split`` (volume) form.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):
+        """Masks for slices (ndarray) or volumes (DataFrame); bad input -> HTTP 400."""
+        try:
+            seg = self._segmenter_for(params)
+            payloads = _payloads(model_input)
+            if payloads is None:
+                stack = slices_from_input(model_input, self.max_bytes)
+                with self._lock:
+                    return seg.segment_slices(stack)
+            if len(payloads) != 1:
+                # One at a time keeps the size bound per request and the time under the
+                # server's request timeout.
+                raise DataError(f"send one volume per request, got {len(payloads)}")
+            return pd.DataFrame([self._one_volume(payloads[0], seg)])
+        except DataError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+    def _one_volume(self, payload: Any, seg: Segmenter) -> dict[str, Any]:
+        volume = volume_from_payload(payload, self.max_bytes)
+        with self._lock:
+            mask = seg.segment_volume(volume)
+        voxels = int(np.count_nonzero(mask))
+        return {
+            "mask_nifti": mask_to_base64(mask, volume),
+            "liver_volume_ml": voxels * volume.voxel_volume_ml,
+            "liver_voxels": voxels,
+        }
+
+
+# ------------------------------------------------------------------------------------- logging
+def serving_requirements() -> list[str]:
+    """pip requirements of the served model, pinned as liverseg's own metadata pins them."""
+    pins: dict[str, str] = {}
+    try:
+        for req in importlib.metadata.requires("liverseg") or []:
+            name, sep, version = req.partition("==")
+            if sep and ";" not in req:
+                pins[name.strip().lower()] = version.strip()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    out = []
+    for dist in SERVING_DISTRIBUTIONS:
+        version = pins.get(dist) or importlib.metadata.version(dist)
+        out.append(f"{dist}=={version}")
+    return out
+
+
+def model_signature(post: PostProcessing) -> ModelSignature:
+    """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
+    return ModelSignature(
+        params=ParamSchema(
+            [
+                ParamSpec("threshold", "double", float(post.threshold)),
+                ParamSpec("largest_component", "boolean", bool(post.largest_component)),
+                ParamSpec("fill_holes", "boolean", bool(post.fill_holes)),
+            ]
+        )
+    )
+
+
+def input_forms() -> dict[str, Any]:
+    """The two request forms as MLflow schema dicts, for the MLmodel metadata."""
+    slices = TensorSpec(np.dtype(np.float32), (-1, -1, -1), "slices").to_dict()
+    masks = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "masks").to_dict()
+    forms = {
+        "slices": {"request_key": "inputs", "input": slices, "output": masks},
+        "volume": {
+            "request_key": "dataframe_split",
+            "input": ColSpec("string", NIFTI_COLUMN).to_dict(),
+            "output": [
+                ColSpec("string", "mask_nifti").to_dict(),
+                ColSpec("double", "liver_volume_ml").to_dict(),
+                ColSpec("long", "liver_voxels").to_dict(),
+            ],
+        },
+        "max_request_env": MAX_REQUEST_ENV,
+    }
+    # A JSON round trip gives plain, unshared lists (no YAML anchors in the MLmodel file).
+    out: dict[str, Any] = json.loads(json.dumps(forms))
+    return out
+
+
+_MODEL_CODE = (
+    "# Written by liverseg.serving.log_pyfunc (MLflow models-from-code).\n"
+    "from mlflow.models import set_model\n\n"
+    "from liverseg.serving import LiverSegModel\n\n"
+    "set_model(LiverSegModel())\n"
+)
+
+
+def log_pyfunc(
+    model_dir: Path,
+    post: PostProcessing,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+) -> mlflow.models.model.ModelInfo:
+    """Log ``model_dir`` (``model.keras`` + ``preprocessing.json``) as a pyfunc in the active run.
+
+    The liverseg package is logged with the model (``code_paths``); MLflow puts it first on
+    ``sys.path`` when it loads the model in a fresh process (as ``mlflow models serve`` does), so
+    a registered version keeps the pre- and post-processing code it was evaluated with, even
+    after the working tree moves on, and needs no liverseg installation where it is served
+    (liverseg is not on PyPI, so ``requirements.txt`` cannot name it). In a process that has
+    already imported liverseg, that import wins. The model is logged "from code" (a generated
+    two-line script), not pickled.
+    """
+    import liverseg
+
+    model_dir = Path(model_dir)
+    for f in (model_dir / MODEL_FILE, model_dir / PREPROCESSING_FILE):
+        if not f.is_file():
+            raise DataError(f"{f}: not found (expected the train stage's model folder)")
+    with tempfile.TemporaryDirectory(prefix="liverseg-pyfunc-") as tmp:
+        post_file = Path(tmp) / POSTPROCESSING_FILE
+        post_file.write_text(
+            json.dumps(
+                {
+                    "threshold": post.threshold,
+                    "largest_component": post.largest_component,
+                    "fill_holes": post.fill_holes,
+                }
+            )
+        )
+        code_file = Path(tmp) / "liverseg_pyfunc.py"
+        code_file.write_text(_MODEL_CODE)
+        example = np.linspace(-200.0, 300.0, 16 * 16, dtype=np.float32).reshape(1, 16, 16)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code_file),
+            artifacts={
+                "model": str(model_dir / MODEL_FILE),
+                "preprocessing": str(model_dir / PREPROCESSING_FILE),
+                "postprocessing": str(post_file),
+            },
+            code_paths=[str(Path(liverseg.__file__).parent)],
+            signature=model_signature(post),
+            input_example=example,
+            pip_requirements=serving_requirements(),
+            metadata={"liverseg": input_forms()},
+            registered_model_name=registered_model_name,
+        )
