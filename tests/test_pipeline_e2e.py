@@ -27,6 +27,13 @@ def test_outputs_exist(tiny_repo: Path) -> None:
     assert {r["case"] for r in ev["per_patient"]} == set(splits["test"])
     assert 0.0 <= ev["dice_mean"] <= 1.0
     assert list((tiny_repo / "reports/evaluate/overlays").glob("*.png"))
+    best = json.loads((tiny_repo / "reports/tune/best_params.json").read_text())
+    assert best["batch_size"] in (8, 16) and best["learning_rate"] > 0
+    # train used the tuned values, not its own defaults
+    assert metrics["learning_rate"] == pytest.approx(best["learning_rate"])
+    assert metrics["batch_size"] == best["batch_size"]
+    reg = json.loads((tiny_repo / "reports/register/register.json").read_text())
+    assert reg["name"] == "liver-unet" and "champion" in reg["aliases"]
 
 
 def test_dvc_lock_versions_the_data(tiny_repo: Path) -> None:
@@ -65,7 +72,7 @@ def test_mlflow_holds_parent_fold_and_final_runs(tiny_repo: Path) -> None:
         parent_id = train_parents.iloc[0]["run_id"]
         children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
         names = set(children["tags.mlflow.runName"])
-        assert {"fold-0", "fold-1", "final", "evaluate"} <= names, names
+        assert {"fold-0", "fold-1", "final", "evaluate", "register"} <= names, names
         assert (runs["status"] == "FINISHED").all()
         parent = train_parents.iloc[0]
         assert 0.0 <= parent["metrics.cv_val_dice_mean"] <= 1.0
@@ -78,3 +85,26 @@ def test_mlflow_holds_parent_fold_and_final_runs(tiny_repo: Path) -> None:
         assert len(lr_hist) == len(hist)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_dvc_exp_run_lands_in_the_same_store(tiny_repo: Path) -> None:
+    uri = f"sqlite:///{tiny_repo / 'mlruns/mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        before = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
+        n_cv = int((before["tags.mlflow.runName"] == "cv").sum())
+        run(["dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], tiny_repo)
+        after = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
+        cv = after[after["tags.mlflow.runName"] == "cv"]
+        assert len(cv) == n_cv + 1
+        assert "one-epoch" in set(cv["tags.dvc_exp"])
+        # tune's inputs did not change, so no new study ran
+        assert (after["tags.mlflow.runName"].str.startswith("study-")).sum() == (
+            before["tags.mlflow.runName"].str.startswith("study-")
+        ).sum()
+        shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], tiny_repo).stdout
+        assert "one-epoch" in shown
+    finally:
+        mlflow.set_tracking_uri(None)
+        run(["git", "checkout", "params.yaml", "dvc.lock"], tiny_repo)
+        run(["dvc", "checkout"], tiny_repo)

@@ -67,9 +67,10 @@ PARAM_BATCH = "batch_size"
 # Trials that count towards tune.n_trials: a failed trial is retried, not counted.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
-# The median pruner needs one finished trial to compare against; with the few trials a tuning
-# budget allows (params.yaml: 4) waiting for more would disable pruning altogether.
-MEDIAN_PRUNER_STARTUP_TRIALS = 1
+# Two unpruned trials: the parameter-importance plot needs at least two complete trials, and a
+# median over one trial prunes everything that is not better than a single random draw. More
+# would leave little pruning in the few trials a CPU budget allows (params.yaml: 4).
+MEDIAN_PRUNER_STARTUP_TRIALS = 2
 
 # SQLite lets one writer in at a time; the others wait up to this long instead of failing with
 # "database is locked" (a trial writes a handful of rows per epoch, far below this).

@@ -178,7 +178,10 @@ def cross_validate(
                 mlflow.log_metric("train_seconds", time.perf_counter() - t0)
             _log_keras_model(model)
         histories["final"] = final_hist
-        summary.update({"final": cfg.final, "final_epochs": final_epochs, "folds": fold_rows})
+        summary["final"] = cfg.final
+        if cfg.final == "retrain":
+            summary["final_epochs"] = final_epochs
+        summary["folds"] = fold_rows
         return TrainResult(
             parent_run_id=parent.info.run_id,
             final_run_id=final_run.info.run_id,
