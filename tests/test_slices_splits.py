@@ -12,6 +12,7 @@ from liverseg.data.slices import (
     resample_matrix,
     resize_mask_stack,
     resize_stack,
+    resize_xy,
     select_slices,
     window,
 )
@@ -122,3 +123,22 @@ def test_splits_are_seeded() -> None:
 def test_too_few_cases() -> None:
     with pytest.raises(DataError, match="need at least n_test \\+ k_folds = 5 cases, have 4"):
         make_splits(_counts(4), n_test=2, k_folds=3, seed=0)
+
+
+def test_resize_to_stack_equals_resize_then_stack() -> None:
+    from liverseg.data.slices import resize_to_stack, resize_xy, volume_to_stack
+
+    vol = np.random.default_rng(2).random((20, 18, 7)).astype(np.float32)
+    idx = np.array([1, 4, 5])
+    expected = volume_to_stack(resize_xy(vol, (8, 6)), idx)
+    np.testing.assert_allclose(resize_to_stack(vol, (8, 6), idx), expected, atol=1e-6)
+    assert resize_to_stack(vol, (8, 6)).shape == (7, 8, 6)
+
+
+def test_resize_accepts_flipped_views() -> None:
+    # RAS reorientation hands over views with negative strides; the result must not depend on it
+    vol = np.random.default_rng(3).random((16, 12, 5)).astype(np.float32)
+    flipped = vol[::-1]
+    np.testing.assert_allclose(
+        resize_xy(flipped, (8, 6)), resize_xy(np.ascontiguousarray(flipped), (8, 6)), atol=1e-6
+    )

@@ -25,10 +25,18 @@ def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
     The liver window keeps soft-tissue contrast (liver vs. spleen vs. lesions); air and bone
     saturate to 0 and 1, so a raw HU value never wraps around as the notebook's uint8 cast did.
     """
-    out = np.clip(hu.astype(np.float32, copy=False), low, high)
+    out = np.clip(hu, low, high, dtype=np.float32)
     out -= np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return out
+
+
+def window_inplace(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """:func:`window` on a float32 array the caller owns, without allocating."""
+    np.clip(x, low, high, out=x)
+    x -= np.float32(low)
+    x *= np.float32(1.0 / (high - low))
+    return x
 
 
 @lru_cache(maxsize=64)
@@ -56,19 +64,34 @@ def _sparse_matrix(n_in: int, n_out: int) -> sp.csr_matrix:
     return sp.csr_matrix(resample_matrix(n_in, n_out))
 
 
-def resize_xy(volume: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize the first two axes of an (X, Y, Z) float volume to ``size``: (size[0], size[1], Z).
+def _resize_yxz(volume: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Both passes over an (X, Y, Z) volume; the result is laid out (size[1], size[0], Z).
 
-    Works on the volume's own memory layout: the x pass is one sparse product over a
-    reshaped view, the y pass one over the (smaller) result, so no full-size copy is made.
+    The x pass is one sparse product over a reshaped view of the volume (no copy when it is
+    C-contiguous), the y pass one over the transposed, already smaller, result.
     """
     x, y, z = volume.shape
     ox, oy = size
     vol = np.ascontiguousarray(volume, dtype=np.float32)
     a = (_sparse_matrix(x, ox) @ vol.reshape(x, y * z)).reshape(ox, y, z)
     b = np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(y, ox * z)
-    c = (_sparse_matrix(y, oy) @ b).reshape(oy, ox, z)
-    return np.ascontiguousarray(c.transpose(1, 0, 2), dtype=np.float32)
+    return np.asarray(_sparse_matrix(y, oy) @ b, dtype=np.float32).reshape(oy, ox, z)
+
+
+def resize_xy(volume: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the first two axes of an (X, Y, Z) float volume: (size[0], size[1], Z) float32."""
+    return np.ascontiguousarray(_resize_yxz(volume, size).transpose(1, 0, 2))
+
+
+def resize_to_stack(
+    volume: np.ndarray, size: tuple[int, int], indices: np.ndarray | None = None
+) -> np.ndarray:
+    """Resize an (X, Y, Z) volume's axial slices (all, or those at ``indices``) straight into a
+    (N, size[0], size[1]) stack: one copy from the resampled volume to the stack layout."""
+    c = _resize_yxz(volume, size)
+    if indices is not None:
+        c = c[:, :, indices]
+    return np.ascontiguousarray(c.transpose(2, 1, 0))
 
 
 def resize_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -119,10 +142,14 @@ def prepare_volume(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case's training slices: (image (N, S, S) float32 [0, 1], mask (N, S, S) uint8, indices).
 
-    Slices are selected before resizing, so the liver-free slices dropped cost nothing.
+    The whole volume is resized first and the slices picked from the small result: a gather of
+    scattered slices from the full-size volume would cost more (a strided copy of most of it)
+    than resizing the few slices that are then dropped.
     """
     idx = select_slices(mask, liver_free_fraction, rng)
     size = (image_size, image_size)
-    image = window(volume_to_stack(resize_xy(hu[:, :, idx], size)), *window_hu)
-    labels = resize_mask_stack(volume_to_stack(mask, idx), size).astype(np.uint8)
+    image = window_inplace(resize_to_stack(hu, size, idx), *window_hu)
+    ix = nearest_indices(mask.shape[0], size[0])
+    iy = nearest_indices(mask.shape[1], size[1])
+    labels = volume_to_stack(mask[np.ix_(ix, iy, idx)]).astype(np.uint8)
     return image, labels, idx

@@ -128,8 +128,12 @@ def count_flops(model: keras.Model, image_size: int) -> float:
     """Approximate forward FLOPs for one ``image_size`` x ``image_size`` slice.
 
     Counts only convolutions (2 FLOPs per multiply-accumulate); BatchNorm, ReLU, pooling and
-    the sigmoid add well under 1 %. Used to report model cost next to its Dice.
+    the sigmoid add well under 1 %. Used to report model cost next to its Dice. Nested models
+    (the fold ensemble) count as the sum of their members.
     """
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if nested:
+        return sum(count_flops(m, image_size) for m in nested)
     convs = [
         layer
         for layer in model.layers
