@@ -426,8 +426,9 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
     assert trial.user_attrs["worker"].endswith(f":{os.getpid()}")
 
 
-# Trial 0 (batch 4) climbs 0.6, 0.7, 0.8; trial 1 (batch 8) 0.2, 0.3, 0.4: below the median
-# (= trial 0) at every step, so the median pruner stops it at the first step after warm-up.
+# Trials 0 and 1 (batch 4, the pruner's two start-up trials) climb 0.6, 0.7, 0.8; trial 2
+# (batch 8) 0.2, 0.3, 0.4: below their median at every step, so the median pruner stops it at
+# the first step after warm-up.
 @pytest.mark.parametrize(
     ("warmup", "epochs", "state", "steps"),
     [
@@ -448,7 +449,7 @@ def test_median_pruner_prunes_after_warmup(
     steps: list[tuple[int, float]],
 ) -> None:
     curves = {4: [0.6, 0.7, 0.8], 8: [0.2, 0.3, 0.4]}
-    tune = tiny_tune(n_trials=2, epochs=epochs, pruner_warmup_epochs=warmup)
+    tune = tiny_tune(n_trials=3, epochs=epochs, pruner_warmup_epochs=warmup)
     study, parent, calls = run_scripted(
         monkeypatch,
         prepared,
@@ -457,15 +458,16 @@ def test_median_pruner_prunes_after_warmup(
         storage_url=f"sqlite:///{tmp_path}/o.db",
         enqueue=[
             {"learning_rate": 1e-2, "batch_size": 4},
+            {"learning_rate": 2e-2, "batch_size": 4},
             {"learning_rate": 1e-2, "batch_size": 8},
         ],
     )
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, state]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, state]
     runs = trial_runs(parent)
-    assert runs[1].data.tags["state"] == state.name
-    assert runs[1].info.status == "FINISHED"
-    assert val_dice_steps(runs[1].info.run_id) == steps
-    assert ("value" in runs[1].data.metrics) is (state == TrialState.COMPLETE)
+    assert runs[2].data.tags["state"] == state.name
+    assert runs[2].info.status == "FINISHED"
+    assert val_dice_steps(runs[2].info.run_id) == steps
+    assert ("value" in runs[2].data.metrics) is (state == TrialState.COMPLETE)
 
 
 @pytest.mark.parametrize(
@@ -561,28 +563,32 @@ def test_rerun_runs_only_the_missing_finished_trials(
     def curve(lr: float, bs: int, fold: int) -> list[float]:
         return curves[bs]
 
-    # Trial 1 is pruned: COMPLETE + PRUNED = 3 finished after the first run.
-    first = [{"learning_rate": 1e-2, "batch_size": b} for b in (4, 8, 4)]
+    # Trial 2 is pruned (after the two start-up trials): COMPLETE + PRUNED = 4 finished.
+    first = [
+        {"learning_rate": lr, "batch_size": b}
+        for lr, b in ((1e-2, 4), (2e-2, 4), (1e-2, 8), (3e-3, 4))
+    ]
     study, _, _ = run_scripted(
-        monkeypatch, prepared, tiny_tune(n_trials=3), curve, storage_url=url, enqueue=first
+        monkeypatch, prepared, tiny_tune(n_trials=4), curve, storage_url=url, enqueue=first
     )
     before = [(t.number, t.state, t.params, t.value) for t in study.trials]
     assert [s for _, s, _, _ in before] == [
+        TrialState.COMPLETE,
         TrialState.COMPLETE,
         TrialState.PRUNED,
         TrialState.COMPLETE,
     ]
     # Same n_trials: nothing left to run.
     study, _, calls = run_scripted(
-        monkeypatch, prepared, tiny_tune(n_trials=3), curve, storage_url=url
+        monkeypatch, prepared, tiny_tune(n_trials=4), curve, storage_url=url
     )
-    assert calls == [] and len(study.trials) == 3
+    assert calls == [] and len(study.trials) == 4
     # Two more wanted: exactly two new trials, numbered after the old ones.
-    study, _, _ = run_scripted(monkeypatch, prepared, tiny_tune(n_trials=5), curve, storage_url=url)
+    study, _, _ = run_scripted(monkeypatch, prepared, tiny_tune(n_trials=6), curve, storage_url=url)
     after = [(t.number, t.state, t.params, t.value) for t in study.trials]
-    assert after[:3] == before
-    assert [n for n, *_ in after] == [0, 1, 2, 3, 4]
-    assert tuning.count_finished(study) == 5
+    assert after[:4] == before
+    assert [n for n, *_ in after] == [0, 1, 2, 3, 4, 5]
+    assert tuning.count_finished(study) == 6
 
 
 def test_summary_needs_a_complete_trial(tmp_path: Path) -> None:
