@@ -47,7 +47,7 @@ format: $(STAMP) ## apply ruff's formatting and import sorting
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h 127.0.0.1 -p 5000
 
-serve: $(STAMP) ## serve the champion model on http://127.0.0.1:$(PORT)
+serve: $(STAMP) ## serve the registry's champion on http://127.0.0.1:5001 (PORT=...)
 	source $(BIN)/activate && mlflow models serve -m "models:/liver-unet@champion" \
 		--env-manager local -h 127.0.0.1 -p $(PORT)
 
