@@ -370,7 +370,7 @@ def test_a_dead_workers_trial_is_failed_and_its_run_ended(
     ("content", "match"),
     [
         (None, "splits.json: not found"),
-        ("{not json", "splits.json: not readable JSON"),
+        ("{not json", "splits.json: not valid JSON"),
         ('{"test": []}', "splits.json: has no 'folds' list"),
     ],
 )

@@ -57,3 +57,16 @@ def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_stage_json(path: Path, stage: str) -> Any:
+    """The JSON file another stage wrote; a missing or broken file is a DataError naming it."""
+    from liverseg.errors import DataError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: not found (run the {stage} stage first)") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc

@@ -53,7 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from liverseg.data.splits import fold_cases
 from liverseg.errors import DataError, LiversegError, ParamsError
-from liverseg.fsutil import atomic_dir, write_json
+from liverseg.fsutil import atomic_dir, read_stage_json, write_json
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
 
 # Bump when the objective's definition changes (what is measured, not its inputs): a new
@@ -437,12 +437,7 @@ def keras_callback(reporter: TrialReporter, stop: StopSignal | None = None) -> A
 def load_splits(prepared: Path) -> dict[str, Any]:
     """``prepared/splits.json`` (the prepare stage's patient splits)."""
     path = Path(prepared) / "splits.json"
-    try:
-        splits = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: not found (run the prepare stage first)") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON: {exc}") from exc
+    splits = read_stage_json(path, "prepare")
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list):
         raise DataError(f"{path}: has no 'folds' list (not a prepare stage output)")
     return splits

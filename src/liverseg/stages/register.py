@@ -19,13 +19,12 @@ and ends FAILED, not RUNNING, if anything goes wrong. Works against whatever sto
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from liverseg.errors import DataError
-from liverseg.fsutil import atomic_dir, write_json
+from liverseg.fsutil import atomic_dir, read_stage_json, write_json
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing
 from liverseg.params import EvaluateParams, RegisterParams, load_section
 
@@ -42,12 +41,7 @@ UNKNOWN_DICE = "unknown"
 def read_test_dice(path: Path) -> float:
     """``dice_mean`` of the evaluate stage's ``metrics.json``, a number in [0, 1]."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: not found (run the evaluate stage first)") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_stage_json(path, "evaluate")
     value = data.get("dice_mean") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(f"{path}: dice_mean: missing or not a number (got {value!r})")
@@ -59,12 +53,7 @@ def read_test_dice(path: Path) -> float:
 def read_train_run(path: Path) -> dict[str, str]:
     """The train stage's ``run.json``; ``parent_run_id`` is required."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: not found (run the train stage first)") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_stage_json(path, "train")
     if not isinstance(data, dict) or not isinstance(data.get("parent_run_id"), str):
         raise DataError(f"{path}: parent_run_id: missing (not a train stage run.json)")
     if not data["parent_run_id"]:
