@@ -40,9 +40,16 @@ class TrainResult:
 
 def _log_keras_model(model: keras.Model) -> None:
     import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
+    # Slices of any size: (N, H, W, 1) windowed CT in [0, 1] -> (N, H, W, 1) probabilities.
+    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))])
     mlflow.keras.log_model(
-        model, name="model", pip_requirements=[f"tensorflow-cpu=={tf.__version__}", *KERAS_PIP]
+        model,
+        name="model",
+        signature=ModelSignature(inputs=spec, outputs=spec),
+        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", *KERAS_PIP],
     )
 
 
