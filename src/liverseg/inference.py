@@ -31,7 +31,7 @@ class PostProcessing:
 
     threshold: float = 0.5
     largest_component: bool = True
-    fill_holes: bool = True
+    fill_holes: bool = False
 
 
 class Segmenter:
