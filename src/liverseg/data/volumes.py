@@ -165,11 +165,6 @@ def from_canonical(data_ras: np.ndarray, ref: Volume) -> np.ndarray:
     return apply_orientation(data_ras, back)
 
 
-def to_canonical(data: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
-    """Reorient an array stored with ``source_affine`` to RAS (as :func:`load_volume` does)."""
-    return apply_orientation(data, io_orientation(source_affine))
-
-
 def save_mask_like(mask_ras: np.ndarray, ref: Volume, path: Path) -> Path:
     """Write a 0/1 mask (on ``ref``'s RAS grid) as uint8 NIfTI on the input's own grid.
 
