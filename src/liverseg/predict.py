@@ -32,8 +32,10 @@ def main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from liverseg.data.volumes import load_volume, save_mask_like
+    from liverseg.fsutil import check_output_path
     from liverseg.inference import PostProcessing, Segmenter
 
+    check_output_path(args.output)  # before the model runs, not after
     volume = load_volume(args.ct, kind="image")
     seg = Segmenter.load(
         args.model,

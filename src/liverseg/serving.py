@@ -60,7 +60,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
-from liverseg.data.volumes import Volume, save_mask_like, volume_from_image
+from liverseg.data.volumes import Volume, check_voxel_count, save_mask_like, volume_from_image
 from liverseg.errors import DataError
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
 
@@ -208,6 +208,7 @@ def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2
         raise DataError(f"{NIFTI_COLUMN}: unreadable NIfTI header ({exc})") from exc
     # nibabel reports offset 0 for an in-memory single file; voxels start after the header.
     offset = max(offset, len(header.binaryblock) + 4)
+    check_voxel_count(shape, NIFTI_COLUMN)
     n_vox = int(np.prod(shape, dtype=np.int64))
     if n_vox * _FLOAT32_BYTES > limit:
         raise _too_large(f"the volume {shape} as float32", n_vox * _FLOAT32_BYTES, limit)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from liverseg.errors import ParamsError
+from liverseg.runguard import Interrupted
 from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first records its trial FAIL and ends its runs
@@ -130,6 +132,13 @@ def main(args: argparse.Namespace) -> None:
     study = tuning.create_study(
         tuning.open_storage(url), name, tune, worker_index=index, inputs=inputs
     )
+    dead = tuning.fail_dead_trials(study)
+    if dead:
+        print(
+            f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
+            "FAIL (their MLflow runs KILLED); they are run again",
+            flush=True,
+        )
 
     root = ARTIFACT_ROOT if mlflow.get_tracking_uri().startswith("sqlite:///mlruns") else None
     exp_id = ensure_experiment(train.experiment, root)
@@ -190,9 +199,10 @@ def main(args: argparse.Namespace) -> None:
                 _log_best(summary)
                 mlflow.log_artifacts(str(args.out), artifact_path="tune")
     except KeyboardInterrupt as exc:
-        raise tuning.TuningError(
-            f"study {name}: interrupted ({exc}); its finished trials are kept in "
-            f"{tuning.redact(url)}: run the same command again to resume"
+        raise Interrupted(
+            getattr(exc, "signum", signal.SIGINT),
+            f"study {name}: its finished trials are kept in "
+            f"{tuning.redact(url)}: run the same command again to resume",
         ) from exc
     skipped = {k: v for k, v in plots.items() if v != "ok"}
     print(
