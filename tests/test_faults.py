@@ -134,7 +134,12 @@ def test_header_bomb_is_refused_before_any_voxel_is_read(tmp_path: Path) -> None
 def test_predict_refuses_the_header_bomb_in_bounded_memory(tmp_path: Path) -> None:
     bomb = header_bomb(tmp_path / "bomb.nii.gz")
     code, _, err, rss_mb = liverseg(
-        "predict", str(bomb), "-o", str(tmp_path / "mask.nii.gz"), "--model", "nowhere",
+        "predict",
+        str(bomb),
+        "-o",
+        str(tmp_path / "mask.nii.gz"),
+        "--model",
+        "nowhere",
         cwd=tmp_path,
     )
     line = one_line(err)
@@ -199,7 +204,9 @@ def test_broken_model_folder(tmp_path: Path, model_dir: Path) -> None:
     shutil.copytree(model_dir, broken)
     (broken / "model.keras").write_bytes(b"not a zip")
     ct = ct_file(tmp_path / "ct.nii.gz")
-    code, _, err, _ = liverseg("predict", str(ct), "-o", "m.nii.gz", "--model", "broken", cwd=tmp_path)
+    code, _, err, _ = liverseg(
+        "predict", str(ct), "-o", "m.nii.gz", "--model", "broken", cwd=tmp_path
+    )
     assert code == 2 and "broken/model.keras: not a loadable Keras model" in one_line(err)
 
 
@@ -217,8 +224,14 @@ def test_predict_on_a_full_disk(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "out"
     # 200 bytes: the mask cannot be written (EFBIG, as ENOSPC would stop it)
     code, _, err, _ = liverseg(
-        "predict", str(ct), "-o", str(out / "mask.nii.gz"), "--model", str(model_dir),
-        cwd=tmp_path, limits={resource.RLIMIT_FSIZE: 200},
+        "predict",
+        str(ct),
+        "-o",
+        str(out / "mask.nii.gz"),
+        "--model",
+        str(model_dir),
+        cwd=tmp_path,
+        limits={resource.RLIMIT_FSIZE: 200},
     )
     assert code == 2, err[-3000:]
     assert one_line(err).endswith("out/mask.nii.gz: File too large")
@@ -228,8 +241,13 @@ def test_predict_on_a_full_disk(tmp_path: Path, model_dir: Path) -> None:
 def test_prepare_on_a_full_disk(tiny_raw: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_raw.parents[2] / "params.yaml", tmp_path / "params.yaml")
     code, _, err, _ = liverseg(
-        "prepare", "--raw", str(tiny_raw), "--out", "data/prepared",
-        cwd=tmp_path, limits={resource.RLIMIT_FSIZE: 4096},
+        "prepare",
+        "--raw",
+        str(tiny_raw),
+        "--out",
+        "data/prepared",
+        cwd=tmp_path,
+        limits={resource.RLIMIT_FSIZE: 4096},
     )
     assert code == 2, err[-3000:]
     line = one_line(err)
@@ -311,9 +329,7 @@ def test_stale_runs_of_dead_processes_are_ended(
     other = {**runguard.process_tags(pid), runguard.HOST_TAG: "elsewhere"}
     remote = client.create_run(exp, run_name="remote", tags=other)
     lines = runguard.end_stale_runs()
-    assert lines == [
-        f"ended 1 stale RUNNING MLflow run(s) of dead process {pid} as KILLED: dead"
-    ]
+    assert lines == [f"ended 1 stale RUNNING MLflow run(s) of dead process {pid} as KILLED: dead"]
     status = [client.get_run(r.info.run_id).info.status for r in (dead, live, remote)]
     assert status == ["KILLED", "RUNNING", "RUNNING"]
 
@@ -361,8 +377,15 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 240) 
 
 
 TRAIN = (
-    "train", "--prepared", "data/prepared", "--tuned", "reports/tune/best_params.json",
-    "--model-dir", "models", "--reports", "reports/train",
+    "train",
+    "--prepared",
+    "data/prepared",
+    "--tuned",
+    "reports/tune/best_params.json",
+    "--model-dir",
+    "models",
+    "--reports",
+    "reports/train",
 )
 
 

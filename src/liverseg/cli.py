@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 128 + signum
     except Exception as exc:
-        line = error_line(exc)
-        if line is None:
+        msg = error_line(exc)
+        if msg is None:
             raise
         if debug:
             traceback.print_exc()
-        print(f"{prog}: error: {line}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -67,6 +67,7 @@ class Segmenter:
         import keras
 
         from liverseg.model.metrics import CUSTOM_OBJECTS
+
         try:
             prep = json.loads(prep_file.read_text())
             window_hu, image_size = tuple(prep["window"]), int(prep["image_size"])
@@ -90,7 +91,6 @@ class Segmenter:
         s = str(source)
         if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
             import mlflow
-
             from mlflow.exceptions import MlflowException
 
             try:

@@ -183,9 +183,7 @@ def end_own_runs(status: str = "KILLED") -> int:
     # RUNNING; not a run that failed on its own before it (e.g. a diverged tuning trial).
     since = _interrupted_at_ms or 0
     ended = [
-        r
-        for r in runs
-        if r.info.status == "RUNNING" or (r.info.end_time or 0) >= since - 1000
+        r for r in runs if r.info.status == "RUNNING" or (r.info.end_time or 0) >= since - 1000
     ]
     client = MlflowClient()
     for r in ended:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from liverseg.errors import ParamsError
-from liverseg.runguard import Interrupted
 from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
+from liverseg.runguard import Interrupted
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first records its trial FAIL and ends its runs
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from liverseg.data.splits import fold_cases, trainval_cases
 from liverseg.params import TrainParams, as_flat_dict
-from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training import resume
+from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.pipeline import load_prepared
 from liverseg.training.tracking import log_params_flat
 
