@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 import os
 import re
 import resource
@@ -494,3 +495,30 @@ def test_failed_stage_keeps_the_last_good_outputs(tiny_repo: Path, tmp_path: Pat
     (repo / "params.yaml").write_text(text)
     status = run(["dvc", "status"], repo).stdout
     assert "up to date" in status or status.strip() == "", status
+
+
+# ------------------------------------------------------------------------------ model server
+def test_server_log_has_no_traceback_for_a_client_that_hung_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.requests import ClientDisconnect
+
+    log = logging.getLogger("test.uvicorn.error")
+    runguard.quiet_client_disconnects(log.name)
+    runguard.quiet_client_disconnects(log.name)  # once is enough
+    assert len(log.filters) == 1
+
+    def raised(exc: BaseException) -> BaseException:
+        try:
+            raise exc
+        except BaseException as e:
+            return e
+
+    wrapped = raised(BaseExceptionGroup("task group", [raised(ClientDisconnect())]))
+    with caplog.at_level(logging.INFO, logger=log.name):
+        for exc in (raised(ClientDisconnect()), wrapped, raised(BrokenPipeError(32, "pipe"))):
+            log.error("Exception in ASGI application\n", exc_info=exc)
+        log.error("Exception in ASGI application\n", exc_info=raised(ValueError("a bug")))
+    text = caplog.text
+    assert text.count("client disconnected before the response was sent") == 3
+    assert text.count("Traceback") == 1 and "ValueError: a bug" in text

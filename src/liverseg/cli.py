@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get(runguard.DEBUG_ENV, "") not in ("", "0")
     prog = f"liverseg {args.command}"
-    runguard.install()
+    previous = runguard.install()
+    try:
+        return _run(args, prog, debug)
+    finally:
+        runguard.restore(previous)
+
+
+def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
     try:
         if args.command in MLFLOW_COMMANDS:
             for line in runguard.end_stale_runs():
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(args._module).main(args)
     except KeyboardInterrupt as exc:
         runguard.note_interrupt()
+        runguard.hold()  # a second Ctrl+C must not cut the clean-up short
         if debug:
             traceback.print_exc()
         signum = exc.signum if isinstance(exc, runguard.Interrupted) else 2

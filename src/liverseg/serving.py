@@ -60,6 +60,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
+from liverseg import runguard
 from liverseg.data.volumes import Volume, check_voxel_count, save_mask_like, volume_from_image
 from liverseg.errors import DataError
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
@@ -276,6 +277,7 @@ class LiverSegModel(PythonModel):
         # The scoring server runs each request in a thread; one network call at a time keeps
         # peak memory at one request's worth (TensorFlow already uses every core per call).
         self._lock = threading.Lock()
+        runguard.quiet_client_disconnects()  # no traceback in the log for a client that hung up
 
     def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
         if not params:
