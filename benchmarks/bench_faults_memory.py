@@ -22,6 +22,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# ru_maxrss of a child counts the RSS it inherited at fork (Linux keeps it across exec), so a
+# child of a process that holds TensorFlow would report that too: measure through a small
+# Python process that starts the command and writes the command's own peak RSS (KB) to argv[1].
+RSS_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); "
+    "_, st, ru = os.wait4(p.pid, 0); open(sys.argv[1], 'w').write(str(ru.ru_maxrss)); "
+    "sys.exit(os.waitstatus_to_exitcode(st))"
+)
+
 
 def default_model(folder: Path) -> Path:
     from liverseg.fsutil import write_json
@@ -29,6 +38,7 @@ def default_model(folder: Path) -> Path:
     from liverseg.training.crossval import ensemble
     from liverseg.training.fit import compile_unet
 
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = load_section("train")
     prep = load_section("prepare")
     members = [compile_unet(prep.image_size, cfg, 1e-3, seed=i) for i in range(prep.k_folds)]
@@ -66,20 +76,19 @@ def header_bomb(path: Path, shape: tuple[int, int, int]) -> Path:
 def predict(ct_path: Path, model: Path, out: Path) -> tuple[int, float, float, str]:
     """(exit code, peak RSS MB, seconds, last stderr line) of one ``liverseg predict``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liverseg.cli", "predict", str(ct_path), "-o", str(out)]
+    rss_file = out.with_name("maxrss")
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_LAUNCHER, str(rss_file)]
+        + [sys.executable, "-m", "liverseg.cli", "predict", str(ct_path), "-o", str(out)]
         + ["--model", str(model)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
-    last = next((ln for ln in reversed(err.splitlines()) if ln.strip()), "")
-    return proc.returncode, usage.ru_maxrss / 1024, seconds, last
+    last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "")
+    return proc.returncode, int(rss_file.read_text()) / 1024, seconds, last
 
 
 def main() -> None:
@@ -91,9 +100,7 @@ def main() -> None:
         model = args.model or default_model(tmp / "model")
         cases = {
             "CT 512x512x300 (int16, 150 MB of voxels)": ct(tmp / "ct.nii.gz", (512, 512, 300)),
-            "header bomb 2000^3 (1 KB file)": header_bomb(
-                tmp / "bomb.nii.gz", (2000, 2000, 2000)
-            ),
+            "header bomb 2000^3 (1 KB file)": header_bomb(tmp / "bomb.nii.gz", (2000, 2000, 2000)),
         }
         for name, path in cases.items():
             code, rss, seconds, last = predict(path, model, tmp / "mask.nii.gz")

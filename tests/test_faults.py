@@ -21,7 +21,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,6 +53,16 @@ def header_bomb(path: Path, shape: tuple[int, int, int] = BOMB_SHAPE) -> Path:
     return path
 
 
+# ru_maxrss of a child counts the RSS it inherited at fork (Linux keeps it across exec), so a
+# child of a process that holds TensorFlow would report that too: measure through a small
+# Python process that starts the command and writes the command's own peak RSS (KB) to argv[1].
+RSS_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); "
+    "_, st, ru = os.wait4(p.pid, 0); open(sys.argv[1], 'w').write(str(ru.ru_maxrss)); "
+    "sys.exit(os.waitstatus_to_exitcode(st))"
+)
+
+
 def liverseg(*args: str, cwd: Path, limits: dict[int, int] | None = None, **env: str):
     """Run ``liverseg`` in a subprocess; returns (exit code, stdout, stderr, peak RSS in MB)."""
 
@@ -63,28 +72,20 @@ def liverseg(*args: str, cwd: Path, limits: dict[int, int] | None = None, **env:
             resource.setrlimit(res, (value, value))
 
     # Pipes, not files: RLIMIT_FSIZE applies to files, and the error must get through.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liverseg.cli", *args],
+    rss_file = cwd / ".maxrss"
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_LAUNCHER, str(rss_file)]
+        + [sys.executable, "-m", "liverseg.cli", *args],
         cwd=cwd,
         env=tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db", **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
         preexec_fn=preexec,
+        timeout=300,
     )
-    texts: dict[str, bytes] = {}
-    readers = [
-        threading.Thread(target=lambda k=k, f=f: texts.__setitem__(k, f.read()))
-        for k, f in (("out", proc.stdout), ("err", proc.stderr))
-    ]
-    for t in readers:
-        t.start()
-    # wait4: the peak RSS of this child alone (Linux reports KB)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for t in readers:
-        t.join()
-    out, err = (texts[k].decode(errors="replace") for k in ("out", "err"))
-    return proc.returncode, out, err, usage.ru_maxrss / 1024
+    rss_mb = int(rss_file.read_text()) / 1024
+    rss_file.unlink()
+    return proc.returncode, proc.stdout, proc.stderr, rss_mb
 
 
 # TensorFlow's C++ start-up banner (absl logging before its own init), printed on import
@@ -353,6 +354,14 @@ def running(db: Path) -> list[tuple[str, str]]:
     return [(str(n), str(s)) for n, s in rows]
 
 
+def wait_for_run(db: Path, name: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Until ``proc`` has a RUNNING MLflow run ``name``."""
+    deadline = time.monotonic() + timeout
+    while name not in {n for n, _ in running(db)}:
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {name} run"
+        time.sleep(0.2)
+
+
 def start(repo: Path, *cmd: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "liverseg.cli", *cmd],
@@ -400,6 +409,7 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
     # 1. SIGKILL in fold 1: the runs stay RUNNING, the old model stays
     proc = start(repo, *TRAIN)
     wait_for_line(proc, "train: fold 0: best val Dice")
+    wait_for_run(db, "fold-1", proc)
     proc.kill()
     proc.wait()
     assert {n for n, _ in running(db)} == {"cv", "fold-1"}
@@ -408,7 +418,7 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
     # 2. rerun: the dead process's runs end KILLED, fold 0 is reused; SIGTERM in fold 1
     proc = start(repo, *TRAIN)
     wait_for_line(proc, "train: fold 0: reused finished run")
-    time.sleep(2)
+    wait_for_run(db, "fold-1", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]

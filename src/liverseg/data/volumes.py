@@ -91,7 +91,12 @@ def _read(path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: file not found")
     try:
         img: Any = nib.load(str(path))
-        check_voxel_count(tuple(img.shape), str(path))
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
+    check_voxel_count(tuple(img.shape), str(path))
+    try:
         # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
         np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
