@@ -405,6 +405,10 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
     shutil.copytree(tiny_repo, repo, symlinks=True)
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("liverseg")
+    assert exp is not None
+    runs_before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
 
     # 1. SIGKILL in fold 1: the runs stay RUNNING, the old model stays
     proc = start(repo, *TRAIN)
@@ -435,15 +439,14 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
     assert "fold 0: reused finished run" in res.stdout and "fold 1: best val Dice" in res.stdout
     assert running(db) == []
     parent = json.loads((repo / "reports" / "train" / "run.json").read_text())["parent_run_id"]
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("liverseg")
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     names = sorted(r.info.run_name for r in kids)
     assert names == ["final", "fold-0", "fold-1"]
     fold0 = next(r for r in kids if r.info.run_name == "fold-0")
     key = fold0.data.tags["fold_key"]
     same = client.search_runs([exp.experiment_id], f"tags.fold_key = '{key}'")
-    assert [r.info.run_id for r in same] == [fold0.info.run_id]
+    # one fold-0 run for the three invocations (the tiny repository's own train made another)
+    assert [r.info.run_id for r in same if r.info.run_id not in runs_before] == [fold0.info.run_id]
     assert fold0.data.tags["resumed_from_parent"] != parent
 
 
@@ -464,9 +467,18 @@ def test_killed_tune_trial_is_failed_and_rerun(tiny_repo: Path, tmp_path: Path) 
             return [int(n) for (n,) in c.execute(q, (state,)).fetchall()]
 
     done_before = trials("COMPLETE") + trials("PRUNED")
+
+    def training() -> bool:  # a RUNNING trial with its MLflow run: it is training
+        with sqlite3.connect(optuna_db) as c:
+            q = (
+                "SELECT count(*) FROM trials t JOIN trial_user_attributes a USING (trial_id) "
+                "WHERE t.state = 'RUNNING' AND a.key = 'mlflow_run_id'"
+            )
+            return bool(c.execute(q).fetchone()[0])
+
     proc = start(repo, *cmd)
     deadline = time.monotonic() + 120
-    while not trials("RUNNING"):
+    while not training():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     proc.kill()

@@ -516,6 +516,8 @@ def make_objective(
         return data[fold]
 
     def objective(trial: optuna.Trial) -> float:
+        # First: whoever finds this trial RUNNING after a SIGKILL can then prove it dead.
+        trial.set_user_attr("process", runguard.process_tags())
         lr = trial.suggest_float(PARAM_LR, tune.lr_min, tune.lr_max, log=True)
         batch_size = int(trial.suggest_categorical(PARAM_BATCH, list(tune.batch_sizes)))
         tags = {
@@ -535,7 +537,6 @@ def make_objective(
         try:
             trial.set_user_attr("worker", worker)
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("process", runguard.process_tags())
             client.log_batch(
                 run_id,
                 params=[
