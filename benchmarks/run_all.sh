@@ -7,3 +7,4 @@ export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db}
 python benchmarks/bench_prepare.py --repeat 3
 python benchmarks/bench_predict.py --repeat 2
 python benchmarks/bench_serving.py --model-uri "models:/liver-unet@champion"
+python benchmarks/bench_faults_memory.py
