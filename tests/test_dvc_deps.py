@@ -99,9 +99,8 @@ def stage_deps(stage: str) -> list[str]:
 
 def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     rel = sorted(f.relative_to(REPO).as_posix() for f in files)
-    return [
-        f for f in rel if not any(f == d.rstrip("/") or f.startswith(d.rstrip("/") + "/") for d in deps)
-    ]
+    roots = [d.rstrip("/") for d in deps]
+    return [f for f in rel if not any(f == d or f.startswith(d + "/") for d in roots)]
 
 
 @pytest.mark.parametrize("stage", sorted(stage_commands()))
