@@ -221,6 +221,33 @@ def test_debug_prints_the_traceback(tmp_path: Path) -> None:
     assert code == 2 and "Traceback" in err
 
 
+def test_ctrl_c_in_predict(tmp_path: Path, model_dir: Path) -> None:
+    ct = ct_file(tmp_path / "ct.nii.gz", shape=(32, 32, 400))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liverseg.cli", "predict", str(ct), "-o", str(out / "m.nii.gz")]
+        + ["--model", str(model_dir), "--batch-size", "1"],
+        env=tool_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    assert proc.stderr is not None
+    seen = b""
+    while b"predict: " not in seen:  # the progress bar: the model is running
+        chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("liverseg predict: interrupted by SIGINT"), err[-3000:]
+    assert "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_predict_on_a_full_disk(tmp_path: Path, model_dir: Path) -> None:
     ct = ct_file(tmp_path / "ct.nii.gz", shape=(64, 64, 40))
     out = tmp_path / "out"
