@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -571,3 +572,59 @@ def test_server_log_has_no_traceback_for_a_client_that_hung_up(
     text = caplog.text
     assert text.count("client disconnected before the response was sent") == 3
     assert text.count("Traceback") == 1 and "ValueError: a bug" in text
+
+
+# A real `mlflow models serve` of a tiny registered model (test_serving's module fixtures).
+from test_serving import (  # noqa: E402
+    Server,
+    post,
+    server,  # noqa: F401 - pytest fixtures
+    store,  # noqa: F401
+    tiny_model,  # noqa: F401
+    volume_body,
+)
+
+
+def _peak_rss_mb(pgid: int) -> float:
+    """The largest VmHWM (peak RSS) among the live processes of process group ``pgid``."""
+    peak = 0.0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if os.getpgid(int(status.parent.name)) != pgid:
+                continue
+            hwm = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+        except (OSError, ProcessLookupError):
+            continue
+        if hwm:
+            peak = max(peak, int(hwm.group(1)) / 1024)
+    return peak
+
+
+@pytest.mark.slow
+def test_server_refuses_the_header_bomb_and_a_hung_up_client_leaves_one_line(
+    server: Server,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    before = _peak_rss_mb(server.proc.pid)
+    bomb = base64.b64encode(header_bomb(tmp_path / "bomb.nii.gz").read_bytes()).decode()
+    status, body = post(server.url, volume_body(bomb))
+    assert status == 400, body
+    assert "(2000, 2000, 2000)" in json.dumps(body)
+    assert _peak_rss_mb(server.proc.pid) < before + 100  # no voxel was allocated
+
+    mark = server.log.stat().st_size
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:  # a body that never comes whole
+        s.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"inputs": ['
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while "client disconnected" not in server.log.read_bytes()[mark:].decode(errors="replace"):
+        assert time.monotonic() < deadline, server.log.read_bytes()[mark:].decode()[-3000:]
+        time.sleep(0.5)
+    log = server.log.read_bytes()[mark:].decode(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    status, _ = post(server.url, volume_body(bomb))
+    assert status == 400  # still serving
