@@ -602,8 +602,8 @@ def _peak_rss_mb(pgid: int) -> float:
 
 @pytest.mark.slow
 def test_server_refuses_the_header_bomb_and_a_hung_up_client_leaves_one_line(
-    server: Server,
-    tmp_path: Path,  # noqa: F811
+    server: Server,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
 ) -> None:
     before = _peak_rss_mb(server.proc.pid)
     bomb = base64.b64encode(header_bomb(tmp_path / "bomb.nii.gz").read_bytes()).decode()
