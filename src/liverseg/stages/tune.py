@@ -13,7 +13,9 @@ Parallel work, all through the study storage (``tune.storage`` or ``--storage``)
 
 SIGTERM is handled like Ctrl+C (:class:`liverseg.tuning.StopSignal`): the running trial is
 recorded FAIL, its MLflow run KILLED, the extra workers are stopped the same way, and the
-parent run ends FAILED, so nothing stays RUNNING.
+parent run ends KILLED (exit 130 / 143), so nothing stays RUNNING. After a SIGKILL, the next
+``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait) and
+reruns them (:func:`liverseg.tuning.fail_dead_trials`).
 """
 
 from __future__ import annotations
