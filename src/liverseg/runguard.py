@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,31 @@ _interrupted_at_ms: int | None = None
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
     note_interrupt()
+    if retry_outside_tensorflow(signum, frame):
+        return
     raise Interrupted(signum)
+
+
+def _in_tensorflow(frame: Any) -> bool:
+    while frame is not None:
+        if f"{os.sep}tensorflow{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def retry_outside_tensorflow(signum: int, frame: Any) -> bool:
+    """When the signal came while TensorFlow's Python code runs (which its C++ may have
+    called: an exception raised there is lost or turned into another error), send it again to
+    the main thread in 50 ms and return True; the retries end where it lands outside."""
+    if not _in_tensorflow(frame):
+        return False
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.05, signal.pthread_kill, (main, signum))
+    timer.daemon = True
+    timer.start()
+    return True
 
 
 def note_interrupt() -> None:

@@ -127,7 +127,7 @@ class StopSignal:
             self.signum = signum
             runguard.note_interrupt()
         self.requested = True
-        if self._interruptible:
+        if self._interruptible and not runguard.retry_outside_tensorflow(signum, frame):
             raise runguard.Interrupted(signum)
 
     def raise_if_requested(self) -> None:
