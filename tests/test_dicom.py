@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicomfake import phantom_ijk, write_series
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
+from dicomfake import phantom_ijk, write_series
 from liverseg.data.dicom import find_series, read_ct_series
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError

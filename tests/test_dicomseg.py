@@ -9,9 +9,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from dicomfake import phantom_ijk, write_series
 from pydicom.sr.codedict import codes
 
+from dicomfake import phantom_ijk, write_series
 from liverseg.data.dicom import read_ct_series
 from liverseg.data.dicomseg import build_seg, read_seg_mask, write_seg
 from liverseg.data.volumes import from_canonical
@@ -72,7 +72,10 @@ def test_seg_round_trip_voxel_for_voxel(series, tmp_path: Path) -> None:
 def test_seg_passes_dciodvfy(series, tmp_path: Path) -> None:
     vol = series.volume
     out = write_seg(
-        from_canonical(ras_mask(vol.data.shape), vol), series.datasets, tmp_path / "l.dcm", model="m"
+        from_canonical(ras_mask(vol.data.shape), vol),
+        series.datasets,
+        tmp_path / "l.dcm",
+        model="m",
     )
     proc = subprocess.run([dciodvfy(), str(out)], capture_output=True, text=True)
     report = proc.stdout + proc.stderr

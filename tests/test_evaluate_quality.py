@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict_dicom import ensemble_dir
 
 from liverseg.data.ircad import output_paths
 from liverseg.data.volumes import save_pair
 from liverseg.evaluation.metrics import volume_metrics
 from liverseg.params import EvaluateParams, QualityParams
 from liverseg.stages.evaluate import agreement_vs_dice, evaluate
+from test_predict_dicom import ensemble_dir
 
 
 def rows(agreements: list[float | None], dices: list[float]) -> list[dict[str, object]]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from dicomfake import phantom_ijk, write_series
 
 from conftest import tool_env
+from dicomfake import phantom_ijk, write_series
 from liverseg.data.dicom import read_ct_series
 from liverseg.data.dicomseg import read_seg_mask
 from liverseg.data.volumes import from_canonical

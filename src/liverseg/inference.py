@@ -116,7 +116,7 @@ class Segmenter:
         if self._with_members is None:
             import keras
 
-            model: keras.Model = self.model  # type: ignore[assignment]
+            model: keras.Model = self.model
             try:
                 layer = model.get_layer(ENSEMBLE_LAYER)
             except ValueError:

@@ -217,7 +217,9 @@ class QualityParams:
             "evaluate.quality.max_volume_ml",
             "must be > evaluate.quality.min_volume_ml",
         )
-        _require(0 <= self.min_agreement <= 1, "evaluate.quality.min_agreement", "must be in [0, 1]")
+        _require(
+            0 <= self.min_agreement <= 1, "evaluate.quality.min_agreement", "must be in [0, 1]"
+        )
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,8 @@ def _check_tilt(affine: np.ndarray, where: Path) -> None:
     cols = affine[:3, :3]
     normal = np.cross(cols[:, 0], cols[:, 1])
     step = cols[:, 2]
-    cos = abs(float(normal @ step)) / (np.linalg.norm(normal) * np.linalg.norm(step))
-    angle = float(np.arccos(min(1.0, cos)))
+    cos = abs(float(normal @ step)) / float(np.linalg.norm(normal) * np.linalg.norm(step))
+    angle = float(np.arccos(np.clip(cos, 0.0, 1.0)))
     if angle > MAX_TILT_RAD:
         raise DataError(
             f"{where}: gantry tilt of {np.degrees(angle):.2f} degrees (slices step obliquely to "

@@ -34,7 +34,7 @@ from liverseg.params import QualityParams as QualityLimits
 __all__ = ["QualityLimits", "member_agreement", "quality_report"]
 
 
-def member_agreement(member_masks: Sequence[np.ndarray] | None) -> float | None:
+def member_agreement(member_masks: Sequence[np.ndarray] | np.ndarray | None) -> float | None:
     """Mean Dice over all pairs of member masks; None with fewer than two members."""
     if member_masks is None or len(member_masks) < 2:
         return None
@@ -64,7 +64,7 @@ def quality_report(
     ct: np.ndarray,
     spacing: Sequence[float],
     *,
-    member_masks: Sequence[np.ndarray] | None = None,
+    member_masks: Sequence[np.ndarray] | np.ndarray | None = None,
     limits: QualityLimits | None = None,
 ) -> dict[str, Any]:
     """The report of one predicted mask (RAS ``(x, y, z)``, 0/1) on its CT (HU)."""

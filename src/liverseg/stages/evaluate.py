@@ -23,8 +23,8 @@ import numpy as np
 from liverseg.data.ircad import find_nifti_pairs
 from liverseg.data.volumes import load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
-from liverseg.evaluation.quality import quality_report
 from liverseg.evaluation.plots import overlay, overlay_slices
+from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import EvaluateParams, as_flat_dict, load_section
 
