@@ -116,13 +116,15 @@ class Segmenter:
         if self._with_members is None:
             import keras
 
-            model: keras.Model = self.model
-            try:
-                layer = model.get_layer(ENSEMBLE_LAYER)
-            except ValueError:
-                self._with_members = False
-            else:
-                self._with_members = keras.Model(model.inputs, [model.output, *layer.input])
+            self._with_members = False
+            if isinstance(self.model, keras.Model):
+                try:
+                    layer = self.model.get_layer(ENSEMBLE_LAYER)
+                except ValueError:
+                    pass
+                else:
+                    outputs = [self.model.output, *layer.input]
+                    self._with_members = keras.Model(self.model.inputs, outputs)
         return self._with_members or None
 
     def predict_ras(
