@@ -151,3 +151,21 @@ def test_two_series_need_series_option(models: Path, tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr[-3000:]
     chosen = read_ct_series(tmp_path / "s", "1.2.3.2")
     assert read_seg_mask(out, chosen.datasets).shape == (40, 32, 6)
+
+
+def test_describe_model_resolves_a_registry_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from liverseg.predict import describe_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("liver-unet")
+    for _ in range(2):
+        client.create_model_version("liver-unet", source=str(tmp_path))
+    client.set_registered_model_alias("liver-unet", "champion", "2")
+    assert describe_model("models:/liver-unet@champion") == "liver-unet v2 (@champion)"
+    assert describe_model("models:/liver-unet/1") == "liver-unet v1"
+    assert describe_model("models") == "models"
