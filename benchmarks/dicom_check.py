@@ -125,7 +125,7 @@ def main() -> None:
                 seg,
                 ref,
                 args.render,
-                f"{name}: liverseg DICOM SEG (orange) over its CT, manual mask (cyan); "
+                f"{name}: liverseg DICOM SEG (yellow) over its CT, reference mask (cyan contour); "
                 f"Dice {m['dice']:.3f}",
             )
 

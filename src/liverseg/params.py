@@ -230,7 +230,7 @@ class EvaluateParams:
     batch_size: int = 32
     overlays_per_patient: int = 3
     experiment: str = "liverseg"
-    nsd_tolerances_mm: tuple[float, ...] = (1.0, 2.0)
+    nsd_tolerances_mm: tuple[float, ...] = (2.5, 5.0)
     quality: QualityParams = field(default_factory=QualityParams)
 
     def __post_init__(self) -> None:
