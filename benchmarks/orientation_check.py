@@ -40,11 +40,10 @@ def main() -> None:
     reference = model.predict(None, ras)
     back = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(codes)))
     expected = np.moveaxis(apply_orientation(np.moveaxis(reference, 0, 2), back), 2, 0)
-    print(f"file axis codes {codes}; liver pixels: stored slices sent as RAS {int(as_ras.sum())}, ")
+    same = np.array_equal(oriented, expected)
+    print(f"file axis codes {codes}; liver pixels: stored slices sent as RAS {int(as_ras.sum())}")
     print(f"with orientation {codes!r} {int(oriented.sum())}, RAS slices {int(reference.sum())}")
-    print(
-        f"oriented answer == RAS answer in the file's orientation: {np.array_equal(oriented, expected)}"
-    )
+    print(f"oriented answer == RAS answer in the file's orientation: {same}")
 
 
 if __name__ == "__main__":
