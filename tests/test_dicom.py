@@ -132,8 +132,16 @@ def test_undecodable_compressed_pixels_are_refused(tmp_path: Path, hu: np.ndarra
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])  # a JPEG 2000 stub
     ds["PixelData"].VR = "OB"
     ds.save_as(files[0], enforce_file_format=True)
-    with pytest.raises(DataError, match=f"{files[0].name}: cannot decode pixel data"):
+    with pytest.raises(DataError, match=f"{files[0].name}: cannot decode pixel data") as err:
         read_ct_series(tmp_path / "ct")
+    assert "\n" not in str(err.value)
+
+
+def test_series_over_the_size_limit_is_refused(tmp_path: Path, hu: np.ndarray) -> None:
+    write_series(tmp_path / "ct", hu)  # 40 x 32 x 12 voxels: 61,440 bytes as float32
+    assert read_ct_series(tmp_path / "ct", max_bytes=61_440).volume.data.size == 15_360
+    with pytest.raises(DataError, match=r"ct: series .* is 0\.1 MB as float32 voxels, over the"):
+        read_ct_series(tmp_path / "ct", max_bytes=61_439)
 
 
 def test_no_dicom_at_all(tmp_path: Path) -> None:

@@ -148,13 +148,32 @@ def _check_tilt(affine: np.ndarray, where: Path) -> None:
         )
 
 
-def _read_folder(folder: Path, series_uid: str | None, where: Path) -> DicomSeries:
+def _check_size(info: SeriesInfo, where: Path, max_bytes: int) -> None:
+    """Refuse a series whose float32 volume would exceed ``max_bytes``, from one header."""
+    first = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
+    try:
+        n_bytes = int(first.Rows) * int(first.Columns) * len(info.files) * 4
+    except (AttributeError, TypeError, ValueError):
+        return  # missing Rows/Columns: the importer names the file and the attribute
+    if n_bytes > max_bytes:
+        raise DataError(
+            f"{where}: series {info.uid} is {n_bytes / 2**20:.1f} MB as float32 voxels, over "
+            f"the limit of {max_bytes / 2**20:.1f} MB"
+        )
+
+
+def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: int) -> DicomSeries:
     info = _choose(where, find_series(folder), series_uid)
     if info.modality != "CT":
         raise DataError(
             f"{where}: series {info.uid} has modality {info.modality or '(none)'}, not CT"
         )
-    series = _series_from_files(list(info.files), where, SPACING_RTOL)
+    _check_size(info, where, max_bytes)
+    try:
+        series = _series_from_files(list(info.files), where, SPACING_RTOL)
+    except DataError as exc:
+        # Decoder messages span lines (one per plugin tried): the error stays one line.
+        raise DataError(" ".join(str(exc).split())) from exc
     _check_tilt(series.affine, where)
     img = nib.Nifti1Image(series.hu, series.affine)
     img.header.set_xyzt_units("mm")
@@ -189,7 +208,8 @@ def read_ct_series(
     Raises :class:`DataError` naming ``source`` on: no DICOM file, several series and no
     choice, a modality other than CT, missing geometry attributes, pixel data that cannot be
     decoded (e.g. a compressed transfer syntax without its decoder), mixed or non-uniform
-    slice spacing, and a gantry tilt. A zip is unpacked to a temporary folder with the same
+    slice spacing, a gantry tilt, and a volume over ``max_bytes`` as float32 (checked from the
+    headers before any pixel is read). A zip is unpacked to a temporary folder with the same
     refusals as the ingest stage's downloads (path traversal, symlinks, bombs over
     ``max_bytes``).
     """
@@ -197,4 +217,4 @@ def read_ct_series(
     if not source.exists():
         raise DataError(f"{source}: file not found")
     with _unpacked(source, max_bytes) as folder:
-        return _read_folder(folder, series_uid, source)
+        return _read_folder(folder, series_uid, source, max_bytes)
