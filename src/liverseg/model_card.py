@@ -23,14 +23,12 @@ def decision_text(
 ) -> str:
     """The champion/challenger decision as a sentence."""
     if before_version is None:
-        return f"**{decision}**: the first version with a test Dice ({test_dice:.4f})."
+        return f"{decision}: the first version with a test Dice ({test_dice:.4f})."
     if before_dice is None:
-        return (
-            f"**{decision}**: champion v{before_version} has no readable test Dice, so it is kept."
-        )
+        return f"{decision}: champion v{before_version} has no readable test Dice, so it is kept."
     op = ">=" if test_dice >= before_dice else "<"
     return (
-        f"**{decision}**: test Dice {test_dice:.4f} {op} champion v{before_version}'s "
+        f"{decision}: test Dice {test_dice:.4f} {op} champion v{before_version}'s "
         f"{before_dice:.4f}."
     )
 
