@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,10 @@ def ui(tiny_repo: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri"]
     cmd += [f"sqlite:///{tiny_repo / 'mlruns/mlflow.db'}", "-h", "127.0.0.1", "-p", str(port)]
     log = open(tiny_repo.parent / "mlflow-ui.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    # its own process group: `mlflow ui` runs uvicorn and its workers as child processes
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + UI_START_TIMEOUT_S
@@ -65,11 +69,11 @@ def ui(tiny_repo: Path) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
 
