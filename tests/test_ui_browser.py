@@ -224,6 +224,8 @@ def test_mlflow_ui_shows_what_a_user_compares(
 def test_dvc_plots_page_draws_offline(tiny_repo: Path, browser: Any, shots: Path) -> None:
     """`dvc plots show` writes a page that renders without network (this machine has none
     to a CDN): two charts, a line per fold."""
+    template = tiny_repo / ".dvc/plots/offline.html"
+    assert template.is_file(), f"{template}: missing; `make venv` writes it (liverseg.plots_page)"
     out = tiny_repo.parent / "plots-page"
     run(["dvc", "plots", "show", "-o", str(out)], tiny_repo)
     html = (out / "index.html").read_text()
