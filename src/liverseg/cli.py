@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("liverseg.stages.train", "k-fold cross-validation and the final model (MLflow)"),
     "evaluate": ("liverseg.stages.evaluate", "3D metrics on the held-out test patients"),
     "register": ("liverseg.stages.register", "register the model; move the champion alias"),
-    "predict": ("liverseg.predict", "segment the liver of a CT NIfTI file"),
+    "predict": ("liverseg.predict", "segment the liver of a CT (NIfTI, or a DICOM series)"),
 }
 
 # MLflow 3 refuses a plain ./mlruns file store; the project's local store is a SQLite database
