@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -28,6 +29,18 @@ COMMANDS = {
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
+def show_progress() -> None:
+    """Send the library's progress lines (logger ``liverseg``, one per epoch) to stderr, where
+    DVC shows them; the library itself stays quiet unless its caller does this."""
+    logger = logging.getLogger("liverseg")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to declare its arguments."""
     parser = argparse.ArgumentParser(prog="liverseg", description=__doc__)
@@ -46,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    show_progress()
     try:
         importlib.import_module(args._module).main(args)
     except LiversegError as exc:

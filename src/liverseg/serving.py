@@ -60,6 +60,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
+from liverseg import tensorflow_distribution
 from liverseg.data.volumes import Volume, save_mask_like, volume_from_image
 from liverseg.errors import DataError
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
@@ -69,7 +70,8 @@ DEFAULT_MAX_REQUEST_MB = 512.0
 POSTPROCESSING_FILE = "postprocessing.json"
 NIFTI_COLUMN = "nifti"
 # The distributions the served model imports; pinned to the versions liverseg declares.
-SERVING_DISTRIBUTIONS = ("mlflow", "tensorflow-cpu", "keras", "numpy", "scipy", "nibabel")
+SERVING_DISTRIBUTIONS = ("mlflow", "tensorflow", "keras", "numpy", "scipy", "nibabel")
+# "tensorflow" stands for the TensorFlow distribution installed (the cpu or the gpu extra).
 
 # NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
 _NIFTI1_HEADER_SIZE = 348
@@ -342,6 +344,8 @@ def serving_requirements() -> list[str]:
         pass
     out = []
     for dist in SERVING_DISTRIBUTIONS:
+        if dist == "tensorflow":
+            dist = tensorflow_distribution()
         version = pins.get(dist) or importlib.metadata.version(dist)
         out.append(f"{dist}=={version}")
     return out

@@ -18,6 +18,7 @@ import keras
 import mlflow
 import numpy as np
 
+from liverseg import tensorflow_distribution
 from liverseg.data.splits import fold_cases, trainval_cases
 from liverseg.params import TrainParams, as_flat_dict
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
@@ -49,7 +50,7 @@ def _log_keras_model(model: keras.Model) -> None:
         model,
         name="model",
         signature=ModelSignature(inputs=spec, outputs=spec),
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", *KERAS_PIP],
+        pip_requirements=[f"{tensorflow_distribution()}=={tf.__version__}", *KERAS_PIP],
     )
 
 
@@ -113,6 +114,7 @@ def cross_validate(
                     seed=cfg.seed + fold,
                     patience=cfg.patience,
                     callbacks=[MlflowEpochLogger(run.info.run_id)],
+                    progress=f"train: fold-{fold}",
                 )
                 assert res.best_epoch is not None
                 row: dict[str, Any] = {
@@ -179,6 +181,7 @@ def cross_validate(
                     epochs=final_epochs,
                     seed=cfg.seed + k,
                     callbacks=[MlflowEpochLogger(final_run.info.run_id)],
+                    progress="train: final",
                 )
                 model = res_final.model
                 final_hist = res_final.history
