@@ -10,6 +10,8 @@ For each model configuration, seconds per epoch and slices per second of
   about twice forward) at the conv throughput measured in this run (a 3x3, 64-channel conv).
 
 so each row shows the loop's overhead (project / bare) and the fraction of peak (floor / time).
+Times are wall seconds and CPU seconds of this process: on a machine shared with other jobs,
+compare CPU seconds (they hardly depend on the others' load), not wall seconds.
 Configurations: ``default`` (params.yaml's train section on the default phantom, fold 0, at
 ``prepare.image_size``) and ``gpu`` (the README's GPU profile: base 32, depth 5, batch 16, on
 phantom slices prepared at 256x256; ``--gpu-slices`` of them, time per epoch scales with the
@@ -32,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -80,27 +83,36 @@ def phantom_fold(work: Path, image_size: int, params_path: Path) -> tuple[Any, A
 
 # -------------------------------------------------------------------------------- timing
 def epoch_timer() -> Any:
-    """A callback recording each epoch's wall time from one epoch's start to the next's."""
+    """A callback recording each epoch's wall and CPU time (this process, all threads) from
+    one epoch's start to the next's."""
     import keras
 
     class Timer(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
-            self.starts: list[float] = []
-            self.end = 0.0
+            self.starts: list[tuple[float, float]] = []
+            self.end = (0.0, 0.0)
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self.starts.append(time.perf_counter())
+            self.starts.append((time.perf_counter(), time.process_time()))
 
         def on_train_end(self, logs: Any = None) -> None:
-            self.end = time.perf_counter()
+            self.end = (time.perf_counter(), time.process_time())
 
-        def seconds(self) -> float:
-            """Fastest epoch, the first (tracing) one excluded: on a machine shared with
-            other jobs the minimum is the figure least disturbed by them."""
+        def times(self) -> dict[str, float]:
+            """First epoch (tracing included) and the fastest later one, in wall and CPU
+            seconds. On a machine shared with other jobs the wall minimum is the figure
+            least disturbed by them, and CPU seconds hardly depend on them at all."""
             edges = [*self.starts, self.end]
-            times = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
-            return min(times[1:] if len(times) > 1 else times)
+            wall = [b[0] - a[0] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            cpu = [b[1] - a[1] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            later = slice(1, None) if len(wall) > 1 else slice(None)
+            return {
+                "first_wall": wall[0],
+                "first_cpu": cpu[0],
+                "wall": min(wall[later]),
+                "cpu": statistics.median(cpu[later]),
+            }
 
     return Timer()
 
@@ -125,8 +137,9 @@ def conv_gflops(precision: str, repeat: int = 5) -> float:
     return flops / best / 1e9
 
 
-def bare_seconds(train: Any, cfg: Any, batch_size: int, epochs: int) -> float:
-    """Median s/epoch of the bare loop: the compiled model on cached batches, nothing else."""
+def bare_seconds(train: Any, cfg: Any, batch_size: int, epochs: int) -> dict[str, float]:
+    """Epoch times (see ``Timer.times``) of the bare loop: the compiled model on cached
+    batches, nothing else."""
     import keras
     import tensorflow as tf
 
@@ -138,13 +151,14 @@ def bare_seconds(train: Any, cfg: Any, batch_size: int, epochs: int) -> float:
     timer = epoch_timer()
     model.fit(ds, epochs=epochs + 1, callbacks=[timer], verbose=0, shuffle=False)
     keras.backend.clear_session(free_memory=True)
-    return float(timer.seconds())
+    return dict(timer.times())
 
 
 def project_seconds(
     train: Any, val: Any, cfg: Any, batch_size: int, epochs: int, **fit_kwargs: Any
-) -> float:
-    """Median s/epoch of :func:`liverseg.training.fit.fit` as ``train`` runs it."""
+) -> dict[str, float]:
+    """Epoch times (see ``Timer.times``) of :func:`liverseg.training.fit.fit` as ``train``
+    runs it."""
     import keras
     import mlflow
 
@@ -166,7 +180,7 @@ def project_seconds(
             **fit_kwargs,
         )
     keras.backend.clear_session(free_memory=True)
-    return float(timer.seconds())
+    return dict(timer.times())
 
 
 def train_gflop_per_slice(cfg: Any, image_size: int) -> float:
@@ -224,14 +238,18 @@ def main_table(args: argparse.Namespace, work: Path, peak: float) -> list[dict[s
             "val_slices": int(c["val"][0].shape[0]),
             "batch": c["batch"],
             "precision": args.precision,
-            "project_s_per_epoch": round(project, 3),
-            "project_slices_per_s": round(n / project, 1),
-            "bare_s_per_epoch": round(bare, 3),
-            "bare_slices_per_s": round(n / bare, 1),
+            "project_s_per_epoch": round(project["wall"], 3),
+            "project_cpu_s_per_epoch": round(project["cpu"], 3),
+            "project_slices_per_s": round(n / project["wall"], 1),
+            "project_first_epoch_s": round(project["first_wall"], 1),
+            "bare_s_per_epoch": round(bare["wall"], 3),
+            "bare_cpu_s_per_epoch": round(bare["cpu"], 3),
+            "bare_slices_per_s": round(n / bare["wall"], 1),
             "floor_s_per_epoch": round(floor, 3),
-            "overhead": round(project / bare, 2),
-            "project_fraction_of_peak": round(floor / project, 3),
-            "bare_fraction_of_peak": round(floor / bare, 3),
+            "overhead_wall": round(project["wall"] / bare["wall"], 2),
+            "overhead_cpu": round(project["cpu"] / bare["cpu"], 2),
+            "project_fraction_of_peak": round(floor / project["wall"], 3),
+            "bare_fraction_of_peak": round(floor / bare["wall"], 3),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -265,11 +283,25 @@ def levers_table(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rows = []
     bare = bare_seconds(tr, cfg, batch, args.epochs)
     for name, c, v, kw in variants:
-        s = project_seconds(tr, v, c, batch, args.epochs, **kw)
-        row = {"variant": name, "s_per_epoch": round(s, 3), "vs_bare": round(s / bare, 2)}
+        t = project_seconds(tr, v, c, batch, args.epochs, **kw)
+        row = {
+            "variant": name,
+            "s_per_epoch": round(t["wall"], 3),
+            "cpu_s_per_epoch": round(t["cpu"], 3),
+            "first_epoch_cpu_s": round(t["first_cpu"], 1),
+            "cpu_vs_bare": round(t["cpu"] / bare["cpu"], 2),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
-    rows.append({"variant": "bare loop", "s_per_epoch": round(bare, 3), "vs_bare": 1.0})
+    rows.append(
+        {
+            "variant": "bare loop",
+            "s_per_epoch": round(bare["wall"], 3),
+            "cpu_s_per_epoch": round(bare["cpu"], 3),
+            "first_epoch_cpu_s": round(bare["first_cpu"], 1),
+            "cpu_vs_bare": 1.0,
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -292,15 +324,16 @@ def growth_table(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         tr = data[size]
         n = min(n, tr[0].shape[0])
         c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_filters=width))
-        s = bare_seconds((tr[0][:n], tr[1][:n]), c, batch, max(2, args.epochs - 1))
+        t = bare_seconds((tr[0][:n], tr[1][:n]), c, batch, max(2, args.epochs - 1))
         row = {
             "slices": n,
             "image_size": size,
             "base_filters": width,
             "depth": cfg.model.depth,
             "train_gflop_per_slice": round(train_gflop_per_slice(c, size), 3),
-            "bare_s_per_epoch": round(s, 3),
-            "ms_per_slice": round(1000 * s / n, 2),
+            "bare_s_per_epoch": round(t["wall"], 3),
+            "bare_cpu_s_per_epoch": round(t["cpu"], 3),
+            "cpu_ms_per_slice": round(1000 * t["cpu"] / n, 2),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
