@@ -60,10 +60,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
-from liverseg import tensorflow_distribution
 from liverseg.data.volumes import Volume, save_mask_like, volume_from_image
 from liverseg.errors import DataError
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 512.0

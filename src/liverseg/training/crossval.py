@@ -18,12 +18,11 @@ import keras
 import mlflow
 import numpy as np
 
-from liverseg import tensorflow_distribution
 from liverseg.data.splits import fold_cases, trainval_cases
 from liverseg.params import TrainParams, as_flat_dict
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.pipeline import load_prepared
-from liverseg.training.tracking import log_params_flat
+from liverseg.training.tracking import log_params_flat, tensorflow_distribution
 
 KERAS_PIP = [f"keras=={keras.__version__}"]
 
