@@ -165,6 +165,9 @@ def project_seconds(
     from liverseg.training.fit import MlflowEpochLogger, fit
 
     synchronous = fit_kwargs.pop("synchronous_logging", False)
+    policy = keras.mixed_precision.global_policy()
+    if "precision" in fit_kwargs:
+        keras.mixed_precision.set_global_policy(fit_kwargs.pop("precision"))
     timer = epoch_timer()
     with mlflow.start_run() as run:
         fit(
@@ -179,6 +182,7 @@ def project_seconds(
             callbacks=[timer, MlflowEpochLogger(run.info.run_id, synchronous=synchronous)],
             **fit_kwargs,
         )
+    keras.mixed_precision.set_global_policy(policy)
     keras.backend.clear_session(free_memory=True)
     return dict(timer.times())
 
@@ -274,11 +278,12 @@ def levers_table(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             va,
             {"steps_per_execution": 1, "synchronous_logging": True},
         ),
-        ("now: 1 execution/epoch, asynchronous logging", cfg, va, {}),
+        ("now: 1 execution/epoch, asynchronous logging, validation batch 32", cfg, va, {}),
         ("now, synchronous logging", cfg, va, {"synchronous_logging": True}),
         ("now, no validation", cfg, None, {}),
         ("now, no augmentation", no_aug, va, {}),
         ("now, jit_compile", cfg, va, {"jit_compile": True}),
+        ("now, mixed_bfloat16", cfg, va, {"precision": "mixed_bfloat16"}),
     ]
     rows = []
     bare = bare_seconds(tr, cfg, batch, args.epochs)

@@ -103,3 +103,28 @@ def test_default_study_is_defined_by_its_trial_count() -> None:
     runs the same trials as a fast one (a trial of the default study takes about a minute)."""
     tune = load_section("tune", REPO / "params.yaml")
     assert tune.timeout_s >= 30 * 60
+
+
+def test_tensorflow_comes_from_exactly_one_extra() -> None:
+    """tensorflow-cpu and tensorflow write the same package: the base dependencies name
+    neither, the cpu and gpu extras one each, and the installed one is what models record."""
+    import importlib.metadata
+    import tomllib
+
+    import tensorflow as tf
+
+    from liverseg.training.tracking import tensorflow_distribution
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def tf_reqs(reqs: list[str]) -> list[str]:
+        return [
+            r for r in reqs if r.split("[")[0].split("==")[0] in ("tensorflow", "tensorflow-cpu")
+        ]
+
+    extras = project["optional-dependencies"]
+    assert tf_reqs(project["dependencies"]) == []
+    assert tf_reqs(extras["cpu"]) == [f"tensorflow-cpu=={tf.__version__}"]
+    assert tf_reqs(extras["gpu"]) == [f"tensorflow[and-cuda]=={tf.__version__}"]
+    assert all(tf_reqs(v) == [] for k, v in extras.items() if k not in ("cpu", "gpu"))
+    assert importlib.metadata.version(tensorflow_distribution()) == tf.__version__
