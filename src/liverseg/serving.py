@@ -77,6 +77,7 @@ from liverseg.data.volumes import Volume, from_canonical, save_mask_like, volume
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 512.0
@@ -87,7 +88,7 @@ MASK_FORMATS = ("seg", "nifti")
 # The distributions the served model imports; pinned to the versions liverseg declares.
 SERVING_DISTRIBUTIONS = (
     "mlflow",
-    "tensorflow-cpu",
+    "tensorflow",
     "keras",
     "numpy",
     "scipy",
@@ -95,6 +96,7 @@ SERVING_DISTRIBUTIONS = (
     "pydicom",
     "highdicom",
 )
+# "tensorflow" stands for the TensorFlow distribution installed (the cpu or the gpu extra).
 
 # NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
 _NIFTI1_HEADER_SIZE = 348
@@ -468,6 +470,8 @@ def serving_requirements() -> list[str]:
         pass
     out = []
     for dist in SERVING_DISTRIBUTIONS:
+        if dist == "tensorflow":
+            dist = tensorflow_distribution()
         version = pins.get(dist) or importlib.metadata.version(dist)
         out.append(f"{dist}=={version}")
     return out
