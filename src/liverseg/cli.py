@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -30,6 +31,18 @@ COMMANDS = {
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 # Commands that track in MLflow: before they start, runs of dead processes are ended.
 MLFLOW_COMMANDS = {"tune", "train", "evaluate", "register"}
+
+
+def show_progress() -> None:
+    """Send the library's progress lines (logger ``liverseg``, one per epoch) to stderr, where
+    DVC shows them; the library itself stays quiet unless its caller does this."""
+    logger = logging.getLogger("liverseg")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def resolve_tracking_uri(uri: str | None, env: dict[str, str]) -> str:
@@ -73,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
+    show_progress()
     debug = args.debug or os.environ.get(runguard.DEBUG_ENV, "") not in ("", "0")
     prog = f"liverseg {args.command}"
     previous = runguard.install()

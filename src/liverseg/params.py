@@ -115,7 +115,7 @@ class PrepareParams:
 @dataclass(frozen=True)
 class TuneParams:
     n_trials: int = 4
-    timeout_s: float = 150.0
+    timeout_s: float = 3600.0
     epochs: int = 4
     folds: tuple[int, ...] = (0,)
     lr_min: float = 1e-3

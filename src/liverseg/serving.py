@@ -84,6 +84,7 @@ from liverseg.data.volumes import (
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 512.0
@@ -94,7 +95,7 @@ MASK_FORMATS = ("seg", "nifti")
 # The distributions the served model imports; pinned to the versions liverseg declares.
 SERVING_DISTRIBUTIONS = (
     "mlflow",
-    "tensorflow-cpu",
+    "tensorflow",
     "keras",
     "numpy",
     "scipy",
@@ -102,6 +103,7 @@ SERVING_DISTRIBUTIONS = (
     "pydicom",
     "highdicom",
 )
+# "tensorflow" stands for the TensorFlow distribution installed (the cpu or the gpu extra).
 
 # NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
 _NIFTI1_HEADER_SIZE = 348
@@ -477,6 +479,8 @@ def serving_requirements() -> list[str]:
         pass
     out = []
     for dist in SERVING_DISTRIBUTIONS:
+        if dist == "tensorflow":
+            dist = tensorflow_distribution()
         version = pins.get(dist) or importlib.metadata.version(dist)
         out.append(f"{dist}=={version}")
     return out
