@@ -18,6 +18,7 @@ from liverseg.model.losses import get_loss
 from liverseg.model.metrics import DiceCoefficient, IoU
 from liverseg.model.unet import build_unet
 from liverseg.params import TrainParams
+from liverseg.training import distribute
 from liverseg.training.pipeline import make_dataset
 
 # Keras' names for the metrics that are logged every epoch (val_* when there is validation).
@@ -82,7 +83,8 @@ def fit(
     """Train a new U-Net on ``train``; with ``val``, keep the weights of the best epoch by
     validation Dice (early stopping after ``patience`` epochs without improvement)."""
     image_size = int(train[0].shape[1])
-    model = compile_unet(image_size, cfg, learning_rate, seed)
+    with distribute.scope(cfg.distribute, batch_size):  # batch_size is the global batch
+        model = compile_unet(image_size, cfg, learning_rate, seed)
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=cfg.augment, seed=seed
     )
