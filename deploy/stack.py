@@ -190,7 +190,8 @@ def start_postgres(folder: Path, port: int, env: dict[str, str]) -> int:
         finally:
             pwfile.unlink()
         if init.returncode != 0:
-            raise StackError(f"initdb {data} failed: {init.stderr.strip()[-500:]}")
+            hint = f" (the {user} user must be able to reach {data}; or use --dir)" if user else ""
+            raise StackError(f"initdb {data} failed: {init.stderr.strip()[-300:]}{hint}")
     log = folder / "logs" / "postgres.log"
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port)]

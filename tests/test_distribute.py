@@ -40,6 +40,26 @@ SCRIPT = textwrap.dedent(
     y = (x > 0.6).astype(np.float32)
     val = (x[:8], y[:8])
     out = {"replicas": distribute.replicas("mirrored")}
+
+    # One plain SGD step on a global batch of 8: mirrored (4 + 4) must move the weights as one
+    # device does (Adam would hide a gradient that is N times too large: it normalises it).
+    from liverseg.model.losses import get_loss
+    from liverseg.model.unet import build_unet
+
+    deltas = {}
+    for kind in ("none", "mirrored"):
+        keras.utils.set_random_seed(3)
+        with distribute.scope(kind, 8):
+            m = build_unet(32, ModelParams(depth=2, base_filters=4, dropout=0.0,
+                                           batch_norm=False), seed=3)
+            m.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5),
+                      loss=get_loss("dice_bce"))
+        before = [w.copy() for w in m.get_weights()]
+        m.train_on_batch(x[:8], y[:8])
+        deltas[kind] = np.concatenate(
+            [(a - b).ravel() for a, b in zip(m.get_weights(), before)])
+    out["sgd_step_norm"] = float(np.linalg.norm(deltas["none"]))
+    out["sgd_step_diff"] = float(np.linalg.norm(deltas["mirrored"] - deltas["none"]))
     for kind in ("none", "mirrored"):
         # nothing random but the seeded shuffle: no dropout, no augmentation, and no batch
         # norm (its statistics are per replica, the one documented difference)
@@ -93,9 +113,14 @@ def test_mirrored_on_two_cpu_devices_takes_the_same_steps(tmp_path: Path) -> Non
     assert out["replicas"] == 2
     assert out["mirrored"]["strategy"] == "MirroredStrategy"
     assert out["none"]["strategy"] != "MirroredStrategy"
-    # The global batch of 8 split 4 + 4, the same learning rate: the same training.
-    assert out["mirrored"]["loss"] == pytest.approx(out["none"]["loss"], rel=1e-4)
-    assert out["mirrored"]["val_dice"] == pytest.approx(out["none"]["val_dice"], rel=1e-4)
+    # The global batch of 8 split 4 + 4, the same learning rate: the same step ...
+    assert out["sgd_step_norm"] > 1e-3
+    assert out["sgd_step_diff"] < 1e-3 * out["sgd_step_norm"]
+    # ... and the same training with Adam, up to rounding (the convolutions round differently
+    # on 4 slices than on 8, and Adam turns the sign of a near-zero gradient into a full step)
+    assert out["mirrored"]["loss"] == pytest.approx(out["none"]["loss"], rel=3e-3)
+    # (the thresholded validation Dice moves more: a pixel near 0.5 flips)
+    assert out["mirrored"]["val_dice"] == pytest.approx(out["none"]["val_dice"], abs=0.03)
     assert out["none"]["loss"][-1] < out["none"]["loss"][0]  # it did train
     assert out["ensemble_max_diff"] < 1e-6
     assert "divisible by 2" in out["odd_batch"] and "got 5" in out["odd_batch"]

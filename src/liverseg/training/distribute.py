@@ -53,4 +53,4 @@ def scope(kind: str, batch_size: int) -> contextlib.AbstractContextManager[Any]:
             f"params: train.distribute: mirrored over {n} replicas needs a batch size divisible "
             f"by {n}, got {batch_size} (train.batch_size or the tuned one)"
         )
-    return _mirrored().scope()  # type: ignore[no-any-return]
+    return _mirrored().scope()
