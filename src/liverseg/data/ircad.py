@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from liverseg.data.volumes import load_case, save_pair
+from liverseg.data.volumes import load_case, same_grid, save_pair
 from liverseg.errors import DataError
 
 __all__ = [
@@ -56,8 +56,6 @@ DUPLICATE_POSITION_MM = 1e-3
 # ORTHONORMAL_ATOL (DICOM writers round them to a few decimals).
 ORIENTATION_ATOL = 1e-4
 ORTHONORMAL_ATOL = 1e-3
-# CT and mask affines must agree to this (mm) to count as one grid (as volumes.load_case).
-GRID_ATOL_MM = 1e-3
 
 # DICOM (LPS) to NIfTI/RAS: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -401,7 +399,7 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
                 f"{mask_dir}: mask series shape {mask_series.hu.shape} does not match CT "
                 f"shape {ct.hu.shape} of {ct_dir}"
             )
-        if not np.allclose(mask_series.affine, ct.affine, atol=GRID_ATOL_MM, rtol=0):
+        if not same_grid(mask_series.affine, ct.affine):
             raise DataError(
                 f"{mask_dir}: mask geometry (spacing/position/orientation) differs from the "
                 f"CT's ({ct_dir}); the pair is not on one grid"

@@ -25,6 +25,16 @@ from liverseg.fsutil import atomic_file
 
 RAS = axcodes2ornt(("R", "A", "S"))
 
+# Two volumes are on one grid when their affines agree to this: a thousandth of a mm plus the
+# float32 rounding of a NIfTI header's translation (rtol). The one rule for every reader.
+GRID_ATOL_MM = 1e-3
+GRID_RTOL = 1e-4
+
+
+def same_grid(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two 4x4 voxel-to-world affines describe the same grid (see GRID_ATOL_MM)."""
+    return bool(np.allclose(a, b, atol=GRID_ATOL_MM, rtol=GRID_RTOL))
+
 
 @dataclass(frozen=True)
 class Volume:
@@ -149,7 +159,7 @@ def load_case(
             f"{mask_path}: mask shape {mask.data.shape} does not match CT shape "
             f"{image.data.shape} of {image_path}"
         )
-    if not np.allclose(image.affine, mask.affine, atol=1e-3, rtol=1e-4):
+    if not same_grid(image.affine, mask.affine):
         raise DataError(
             f"{mask_path}: mask affine differs from the CT's ({image_path}); "
             f"the pair is not on one grid"
