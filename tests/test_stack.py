@@ -280,7 +280,9 @@ def test_two_workers_pipeline_remote_and_serving(
 
         os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
         os.environ["MLFLOW_TRACKING_PASSWORD"] = stack.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]
-        get_app_client("basic-auth", tracking_uri=stack.url).create_user("viewer", "viewer-password-1")
+        get_app_client("basic-auth", tracking_uri=stack.url).create_user(
+            "viewer", "viewer-password-1"
+        )
         viewer = ("viewer", "viewer-password-1")
         get = f"{stack.url}/api/2.0/mlflow/registered-models/get?name=liver-unet"
         assert http(get, viewer) == 200
