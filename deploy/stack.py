@@ -418,6 +418,8 @@ def stop(state: dict[str, Any]) -> list[str]:
             os.killpg(pid, signal.SIGKILL)
         _reap(pid)
         stopped.append(name)
+    # weed leaves its S3 gateway's local socket behind
+    Path(f"/tmp/seaweedfs-s3-{state['ports']['s3']}.sock").unlink(missing_ok=True)
     return stopped
 
 
