@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-fast lint format ui serve bench clean stack-up stack-down
+.PHONY: help venv run test test-fast lint format ui serve bench clean compare plots ui-check stack-up stack-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,16 +23,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip check
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-venv: $(STAMP) ## create .venv with the pinned dependencies and liverseg (editable)
+# The offline page template of `dvc plots show` (.dvc/config), Vega inlined from a pinned package.
+PLOTS_PAGE := .dvc/plots/offline.html
+$(PLOTS_PAGE): $(STAMP)
+	$(BIN)/python -m liverseg.plots_page $@
 
-run: $(STAMP) ## set up and run the whole pipeline (dvc repro) on the default data
+venv: $(STAMP) $(PLOTS_PAGE) ## create .venv with the pinned dependencies and liverseg (editable)
+
+run: $(STAMP) $(PLOTS_PAGE) ## set up and run the whole pipeline (dvc repro) on the default data
 	source $(BIN)/activate && dvc repro
 	source $(BIN)/activate && dvc metrics show
 
-test: $(STAMP) ## set up and run the whole test suite (incl. the slow end-to-end tests)
+test: $(STAMP) $(PLOTS_PAGE) ## set up and run the whole test suite (incl. the slow end-to-end tests)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) ## the unit tests only (no end-to-end runs)
+test-fast: $(STAMP) $(PLOTS_PAGE) ## the unit tests only (no end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff and mypy
@@ -50,6 +55,15 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over the local store
 serve: $(STAMP) ## serve the registry's champion on http://127.0.0.1:5001 (PORT=...)
 	source $(BIN)/activate && mlflow models serve -m "models:/liver-unet@champion" \
 		--env-manager local -h 127.0.0.1 -p $(PORT)
+
+compare: $(STAMP) ## dvc exp show cut to CV Dice, test Dice, HD95, lr, batch, GFLOP (100 columns)
+	source $(BIN)/activate && dvc exp show --csv | python -m liverseg.compare
+
+plots: $(STAMP) $(PLOTS_PAGE) ## dvc plots show (offline page): validation Dice and loss, a line per fold
+	source $(BIN)/activate && dvc plots show
+
+ui-check: $(STAMP) $(PLOTS_PAGE) ## the MLflow UI in headless Chromium on a tiny pipeline (screenshots in docs/)
+	LIVERSEG_SCREENSHOTS=docs $(BIN)/python -m pytest tests/test_ui_browser.py -v -s
 
 bench: $(STAMP) ## run the benchmarks (figures in benchmarks/README.md)
 	source $(BIN)/activate && bash benchmarks/run_all.sh

@@ -85,6 +85,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny copy of the repository on which ``dvc repro`` has run once."""
     repo = make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
     run(["dvc", "repro"], repo)
-    run(["git", "add", "dvc.lock"], repo)
+    # dvc.lock and the `cache: false` outputs (metrics, curves, reports), as a user commits them
+    run(["git", "add", "dvc.lock", "reports"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
     return repo

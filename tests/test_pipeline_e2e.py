@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from conftest import run
+from conftest import run, tool_env
 
 pytestmark = pytest.mark.slow
+
+QUEUE_TIMEOUT_S = 600
 
 
 def test_outputs_exist(tiny_repo: Path) -> None:
@@ -87,24 +93,53 @@ def test_mlflow_holds_parent_fold_and_final_runs(tiny_repo: Path) -> None:
         mlflow.set_tracking_uri(None)
 
 
-def test_dvc_exp_run_lands_in_the_same_store(tiny_repo: Path) -> None:
+def test_queued_dvc_exp_lands_in_the_same_store_and_compares_with_the_baseline(
+    tiny_repo: Path,
+) -> None:
+    """`dvc exp run --queue` + `dvc queue start` run in a temporary copy of the repository
+    (.dvc/tmp/exps/...); the MLflow runs must land in the repository's own store, named after
+    the experiment, and `dvc exp show` must show the committed baseline's figures beside it."""
     uri = f"sqlite:///{tiny_repo / 'mlruns/mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         before = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
-        n_cv = int((before["tags.mlflow.runName"] == "cv").sum())
-        run(["dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], tiny_repo)
+        n_train = int((before["tags.stage"] == "train").sum())
+        run(["dvc", "exp", "run", "--queue", "-S", "train.epochs=1", "-n", "one-epoch"], tiny_repo)
+        run(["dvc", "queue", "start", "-j", "1"], tiny_repo)
+        deadline = time.monotonic() + QUEUE_TIMEOUT_S
+        while True:
+            status = run(["dvc", "queue", "status"], tiny_repo).stdout
+            line = next((x for x in status.splitlines() if "one-epoch" in x), "")
+            if "Success" in line or "Failed" in line:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+        assert "Success" in line, run(["dvc", "queue", "logs", "one-epoch"], tiny_repo).stdout
         after = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
-        cv = after[after["tags.mlflow.runName"] == "cv"]
-        assert len(cv) == n_cv + 1
-        assert "one-epoch" in set(cv["tags.dvc_exp"])
-        # tune's inputs did not change, so no new study ran
+        cv = after[after["tags.stage"] == "train"]
+        assert len(cv) == n_train + 1
+        exp_cv = cv[cv["tags.dvc_exp"] == "one-epoch"].iloc[0]
+        assert exp_cv["tags.mlflow.runName"] == "cv-one-epoch"
+        assert "`dvc exp` experiment `one-epoch`" in exp_cv["tags.mlflow.note.content"]
+        assert 0.0 <= exp_cv["metrics.test_dice_mean"] <= 1.0  # evaluate ran and reported
+        # tune's inputs did not change, so no new study ran (reports/tune is committed)
         assert (after["tags.mlflow.runName"].str.startswith("study-")).sum() == (
             before["tags.mlflow.runName"].str.startswith("study-")
         ).sum()
+        # nothing was written to a store inside the temporary copy
+        assert not list((tiny_repo / ".dvc/tmp").rglob("mlflow.db"))
         shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], tiny_repo).stdout
-        assert "one-epoch" in shown
+        rows = list(csv.DictReader(io.StringIO(shown)))
+        by_name = {r["Experiment"]: r for r in rows}
+        assert "one-epoch" in by_name, shown
+        # the committed baseline (its branch's row), not the workspace
+        base = next(r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace")
+        baseline = json.loads((tiny_repo / "reports/train/metrics.json").read_text())
+        for row, want in ((base, baseline["cv_val_dice_mean"]), (by_name["one-epoch"], None)):
+            value = row["cv_val_dice_mean"]
+            assert value not in ("", "!"), shown  # a figure, not DVC's "missing"
+            if want is not None:
+                assert float(value) == pytest.approx(want, abs=1e-4)
     finally:
         mlflow.set_tracking_uri(None)
-        run(["git", "checkout", "params.yaml", "dvc.lock"], tiny_repo)
-        run(["dvc", "checkout"], tiny_repo)
+        subprocess.run(["dvc", "queue", "stop"], cwd=tiny_repo, env=tool_env(), check=False)

@@ -199,6 +199,11 @@ def trial_runs(parent: str | None = None) -> dict[int, Any]:
     return {int(r.data.tags["trial_number"]): r for r in runs}
 
 
+def client_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    hist = MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
 def val_dice_steps(run_id: str) -> list[tuple[int, float]]:
     hist = MlflowClient().get_metric_history(run_id, "val_dice")
     return sorted((m.step, round(m.value, 6)) for m in hist)
@@ -421,7 +426,13 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
     assert run.data.metrics["value"] == pytest.approx(0.75)
     assert run.data.metrics["fold_0_val_dice"] == pytest.approx(0.6)
     assert run.data.metrics["fold_1_val_dice"] == pytest.approx(0.9)
-    assert val_dice_steps(run.info.run_id) == [(0, 0.5), (1, 0.6), (2, 0.9), (3, 0.7)]
+    # MLflow counts epochs from 1; Optuna's intermediate values stay at the 0-based steps
+    assert val_dice_steps(run.info.run_id) == [(1, 0.5), (2, 0.6), (3, 0.9), (4, 0.7)]
+    # the objective so far: fold 0's best, then the mean of fold 0's best and fold 1's so far
+    objective = client_history(run.info.run_id, tuning.OBJECTIVE_METRIC)
+    assert [step for step, _ in objective] == [1, 2, 3, 4]
+    assert [v for _, v in objective] == pytest.approx([0.5, 0.6, 0.75, 0.75])
+    assert objective[-1][1] == pytest.approx(run.data.metrics["value"])
     assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
     assert trial.user_attrs["worker"].endswith(f":{os.getpid()}")
 
@@ -432,10 +443,10 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
 @pytest.mark.parametrize(
     ("warmup", "epochs", "state", "steps"),
     [
-        (0, 3, TrialState.PRUNED, [(0, 0.2)]),
-        (1, 3, TrialState.PRUNED, [(0, 0.2), (1, 0.3)]),
-        (2, 3, TrialState.PRUNED, [(0, 0.2), (1, 0.3), (2, 0.4)]),
-        (3, 3, TrialState.COMPLETE, [(0, 0.2), (1, 0.3), (2, 0.4)]),
+        (0, 3, TrialState.PRUNED, [(1, 0.2)]),
+        (1, 3, TrialState.PRUNED, [(1, 0.2), (2, 0.3)]),
+        (2, 3, TrialState.PRUNED, [(1, 0.2), (2, 0.3), (3, 0.4)]),
+        (3, 3, TrialState.COMPLETE, [(1, 0.2), (2, 0.3), (3, 0.4)]),
     ],
 )
 def test_median_pruner_prunes_after_warmup(
@@ -746,11 +757,11 @@ def test_real_training_study_and_forced_prune(
     for t in study.trials:
         assert runs[t.number].data.tags["state"] == t.state.name
         assert runs[t.number].info.status == "FINISHED"
-        assert [s for s, _ in val_dice_steps(runs[t.number].info.run_id)] == sorted(
+        assert [s - 1 for s, _ in val_dice_steps(runs[t.number].info.run_id)] == sorted(
             t.intermediate_values
         )
     assert val_dice_steps(runs[0].info.run_id) == [
-        (s, round(v, 6)) for s, v in sorted(study.trials[0].intermediate_values.items())
+        (s + 1, round(v, 6)) for s, v in sorted(study.trials[0].intermediate_values.items())
     ]
     summary, _ = tuning.write_report(study, tmp_path / "report", seed=0)
     assert summary["value"] == pytest.approx(study.best_value)
@@ -774,7 +785,7 @@ def test_real_training_study_and_forced_prune(
     run = trial_runs(parent2)[0]
     assert run.data.tags["state"] == "PRUNED"
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in val_dice_steps(run.info.run_id)] == [0]
+    assert [s for s, _ in val_dice_steps(run.info.run_id)] == [1]
     assert run.data.metrics["loss"] > 0  # Keras' own epoch metrics are logged too
 
 

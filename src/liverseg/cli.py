@@ -28,6 +28,22 @@ COMMANDS = {
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
+def resolve_tracking_uri(uri: str | None, env: dict[str, str]) -> str:
+    """``uri`` (default: the local store); a relative SQLite path is taken from ``DVC_ROOT``.
+
+    ``dvc exp run --queue`` / ``--temp`` run the stages in a temporary copy of the repository
+    and set ``DVC_ROOT`` to the original one, so every experiment's runs land in the
+    repository's own store. In the repository itself the URI stays relative.
+    """
+    uri = uri or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    root = env.get("DVC_ROOT")
+    relative = uri.startswith(prefix) and not uri.startswith(prefix + "/")
+    if root and relative and os.path.realpath(root) != os.path.realpath(os.getcwd()):
+        return prefix + os.path.join(os.path.realpath(root), uri[len(prefix) :])
+    return uri
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to declare its arguments."""
     parser = argparse.ArgumentParser(prog="liverseg", description=__doc__)
@@ -42,7 +58,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(
+        os.environ.get("MLFLOW_TRACKING_URI"), dict(os.environ)
+    )
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

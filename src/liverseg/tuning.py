@@ -24,7 +24,9 @@ machine or many, can optimise one study at once through a shared storage.
 
 MLflow layout (the tracking URI is the caller's): each trial is a run ``trial-<n>`` nested
 under a parent run (``parent_run_id``), with params ``learning_rate`` and ``batch_size``, the
-Keras epoch metrics at the steps above, the final ``value`` and tag ``state`` =
+Keras epoch metrics at the steps above plus one (MLflow counts epochs from 1, as the fold runs
+do), ``objective_val_dice`` (the trial's value so far, see :class:`TrialReporter`), the final
+``value``, a description and tag ``state`` =
 COMPLETE / PRUNED / FAIL. Its status is FINISHED for COMPLETE and PRUNED, FAILED for FAIL and
 KILLED when the process was interrupted; it is never left RUNNING by an exception.
 """
@@ -55,6 +57,7 @@ from liverseg.data.splits import fold_cases
 from liverseg.errors import DataError, LiversegError, ParamsError
 from liverseg.fsutil import atomic_dir, read_stage_json, write_json
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
+from liverseg.training.tracking import NOTE_TAG
 
 # Bump when the objective's definition changes (what is measured, not its inputs): a new
 # version starts new studies instead of mixing incomparable values into old ones.
@@ -63,6 +66,9 @@ STUDY_PREFIX = "liverseg-"
 NAME_HASH_CHARS = 12
 
 PARAM_LR = "learning_rate"
+# The trial's objective as an MLflow metric, logged first in every epoch's batch: the UI's
+# compare view plots the runs' first shared metric against their params.
+OBJECTIVE_METRIC = "objective_val_dice"
 PARAM_BATCH = "batch_size"
 # Trials that count towards tune.n_trials: a failed trial is retried, not counted.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -390,22 +396,40 @@ class TrialReporter:
     """
 
     def __init__(
-        self, trial: optuna.Trial, client: MlflowClient, run_id: str, step_offset: int
+        self,
+        trial: optuna.Trial,
+        client: MlflowClient,
+        run_id: str,
+        step_offset: int,
+        prior: list[float] | None = None,
     ) -> None:
         self.trial = trial
         self.client = client
         self.run_id = run_id
         self.step_offset = step_offset
+        self.prior = list(prior or [])
         self.pruned_step: int | None = None
         self.last_value = math.nan
+        self.best = math.nan
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> bool:
-        """Log and report epoch ``epoch`` (0-based); True when the trial is to be pruned."""
+        """Log and report epoch ``epoch`` (0-based); True when the trial is to be pruned.
+
+        MLflow counts epochs from 1 (as the fold runs and the CLI do): the epoch is logged at
+        step ``step + 1``. ``OBJECTIVE_METRIC``, logged first so that the UI's compare view
+        picks it, is the trial's value so far (mean over its folds of the best ``val_dice``,
+        the earlier folds' ``prior`` bests and this fold's best so far); its last value is the
+        trial's value."""
         logs = logs or {}
         step = self.step_offset + epoch
         now = int(time.time() * 1000)
         values = {k: f for k, v in logs.items() if (f := _as_float(v)) is not None}
-        metrics = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
+        current = values.get("val_dice", math.nan)
+        if math.isfinite(current) and not current <= self.best:
+            self.best = current
+        if math.isfinite(self.best):
+            values = {OBJECTIVE_METRIC: float(np.mean([*self.prior, self.best])), **values}
+        metrics = [Metric(k, v, now, step + 1) for k, v in values.items() if math.isfinite(v)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
         # A missing or NaN val_dice is reported as NaN, which every Optuna pruner prunes.
@@ -507,6 +531,12 @@ def make_objective(
         }
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        tags[NOTE_TAG] = (
+            f"Optuna trial {trial.number} of study `{trial.study.study_name}`: learning rate "
+            f"{lr:.3g}, batch size {batch_size}, {tune.epochs} epochs on fold(s) "
+            f"{', '.join(map(str, tune.folds))}. Objective (`{OBJECTIVE_METRIC}`, maximised): "
+            "the mean over those folds of the best epoch's validation Dice."
+        )
         run_id = client.create_run(
             experiment_id, run_name=f"trial-{trial.number}", tags=tags
         ).info.run_id
@@ -525,7 +555,13 @@ def make_objective(
             )
             fold_values: dict[int, float] = {}
             for pos, fold in enumerate(tune.folds):
-                reporter = TrialReporter(trial, client, run_id, step_offset=pos * tune.epochs)
+                reporter = TrialReporter(
+                    trial,
+                    client,
+                    run_id,
+                    step_offset=pos * tune.epochs,
+                    prior=list(fold_values.values()),
+                )
                 with _section(stop, interruptible=True):
                     train_xy, val_xy = fold_data(fold)
                     # Drop the previous trial's or fold's graph and free its memory (this

@@ -82,25 +82,65 @@ def evaluate(
     return result
 
 
-def log_to_mlflow(result: dict[str, Any], out: Path, cfg: EvaluateParams, train_run: Path) -> str:
-    """An ``evaluate`` run nested under the training parent run (if known)."""
-    import mlflow
+# The figures a user sorts the `cv` runs by: copied onto the training parent run.
+HEADLINE = ("test_dice_mean", "test_dice_std", "test_hd95_mm_mean", "test_assd_mm_mean")
 
-    from liverseg.training.tracking import ensure_experiment, git_commit, log_params_flat
+
+def log_to_mlflow(
+    result: dict[str, Any], out: Path, cfg: EvaluateParams, train_run: Path, raw: Path
+) -> str:
+    """An ``evaluate`` run nested under the training parent run (if known), with the test
+    data as its input and the overlays as images; the headline test figures also go onto the
+    parent run so that the ``cv`` row of the runs table shows them."""
+    import mlflow
+    from mlflow.entities import Metric
+    from PIL import Image
+
+    from liverseg.training.tracking import (
+        NOTE_TAG,
+        dvc_out_hash,
+        ensure_experiment,
+        git_commit,
+        log_dataset,
+        log_params_flat,
+    )
 
     link = json.loads(train_run.read_text()) if train_run.exists() else {}
     exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
-    tags = {"kind": "evaluate", "git_commit": git_commit()}
-    if link.get("parent_run_id"):
+    cases = [r["case"] for r in result["per_patient"]]
+    tags = {
+        "kind": "evaluate",
+        "git_commit": git_commit(),
+        NOTE_TAG: (
+            f"3-D test metrics of the final model on the {len(cases)} held-out patients "
+            f"({', '.join(cases)}): Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
+            f"HD95 {result['hd95_mm_mean']:.1f} mm. Overlays (green truth, red prediction) "
+            "under Model metrics > images and in the artifacts."
+        ),
+    }
+    parent_id = link.get("parent_run_id")
+    if parent_id:
         # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
-        tags["mlflow.parentRunId"] = link["parent_run_id"]
+        tags["mlflow.parentRunId"] = parent_id
         tags["train_final_run_id"] = link.get("final_run_id", "")
     with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
         log_params_flat(as_flat_dict(cfg))
-        mlflow.log_metrics({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
+        log_dataset(raw, dvc_out_hash(raw), context="test")
+        test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+        mlflow.log_metrics(test)
         for r in result["per_patient"]:
             mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        for png in sorted((out / "overlays").glob("*.png")):
+            # <case>_z<k>.png: one image key per patient, its steps the slice indices
+            case, z = png.stem.rsplit("_z", 1)
+            with Image.open(png) as im:
+                mlflow.log_image(im.convert("RGB"), key=f"overlay_{case}", step=int(z))
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
+        if parent_id:
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient().log_batch(
+                parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
+            )
         return str(run.info.run_id)
 
 
@@ -116,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     cfg: EvaluateParams = load_section("evaluate", args.params)
     result = evaluate(args.raw, args.prepared, args.model_dir, args.out, cfg)
-    run_id = log_to_mlflow(result, args.out, cfg, args.train_run)
+    run_id = log_to_mlflow(result, args.out, cfg, args.train_run, args.raw)
     print(
         f"evaluate: {result['n_patients']} test patients: Dice {result['dice_mean']:.4f} ± "
         f"{result['dice_std']:.4f}, HD95 {result['hd95_mm_mean']:.1f} mm (MLflow run {run_id})"

@@ -19,6 +19,7 @@ and ends FAILED, not RUNNING, if anything goes wrong. Works against whatever sto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 from liverseg.errors import DataError
 from liverseg.fsutil import atomic_dir, read_stage_json, write_json
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing
+from liverseg.model_card import MODEL_DESCRIPTION, decision_text, model_card
 from liverseg.params import EvaluateParams, RegisterParams, load_section
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -108,7 +111,7 @@ def register(
     from mlflow.exceptions import MlflowException
 
     from liverseg.serving import log_pyfunc
-    from liverseg.training.tracking import git_commit
+    from liverseg.training.tracking import NOTE_TAG, git_commit
 
     for f in (Path(model_dir) / MODEL_FILE, Path(model_dir) / PREPROCESSING_FILE):
         if not f.is_file():
@@ -168,8 +171,24 @@ def register(
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, decision, version)
+        card = _model_card(
+            Path(model_dir),
+            evaluate_metrics,
+            parent,
+            post,
+            decision_text(decision, test_dice, before_version, before_dice),
+        )
+        client.update_model_version(name, version, description=card)
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
         aliases = sorted(client.get_model_version(name, version).aliases)
-        mlflow.set_tags({"registered_model": name, "model_version": version, "decision": decision})
+        mlflow.set_tags(
+            {
+                "registered_model": name,
+                "model_version": version,
+                "decision": decision,
+                NOTE_TAG: f"Registered `{name}` v{version}. {card}",
+            }
+        )
         result: dict[str, Any] = {
             "name": name,
             "version": version,
@@ -190,6 +209,30 @@ def register(
         with atomic_dir(Path(out)) as tmp:
             write_json(tmp / "register.json", result)
     return result
+
+
+def _model_card(
+    model_dir: Path, evaluate_metrics: Path, parent: Run, post: PostProcessing, decision: str
+) -> str:
+    """The version's model card from the stage inputs and the training parent run."""
+    test = read_stage_json(Path(evaluate_metrics), "evaluate")
+    pre = read_stage_json(model_dir / PREPROCESSING_FILE, "train")
+    tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
+    return model_card(
+        decision=decision,
+        test=test if isinstance(test, dict) else {},
+        data={"dvc_md5": tags.get("data_dvc_md5", "?"), "sha256": tags.get("data_sha256", "?")},
+        preprocessing=pre if isinstance(pre, dict) else {},
+        post=dataclasses.asdict(post),
+        train={
+            "run_id": parent.info.run_id,
+            "cv_val_dice_mean": metrics.get("cv_val_dice_mean"),
+            "learning_rate": float(params.get("learning_rate", "nan")),
+            "batch_size": params.get("batch_size", "?"),
+            "dvc_exp": tags.get("dvc_exp", ""),
+            "git_commit": tags.get("git_commit", "?"),
+        },
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,16 +1,15 @@
 """`train` stage: k-fold cross-validation and the final model, tracked in MLflow.
 
 Writes ``models/`` (``model.keras`` and ``preprocessing.json``, what inference needs) and
-``reports/train/`` (``metrics.json`` per fold and mean/std, ``plots/<run>.csv`` per-epoch curves,
+``reports/train/`` (``metrics.json`` per fold and mean/std, ``curves.csv`` the folds' per-epoch
+curves (epochs from 1),
 ``run.json`` with the MLflow run ids that evaluate and register link to).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ def tuned_values(cfg: TrainParams, tuned: Path | None) -> tuple[float, int, str]
         raise DataError(f"{tuned}: not a tuning result ({exc})") from exc
 
 
-def write_curves(folder: Path, histories: dict[str, dict[str, list[float]]]) -> None:
-    """One CSV per run (``fold-0.csv`` ... ``final.csv``): epoch and every Keras metric."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, hist in histories.items():
-        keys = sorted(hist)
-        with open(folder / f"{name}.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["epoch", *keys])
-            n = max((len(v) for v in hist.values()), default=0)
-            for e in range(n):
-                w.writerow([e + 1, *(f"{hist[k][e]:.6f}" for k in keys)])
-
-
 def main(args: argparse.Namespace) -> None:
     cfg: TrainParams = load_section("train", args.params)
     lr, batch_size, source = tuned_values(cfg, args.tuned)
@@ -57,8 +43,10 @@ def main(args: argparse.Namespace) -> None:
     import mlflow
 
     from liverseg.training.crossval import cross_validate
+    from liverseg.training.curves import write_curves_csv
     from liverseg.training.tracking import (
         content_hash,
+        dvc_experiment,
         dvc_out_hash,
         ensure_experiment,
         git_commit,
@@ -75,8 +63,9 @@ def main(args: argparse.Namespace) -> None:
         "data_dvc_md5": dvc_out_hash(args.prepared),
         "data_sha256": content_hash(args.prepared),
         "seed": str(cfg.seed),
-        "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_exp": dvc_experiment(),
     }
+    digest = tags["data_dvc_md5"] if tags["data_dvc_md5"] != "unknown" else tags["data_sha256"]
     result = cross_validate(
         args.prepared,
         cfg,
@@ -85,6 +74,8 @@ def main(args: argparse.Namespace) -> None:
         experiment_id=exp_id,
         tags=tags,
         extra_params={"hparams_source": source},
+        data_digest=digest,
+        dvc_exp=tags["dvc_exp"],
     )
     meta = json.loads((args.prepared / "meta.json").read_text())["params"]
     with atomic_dir(args.model_dir) as tmp:
@@ -99,8 +90,9 @@ def main(args: argparse.Namespace) -> None:
     )
     with atomic_dir(args.reports) as tmp:
         write_json(tmp / "metrics.json", metrics)
-        write_curves(
-            tmp / "plots", {k: v for k, v in result.histories.items() if k.startswith("fold")}
+        write_curves_csv(
+            tmp / "curves.csv",
+            {k: v for k, v in result.histories.items() if k.startswith("fold")},
         )
         write_json(
             tmp / "run.json",

@@ -103,6 +103,27 @@ def _log_best(summary: dict[str, Any]) -> None:
     )
 
 
+def _log_plot_images(folder: Path) -> None:
+    """The study's PNG plots as MLflow images of the active run (its chart view shows them)."""
+    import mlflow
+    from PIL import Image
+
+    for png in sorted(folder.glob("*.png")):
+        with Image.open(png) as im:
+            mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0)
+
+
+def _study_description(name: str, tune: TuneParams, summary: dict[str, Any]) -> str:
+    return (
+        f"Optuna study `{name}` over learning rate [{tune.lr_min:g}, {tune.lr_max:g}] and "
+        f"batch size {list(tune.batch_sizes)}: {tune.n_trials} trials of {tune.epochs} epochs "
+        f"on fold(s) {list(tune.folds)}, median pruner. Best: trial {summary['trial_number']} "
+        f"(val Dice {summary['value']:.4f}, lr {summary['learning_rate']:.3g}, batch "
+        f"{summary['batch_size']}). Compare the `trial-N` runs on `objective_val_dice`; the "
+        "study plots are under this run's images."
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     tune: TuneParams = load_section("tune", args.params)
     train: TrainParams = load_section("train", args.params)
@@ -121,7 +142,14 @@ def main(args: argparse.Namespace) -> None:
 
     from liverseg import tuning
     from liverseg.stages.train import ARTIFACT_ROOT
-    from liverseg.training.tracking import content_hash, ensure_experiment, git_commit
+    from liverseg.training.tracking import (
+        NOTE_TAG,
+        content_hash,
+        dvc_out_hash,
+        ensure_experiment,
+        git_commit,
+        log_dataset,
+    )
 
     tuning.load_splits(args.prepared)
     data_hash = content_hash(args.prepared)
@@ -153,6 +181,10 @@ def main(args: argparse.Namespace) -> None:
                 )
                 parent_id = run.info.run_id
                 mlflow.log_params(_parent_params(tune, tuning.redact(url), args.workers))
+                dvc_md5 = dvc_out_hash(args.prepared)
+                log_dataset(
+                    args.prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training"
+                )
             procs: list[subprocess.Popen[bytes]] = []
             try:
                 for i in range(1, args.workers):
@@ -189,6 +221,8 @@ def main(args: argparse.Namespace) -> None:
             if own_parent:
                 _log_best(summary)
                 mlflow.log_artifacts(str(args.out), artifact_path="tune")
+                _log_plot_images(args.out)
+                mlflow.set_tag(NOTE_TAG, _study_description(name, tune, summary))
     except KeyboardInterrupt as exc:
         raise tuning.TuningError(
             f"study {name}: interrupted ({exc}); its finished trials are kept in "

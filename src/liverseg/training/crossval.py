@@ -19,10 +19,12 @@ import mlflow
 import numpy as np
 
 from liverseg.data.splits import fold_cases, trainval_cases
+from liverseg.model.unet import count_flops
 from liverseg.params import TrainParams, as_flat_dict
+from liverseg.training.curves import curves_figure
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.pipeline import load_prepared
-from liverseg.training.tracking import log_params_flat
+from liverseg.training.tracking import NOTE_TAG, log_dataset, log_params_flat
 
 KERAS_PIP = [f"keras=={keras.__version__}"]
 
@@ -73,26 +75,58 @@ def cross_validate(
     experiment_id: str,
     tags: dict[str, str],
     extra_params: dict[str, Any] | None = None,
+    data_digest: str = "",
+    dvc_exp: str = "",
 ) -> TrainResult:
-    """Train every fold, then the final model; every run ends FINISHED or FAILED."""
+    """Train every fold, then the final model; every run ends FINISHED or FAILED.
+
+    ``data_digest`` (the prepared data's DVC hash) is the digest of the dataset that every
+    run records as its input; ``dvc_exp`` names the ``dvc exp run`` experiment, if any."""
     splits = json.loads((prepared / "splits.json").read_text())
     k = len(splits["folds"])
     histories: dict[str, dict[str, list[float]]] = {}
     fold_rows: list[dict[str, Any]] = []
     fold_models: list[keras.Model] = []
-    with mlflow.start_run(experiment_id=experiment_id, run_name="cv", tags=tags) as parent:
+    m = cfg.model
+    what = (
+        f"U-Net depth {m.depth}, {m.base_filters} filters, loss {cfg.loss}, lr "
+        f"{learning_rate:.3g}, batch {batch_size}, up to {cfg.epochs} epochs (patience "
+        f"{cfg.patience}), seed {cfg.seed}"
+    )
+    data = f"`{prepared.as_posix()}` (DVC {data_digest or 'unknown'})"
+    description = (
+        f"{k}-fold cross-validation of a {what} on {data}"
+        + (f", `dvc exp` experiment `{dvc_exp}`" if dvc_exp else ", `dvc repro` baseline")
+        + f". Test patients (never trained on): {', '.join(splits['test'])}; final model: "
+        f"{cfg.final}. The `evaluate` child run adds the test Dice and HD95 here."
+    )
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"cv-{dvc_exp}" if dvc_exp else "cv",
+        tags=tags,
+        description=description,
+    ) as parent:
         params = as_flat_dict(cfg)
         params.update({"learning_rate": learning_rate, "batch_size": batch_size, "k_folds": k})
         params.update(extra_params or {})
         log_params_flat(params)
         mlflow.set_tags({"test_cases": ",".join(splits["test"]), "stage": "train"})
+        log_dataset(prepared, data_digest, context="training")
         for fold in range(k):
             train_ids, val_ids = fold_cases(splits, fold)
             train = load_prepared(prepared, train_ids)
             val = load_prepared(prepared, val_ids)
             with mlflow.start_run(
-                experiment_id=experiment_id, run_name=f"fold-{fold}", nested=True, tags=tags
+                experiment_id=experiment_id,
+                run_name=f"fold-{fold}",
+                nested=True,
+                tags=tags,
+                description=(
+                    f"Fold {fold} of {k}: trained on patients {', '.join(train_ids)}, "
+                    f"validated on {', '.join(val_ids)}; {what}."
+                ),
             ) as run:
+                log_dataset(prepared, data_digest, context="training")
                 mlflow.log_params(
                     {"fold": fold, "learning_rate": learning_rate, "batch_size": batch_size}
                 )
@@ -155,18 +189,28 @@ def cross_validate(
             "cv_val_iou_std": float(iou.std()),
         }
         mlflow.log_metrics(summary)
+        mlflow.log_figure(curves_figure(histories), "curves.png")
 
         final_epochs = int(round(float(np.median([r["best_epoch"] for r in fold_rows]))))
         with mlflow.start_run(
             experiment_id=experiment_id, run_name="final", nested=True, tags=tags
         ) as final_run:
             mlflow.set_tag("kind", "final")
+            log_dataset(prepared, data_digest, context="training")
             trainval = trainval_cases(splits)
             if cfg.final == "ensemble":
+                mlflow.set_tag(
+                    NOTE_TAG, f"Final model: the mean of the {k} fold models' probabilities."
+                )
                 model = ensemble(fold_models)
                 mlflow.log_params({"final": "ensemble", "members": k})
                 final_hist: dict[str, list[float]] = {}
             else:
+                mlflow.set_tag(
+                    NOTE_TAG,
+                    f"Final model: retrained on all {len(trainval)} non-test patients for "
+                    f"{final_epochs} epochs (the folds' median best epoch); {what}.",
+                )
                 mlflow.log_params({"final": "retrain", "epochs": final_epochs})
                 mlflow.set_tag("train_cases", ",".join(trainval))
                 t0 = time.perf_counter()
@@ -184,6 +228,13 @@ def cross_validate(
                 final_hist = res_final.history
                 mlflow.log_metric("train_seconds", time.perf_counter() - t0)
             _log_keras_model(model)
+        image_size = int(json.loads((prepared / "meta.json").read_text())["params"]["image_size"])
+        cost = {
+            "model_gflops": count_flops(model, image_size) / 1e9,
+            "model_params": float(model.count_params()),
+        }
+        mlflow.log_metrics(cost)  # on the parent: the headline figures a user sorts by
+        summary.update(cost)
         histories["final"] = final_hist
         summary["final"] = cfg.final
         if cfg.final == "retrain":
