@@ -223,18 +223,16 @@ def test_two_workers_pipeline_remote_and_serving(
     with_password = w["OPTUNA_STORAGE"].replace("liverseg@", f"liverseg:{pg_password}@")
     cmd = [str(BIN / "liverseg"), "tune", "--prepared", "data/prepared", "--worker-only"]
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    errs = [tmp_path / f"worker{i}.err" for i in range(2)]
     procs = []
-    for i, log in enumerate(logs):
+    for i, (log, err) in enumerate(zip(logs, errs, strict=True)):
         extra = ["--storage", with_password] if i == 0 else []
         env = tool_env(**worker_env) if i == 0 else tool_env(**worker_env, PGPASSWORD=pg_password)
-        with log.open("wb") as fh:
-            procs.append(
-                subprocess.Popen(
-                    [*cmd, *extra], cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT
-                )
-            )
+        with log.open("wb") as fh, err.open("wb") as fe:
+            procs.append(subprocess.Popen([*cmd, *extra], cwd=repo, env=env, stdout=fh, stderr=fe))
     codes = [p.wait(timeout=400) for p in procs]
-    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    assert codes == [0, 0], [err.read_text()[-3000:] for err in errs]
+    logs += errs
 
     # --- the report, then train, evaluate and register, all logging to the server
     repro_env = {**worker_env, "PGPASSWORD": pg_password}
