@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# The TensorFlow extra: cpu (tensorflow-cpu) or, on a CUDA machine, gpu (make TF_EXTRA=gpu venv).
+TF_EXTRA ?= cpu
+STAMP := $(VENV)/.installed-$(TF_EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PORT ?= 5001
 export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 # TensorFlow's oneDNN/C++ banner lines are noise for a user.
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,$(TF_EXTRA)]'
 	$(BIN)/python -m pip check
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 

@@ -86,7 +86,7 @@ def test_mlflow_holds_parent_fold_and_final_runs(tiny_repo: Path) -> None:
         assert parent["tags.data_dvc_md5"].endswith(".dir")
         fold0 = children[children["tags.mlflow.runName"] == "fold-0"].iloc[0]
         hist = mlflow.MlflowClient().get_metric_history(fold0["run_id"], "val_dice")
-        assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
+        assert [m.step for m in hist] == list(range(1, len(hist) + 1)) and len(hist) >= 1
         lr_hist = mlflow.MlflowClient().get_metric_history(fold0["run_id"], "learning_rate")
         assert len(lr_hist) == len(hist)
     finally:

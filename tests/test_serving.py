@@ -32,6 +32,7 @@ from liverseg.client import (
     segment_slices,
     segment_volume_file,
 )
+from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.params import ModelParams, RegisterParams
@@ -529,6 +530,35 @@ def test_python_client(server: Server, tiny_model: Path, tmp_path: Path) -> None
     )
     with pytest.raises(ServingError, match=r"HTTP 400: slices: expected shape \(N, H, W\)"):
         post_json(server.url, {"inputs": [[0, 1], [2, 3]]})
+
+
+@pytest.mark.slow
+def test_python_client_dicom_and_orientation(
+    server: Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    from dicomfake import write_series
+    from liverseg.client import segment_dicom
+    from liverseg.data.dicom import read_ct_series
+    from liverseg.data.dicomseg import read_seg_mask
+
+    hu = blob_ct().astype(np.float32)  # as (columns, rows, slices) of the series
+    write_series(tmp_path / "ct", hu, spacing=(1.5, 1.5, 3.0))
+    answer = segment_dicom(server.url, tmp_path / "ct", tmp_path / "liver.dcm")
+    series = read_ct_series(tmp_path / "ct")
+    expected = from_canonical(
+        local_segmenter(tiny_model).segment_volume(series.volume), series.volume
+    )
+    assert expected.any()
+    np.testing.assert_array_equal(read_seg_mask(tmp_path / "liver.dcm", series.datasets), expected)
+    assert answer["series"] == series.info.uid
+    assert answer["liver_voxels"] == int(expected.sum())
+    assert isinstance(answer["quality"]["review"], bool)
+
+    # Slices as an L,A,S file stores them, with their orientation named: the RAS masks, mirrored.
+    ras = np.moveaxis(blob_ct().astype(np.float32), 2, 0)
+    las = np.ascontiguousarray(ras[:, ::-1, :])
+    got = segment_slices(server.url, las, orientation="LAS")
+    np.testing.assert_array_equal(got[:, ::-1, :], local_segmenter(tiny_model).segment_slices(ras))
 
 
 # ------------------------------------------------------------------------- the aliases (slow)

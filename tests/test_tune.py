@@ -140,9 +140,13 @@ def scripted_fit(curve: Curve, calls: list[dict[str, Any]]) -> Callable[..., Any
         seed: int,
         patience: int | None = None,
         callbacks: list[Any] | None = None,
+        progress: str | None = None,
     ) -> Any:
         fold = {n: f for f, n in VAL_SLICES.items()}[val[0].shape[0]]
         calls.append({"fold": fold, "seed": seed, "patience": patience, "epochs": epochs})
+        # the objective labels each fold's progress lines with its trial and fold
+        assert progress is not None and progress.startswith("tune: trial ")
+        assert progress.endswith(f" fold-{fold}")
         model = SimpleNamespace(stop_training=False)
         for cb in callbacks or []:
             cb.set_model(model)

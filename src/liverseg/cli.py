@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -20,12 +21,24 @@ COMMANDS = {
     "train": ("liverseg.stages.train", "k-fold cross-validation and the final model (MLflow)"),
     "evaluate": ("liverseg.stages.evaluate", "3D metrics on the held-out test patients"),
     "register": ("liverseg.stages.register", "register the model; move the champion alias"),
-    "predict": ("liverseg.predict", "segment the liver of a CT NIfTI file"),
+    "predict": ("liverseg.predict", "segment the liver of a CT (NIfTI, or a DICOM series)"),
 }
 
 # MLflow 3 refuses a plain ./mlruns file store; the project's local store is a SQLite database
 # inside mlruns/ (artifacts beside it). Set here, in the entry point, never at import.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def show_progress() -> None:
+    """Send the library's progress lines (logger ``liverseg``, one per epoch) to stderr, where
+    DVC shows them; the library itself stays quiet unless its caller does this."""
+    logger = logging.getLogger("liverseg")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def resolve_tracking_uri(uri: str | None, env: dict[str, str]) -> str:
@@ -64,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    show_progress()
     try:
         importlib.import_module(args._module).main(args)
     except LiversegError as exc:

@@ -2,7 +2,9 @@
 
 ``url`` is the server's base address (``http://127.0.0.1:5000``) or its ``/invocations``
 endpoint. Shapes: ``segment_slices`` takes and returns ``(N, H, W)`` arrays (HU in, 0/1 uint8
-out); ``segment_volume_file`` sends a whole NIfTI CT and writes the mask on the CT's own grid.
+out; ``orientation`` names the slices' axes, default RAS); ``segment_volume_file`` sends a
+whole NIfTI CT and writes the mask on the CT's own grid; ``segment_dicom`` sends a DICOM series
+(a folder or a zip) and writes a DICOM SEG (or a NIfTI mask), returning the quality report.
 A refused request raises :class:`ServingError` with the server's message (HTTP 400 for a bad
 input, e.g. ``slices: expected shape (N, H, W) ...``).
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +85,18 @@ def _jsonable_slices(slices: np.ndarray) -> list[Any]:
 
 
 def segment_slices(
-    url: str, slices: np.ndarray, *, timeout: float = DEFAULT_TIMEOUT_S
+    url: str,
+    slices: np.ndarray,
+    *,
+    orientation: str = "RAS",
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> np.ndarray:
-    """Masks (N, H, W) uint8 0/1 of a stack of axial slices (N, H, W) in HU."""
-    predictions = post_json(url, {"inputs": _jsonable_slices(slices)}, timeout)
+    """Masks (N, H, W) uint8 0/1 of a stack of axial slices (N, H, W) in HU whose axes
+    ``(H, W, N)`` run along ``orientation`` (nibabel axis codes, e.g. ``LAS``)."""
+    body: dict[str, Any] = {"inputs": _jsonable_slices(slices)}
+    if orientation.upper() != "RAS":
+        body["params"] = {"orientation": orientation}
+    predictions = post_json(url, body, timeout)
     masks = np.asarray(predictions, dtype=np.uint8)
     if masks.shape != np.shape(slices):
         raise ServingError(f"{url}: answer of shape {masks.shape} for slices {np.shape(slices)}")
@@ -115,3 +127,53 @@ def segment_volume_file(
     with atomic_file(out_path) as tmp:
         tmp.write_bytes(data)
     return volume_ml
+
+
+def _zip_bytes(source: Path) -> bytes:
+    """The bytes of ``source`` if it is a zip, else a zip of the files below the folder."""
+    if source.is_file():
+        return source.read_bytes()
+    if not source.is_dir():
+        raise DataError(f"{source}: not found (expected a DICOM folder or a .zip of one)")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(source).as_posix())
+    return buffer.getvalue()
+
+
+def segment_dicom(
+    url: str,
+    source: Path,
+    out_path: Path,
+    *,
+    series: str | None = None,
+    mask_format: str = "seg",
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Send a DICOM CT series (a folder, zipped here, or a .zip), write its liver mask to
+    ``out_path`` (a DICOM SEG, or with ``mask_format="nifti"`` a .nii.gz on the series' grid);
+    the answer without the mask: ``series``, ``liver_volume_ml``, ``quality`` (with ``review``).
+    """
+    source, out_path = Path(source), Path(out_path)
+    params: dict[str, Any] = {"mask_format": mask_format}
+    if series:
+        params["series"] = series
+    body = {
+        "dataframe_split": {
+            "columns": ["dicom_zip"],
+            "data": [[base64.b64encode(_zip_bytes(source)).decode("ascii")]],
+        },
+        "params": params,
+    }
+    predictions = post_json(url, body, timeout)
+    key = "mask_seg" if mask_format == "seg" else "mask_nifti"
+    try:
+        record = dict(predictions[0])
+        data = base64.b64decode(record.pop(key), validate=True)
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ServingError(f"{url}: unexpected answer for a DICOM series ({exc})") from exc
+    with atomic_file(out_path) as tmp:
+        tmp.write_bytes(data)
+    return record

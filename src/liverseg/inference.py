@@ -23,6 +23,22 @@ from liverseg.evaluation.postprocess import postprocess
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
+# The layer that averages the fold models in the ensemble (training.crossval.ensemble).
+ENSEMBLE_LAYER = "mean_prob"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the network says about a RAS volume ``(X, Y, Z)``, before post-processing.
+
+    ``mask``: thresholded probabilities (bool); ``probabilities``: float32 in [0, 1] (only when
+    asked for); ``members``: each ensemble member's thresholded mask, ``(M, X, Y, Z)`` bool
+    (only when asked for and the model is an ensemble of M >= 2 members).
+    """
+
+    mask: np.ndarray
+    probabilities: np.ndarray | None = None
+    members: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class Segmenter:
         self.image_size = int(image_size)
         self.post = post or PostProcessing()
         self.batch_size = int(batch_size)
+        self._with_members: object | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -90,24 +107,77 @@ class Segmenter:
         for start in range(0, n, self.batch_size):
             yield slice(start, min(n, start + self.batch_size))
 
+    def _members_model(self) -> object | None:
+        """The ensemble with its members' outputs as extra outputs, or None for one model.
+
+        The ensemble's own output stays the first output, so the mean is computed by the same
+        layer as before and the mask does not change by a voxel.
+        """
+        if self._with_members is None:
+            import keras
+
+            self._with_members = False
+            if isinstance(self.model, keras.Model):
+                try:
+                    layer = self.model.get_layer(ENSEMBLE_LAYER)
+                except ValueError:
+                    pass
+                else:
+                    outputs = [self.model.output, *layer.input]
+                    self._with_members = keras.Model(self.model.inputs, outputs)
+        return self._with_members or None
+
+    def predict_ras(
+        self,
+        hu_ras: np.ndarray,
+        progress: Callable[[int], object] | None = None,
+        *,
+        probabilities: bool = False,
+        members: bool = False,
+    ) -> Prediction:
+        """Network output for a volume (X, Y, Z) in HU, before any post-processing (see
+        :class:`Prediction`). Works through ``batch_size`` axial slices at a time, so memory is
+        bounded by the batch and the outputs asked for."""
+        x, y, z = hu_ras.shape
+        s = self.image_size
+        net = self._members_model() if members else None
+        out = np.empty((x, y, z), dtype=bool)
+        prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
+        member_out: np.ndarray | None = None
+        for b in self._batches(z):
+            small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
+            batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
+            if net is None:
+                outputs = [self.model.predict_on_batch(batch)]  # type: ignore[attr-defined]
+            else:
+                outputs = list(net.predict_on_batch(batch))  # type: ignore[attr-defined]
+            for n, raw in enumerate(outputs):
+                p = np.asarray(raw, dtype=np.float32)[..., 0]
+                prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
+                if n == 0:
+                    out[:, :, b] = prob >= self.post.threshold
+                    if prob_out is not None:
+                        prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
+                    continue
+                if member_out is None:
+                    member_out = np.empty((len(outputs) - 1, x, y, z), dtype=bool)
+                member_out[n - 1, :, :, b] = prob >= self.post.threshold
+            if progress is not None:
+                progress(b.stop - b.start)
+        return Prediction(mask=out, probabilities=prob_out, members=member_out)
+
     def threshold_ras(
         self, hu_ras: np.ndarray, progress: Callable[[int], object] | None = None
     ) -> np.ndarray:
         """Thresholded network output (X, Y, Z) bool for a volume (X, Y, Z) in HU, before any
-        post-processing. Works through ``batch_size`` axial slices at a time, so memory is
-        bounded by the batch and the uint8-sized output, never a float copy of the volume."""
-        x, y, z = hu_ras.shape
-        s = self.image_size
-        out = np.empty((x, y, z), dtype=bool)
-        for b in self._batches(z):
-            small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
-            batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
-            p = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)[..., 0]  # type: ignore[attr-defined]
-            prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
-            out[:, :, b] = prob >= self.post.threshold
-            if progress is not None:
-                progress(b.stop - b.start)
-        return out
+        post-processing; memory bounded by the batch and the bool output."""
+        return self.predict_ras(hu_ras, progress).mask
+
+    def postprocess(self, mask: np.ndarray) -> np.ndarray:
+        """The 3-D post-processing of a thresholded mask, as uint8 0/1."""
+        return postprocess(
+            mask, largest=self.post.largest_component, fill=self.post.fill_holes
+        ).astype(np.uint8)
 
     def segment_slices(self, stack_hu: np.ndarray) -> np.ndarray:
         """Masks (N, H, W) uint8 for independent 2-D slices (threshold and per-slice hole
@@ -125,10 +195,7 @@ class Segmenter:
         """Mask (X, Y, Z) uint8 for a RAS volume (X, Y, Z) in HU."""
         if hu_ras.ndim != 3:
             raise ValueError(f"expected a 3-D volume, got shape {hu_ras.shape}")
-        mask = self.threshold_ras(hu_ras, progress)
-        return postprocess(
-            mask, largest=self.post.largest_component, fill=self.post.fill_holes
-        ).astype(np.uint8)
+        return self.postprocess(self.threshold_ras(hu_ras, progress))
 
     def segment_volume(
         self, volume: Volume, progress: Callable[[int], object] | None = None

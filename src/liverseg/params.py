@@ -115,7 +115,7 @@ class PrepareParams:
 @dataclass(frozen=True)
 class TuneParams:
     n_trials: int = 4
-    timeout_s: float = 150.0
+    timeout_s: float = 3600.0
     epochs: int = 4
     folds: tuple[int, ...] = (0,)
     lr_min: float = 1e-3
@@ -206,6 +206,27 @@ class TrainParams:
 
 # ------------------------------------------------------------------------------------- evaluate
 @dataclass(frozen=True)
+class QualityParams:
+    """Thresholds of the per-scan quality flag (see :mod:`liverseg.evaluation.quality`)."""
+
+    min_volume_ml: float = 600.0
+    max_volume_ml: float = 4000.0
+    min_agreement: float = 0.9
+    body_hu: float = -500.0
+
+    def __post_init__(self) -> None:
+        _require(self.min_volume_ml >= 0, "evaluate.quality.min_volume_ml", "must be >= 0")
+        _require(
+            self.max_volume_ml > self.min_volume_ml,
+            "evaluate.quality.max_volume_ml",
+            "must be > evaluate.quality.min_volume_ml",
+        )
+        _require(
+            0 <= self.min_agreement <= 1, "evaluate.quality.min_agreement", "must be in [0, 1]"
+        )
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     threshold: float = 0.5
     largest_component: bool = True
@@ -213,11 +234,18 @@ class EvaluateParams:
     batch_size: int = 32
     overlays_per_patient: int = 3
     experiment: str = "liverseg"
+    nsd_tolerances_mm: tuple[float, ...] = (2.5, 5.0)
+    quality: QualityParams = field(default_factory=QualityParams)
 
     def __post_init__(self) -> None:
         _require(0 < self.threshold < 1, "evaluate.threshold", "must be in (0, 1)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
         _require(self.overlays_per_patient >= 0, "evaluate.overlays_per_patient", "must be >= 0")
+        _require(
+            all(t >= 0 for t in self.nsd_tolerances_mm),
+            "evaluate.nsd_tolerances_mm",
+            "must be a list of tolerances >= 0 (mm)",
+        )
 
 
 # ------------------------------------------------------------------------------------- register

@@ -13,8 +13,19 @@ Two request forms reach :meth:`LiverSegModel.predict` (JSON bodies of ``POST /in
    float, "liver_voxels": int}]}``; the mask is uint8 0/1 on the input's own grid, affine and header
    (what ``liverseg predict`` writes), after the full 3-D post-processing.
 
+3. A DICOM series: ``{"dataframe_split": {"columns": ["dicom_zip"], "data": [["<base64>"]]}}``,
+   the base64 of a zip of one CT series (or of a folder of several, with ``"params":
+   {"series": "<SeriesInstanceUID>"}``), read as ``liverseg predict`` reads it
+   (:mod:`liverseg.data.dicom`). Answer: ``{"predictions": [{"mask_seg": "<base64 DICOM SEG>",
+   ...}]}`` (or ``mask_nifti`` on the series' grid with ``"params": {"mask_format": "nifti"}``).
+
+Volume answers (forms 2 and 3) also carry ``quality``: the report of
+:mod:`liverseg.evaluation.quality` (``review`` true/false and its ``reasons``).
+
 Optional request ``"params"`` override the logged post-processing: ``threshold`` (0..1),
-``largest_component`` and ``fill_holes`` (booleans).
+``largest_component`` and ``fill_holes`` (booleans); ``orientation`` (slice form, default
+``RAS``) names the axes of the slices as nibabel axis codes of ``(H, W, N)``: slices cut from
+a volume stored L,A,S are ``"LAS"``, and are reoriented to RAS for the network and back.
 
 Signature. The logged signature declares these params only and no input schema, on purpose:
 MLflow 3.17 parses and enforces the body against the input schema before ``predict`` runs, and
@@ -41,6 +52,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
+import io
 import json
 import os
 import struct
@@ -60,16 +72,31 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
-from liverseg.data.volumes import Volume, save_mask_like, volume_from_image
+from liverseg.data.dicom import DicomSeries, read_ct_series
+from liverseg.data.volumes import Volume, from_canonical, save_mask_like, volume_from_image
 from liverseg.errors import DataError
+from liverseg.evaluation.quality import quality_report
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 512.0
 POSTPROCESSING_FILE = "postprocessing.json"
 NIFTI_COLUMN = "nifti"
+DICOM_COLUMN = "dicom_zip"
+MASK_FORMATS = ("seg", "nifti")
 # The distributions the served model imports; pinned to the versions liverseg declares.
-SERVING_DISTRIBUTIONS = ("mlflow", "tensorflow-cpu", "keras", "numpy", "scipy", "nibabel")
+SERVING_DISTRIBUTIONS = (
+    "mlflow",
+    "tensorflow",
+    "keras",
+    "numpy",
+    "scipy",
+    "nibabel",
+    "pydicom",
+    "highdicom",
+)
+# "tensorflow" stands for the TensorFlow distribution installed (the cpu or the gpu extra).
 
 # NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
 _NIFTI1_HEADER_SIZE = 348
@@ -134,16 +161,17 @@ def slices_from_input(model_input: Any, limit: int) -> np.ndarray:
     return out
 
 
-def _b64decode(text: str, limit: int) -> bytes:
+def _b64decode(text: str, limit: int, column: str = NIFTI_COLUMN) -> bytes:
     # base64 wraps lines at 76 characters unless told not to (-w0): whitespace is allowed.
     compact = "".join(text.split())
     n_bytes = len(compact) * 3 // 4
     if n_bytes > limit:
-        raise _too_large("the NIfTI file", n_bytes, limit)
+        what = "the NIfTI file" if column == NIFTI_COLUMN else "the zip file"
+        raise _too_large(what, n_bytes, limit)
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise DataError(f"{NIFTI_COLUMN}: not valid base64 ({exc})") from exc
+        raise DataError(f"{column}: not valid base64 ({exc})") from exc
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
@@ -230,6 +258,25 @@ def volume_from_payload(payload: Any, limit: int) -> Volume:
         raise DataError(f"{NIFTI_COLUMN}: unreadable voxel data ({exc})") from exc
 
 
+def series_from_payload(payload: Any, limit: int, series_uid: str | None) -> DicomSeries:
+    """The CT series of a base64 zip (see :func:`liverseg.data.dicom.read_ct_series`): the zip
+    and what it unpacks to are bounded by ``limit`` bytes, as a NIfTI file is."""
+    if isinstance(payload, bytes):
+        payload = payload.decode("ascii", errors="replace")
+    if not isinstance(payload, str) or not payload.strip():
+        raise DataError(f"{DICOM_COLUMN}: expected a non-empty base64 string of a .zip file")
+    raw = _b64decode(payload, limit, DICOM_COLUMN)
+    with tempfile.TemporaryDirectory(prefix="liverseg-dicom-") as tmp:
+        archive = Path(tmp) / "series.zip"
+        archive.write_bytes(raw)
+        try:
+            return read_ct_series(archive, series_uid, max_bytes=limit)
+        except DataError as exc:
+            # The temporary paths mean nothing to the client: name the request field instead.
+            message = str(exc).replace(str(archive), DICOM_COLUMN).replace(tmp, DICOM_COLUMN)
+            raise DataError(message) from exc
+
+
 def mask_to_base64(mask_ras: np.ndarray, volume: Volume) -> str:
     """Base64 of the ``.nii.gz`` that ``liverseg predict`` would write for this mask."""
     with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
@@ -237,22 +284,62 @@ def mask_to_base64(mask_ras: np.ndarray, volume: Volume) -> str:
         return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _payloads(model_input: Any) -> list[Any] | None:
-    """The ``nifti`` values of a volume-form input, or None for the tensor form."""
+def _payloads(model_input: Any) -> tuple[str, list[Any]] | None:
+    """The column (``nifti`` or ``dicom_zip``) and values of a volume-form input, or None for
+    the tensor form."""
     if isinstance(model_input, pd.DataFrame):
-        if NIFTI_COLUMN not in model_input.columns:
-            raise DataError(
-                f"expected a '{NIFTI_COLUMN}' column (base64 of a .nii/.nii.gz CT), got columns "
-                f'{[str(c) for c in model_input.columns]}; send slices as {{"inputs": '
-                "[[[...]]]}"
-            )
-        return list(model_input[NIFTI_COLUMN])
+        for column in (NIFTI_COLUMN, DICOM_COLUMN):
+            if column in model_input.columns:
+                return column, list(model_input[column])
+        raise DataError(
+            f"expected a '{NIFTI_COLUMN}' column (base64 of a .nii/.nii.gz CT) or a "
+            f"'{DICOM_COLUMN}' column (base64 of a zipped DICOM series), got columns "
+            f'{[str(c) for c in model_input.columns]}; send slices as {{"inputs": '
+            "[[[...]]]}"
+        )
     if isinstance(model_input, dict):
-        if NIFTI_COLUMN not in model_input:
-            raise DataError(f"expected the key '{NIFTI_COLUMN}', got keys {sorted(model_input)}")
-        value = np.asarray(model_input[NIFTI_COLUMN], dtype=object)
-        return [value.item()] if value.ndim == 0 else list(value.ravel())
+        for column in (NIFTI_COLUMN, DICOM_COLUMN):
+            if column in model_input:
+                value = np.asarray(model_input[column], dtype=object)
+                return column, [value.item()] if value.ndim == 0 else list(value.ravel())
+        raise DataError(
+            f"expected the key '{NIFTI_COLUMN}' or '{DICOM_COLUMN}', got keys {sorted(model_input)}"
+        )
     return None
+
+
+def slice_orientation(params: dict[str, Any] | None) -> tuple[str, str, str]:
+    """The ``orientation`` param as three axis codes of an axial stack (default RAS)."""
+    raw = (params or {}).get("orientation") or "RAS"
+    codes = tuple(str(raw).upper())
+    axis_of = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    if len(codes) != 3 or sorted(axis_of.get(c, -1) for c in codes) != [0, 1, 2]:
+        raise DataError(
+            f"params: orientation must be three axis codes, one of L/R, A/P and S/I each "
+            f"(e.g. RAS, LAS, LPS), got {raw!r}"
+        )
+    if codes[2] not in ("S", "I"):
+        raise DataError(
+            f"params: orientation {raw!r}: slices must be axial (the third code S or I); "
+            "send axial slices (N, H, W)"
+        )
+    return codes[0], codes[1], codes[2]
+
+
+def _segment_oriented_slices(
+    seg: Segmenter, stack: np.ndarray, codes: tuple[str, str, str]
+) -> np.ndarray:
+    """Masks of slices whose axes ``(H, W, N)`` run along ``codes``: reoriented to RAS for the
+    network (as volumes are) and back, so the masks line up with the slices as sent."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    if codes == ("R", "A", "S"):
+        return seg.segment_slices(stack)
+    here, ras = axcodes2ornt(codes), axcodes2ornt(("R", "A", "S"))
+    vol = apply_orientation(np.moveaxis(stack, 0, 2), ornt_transform(here, ras))
+    masks = seg.segment_slices(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))
+    back = apply_orientation(np.moveaxis(masks, 0, 2), ornt_transform(ras, here))
+    return np.ascontiguousarray(np.moveaxis(back, 2, 0))
 
 
 # ------------------------------------------------------------------------------------- the model
@@ -304,29 +391,70 @@ class LiverSegModel(PythonModel):
         """Masks for slices (ndarray) or volumes (DataFrame); bad input -> HTTP 400."""
         try:
             seg = self._segmenter_for(params)
-            payloads = _payloads(model_input)
-            if payloads is None:
+            found = _payloads(model_input)
+            if found is None:
+                codes = slice_orientation(params)
                 stack = slices_from_input(model_input, self.max_bytes)
                 with self._lock:
-                    return seg.segment_slices(stack)
+                    return _segment_oriented_slices(seg, stack, codes)
+            column, payloads = found
             if len(payloads) != 1:
                 # One at a time keeps the size bound per request and the time under the
                 # server's request timeout.
                 raise DataError(f"send one volume per request, got {len(payloads)}")
+            if column == DICOM_COLUMN:
+                return pd.DataFrame([self._one_series(payloads[0], seg, params or {})])
             return pd.DataFrame([self._one_volume(payloads[0], seg)])
         except DataError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
 
+    def _mask_and_quality(self, volume: Volume, seg: Segmenter) -> tuple[np.ndarray, dict]:
+        with self._lock:
+            net = seg.predict_ras(volume.data, members=True)
+        mask = seg.postprocess(net.mask)
+        report = quality_report(mask, volume.data, volume.spacing, member_masks=net.members)
+        return mask, report
+
     def _one_volume(self, payload: Any, seg: Segmenter) -> dict[str, Any]:
         volume = volume_from_payload(payload, self.max_bytes)
-        with self._lock:
-            mask = seg.segment_volume(volume)
+        mask, report = self._mask_and_quality(volume, seg)
         voxels = int(np.count_nonzero(mask))
         return {
             "mask_nifti": mask_to_base64(mask, volume),
             "liver_volume_ml": voxels * volume.voxel_volume_ml,
             "liver_voxels": voxels,
+            "quality": report,
         }
+
+    def _one_series(self, payload: Any, seg: Segmenter, params: dict[str, Any]) -> dict[str, Any]:
+        fmt = str(params.get("mask_format") or "seg")
+        if fmt not in MASK_FORMATS:
+            raise DataError(f"params: mask_format must be one of {MASK_FORMATS}, got {fmt!r}")
+        series = series_from_payload(payload, self.max_bytes, params.get("series") or None)
+        volume = series.volume
+        mask, report = self._mask_and_quality(volume, seg)
+        voxels = int(np.count_nonzero(mask))
+        out: dict[str, Any] = {}
+        if fmt == "seg":
+            from liverseg.data.dicomseg import build_seg
+
+            dataset = build_seg(
+                from_canonical(mask, volume), series.datasets, model="mlflow pyfunc"
+            )
+            buffer = io.BytesIO()
+            dataset.save_as(buffer)
+            out["mask_seg"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        else:
+            out["mask_nifti"] = mask_to_base64(mask, volume)
+        out.update(
+            {
+                "series": series.info.uid,
+                "liver_volume_ml": voxels * volume.voxel_volume_ml,
+                "liver_voxels": voxels,
+                "quality": report,
+            }
+        )
+        return out
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -342,6 +470,8 @@ def serving_requirements() -> list[str]:
         pass
     out = []
     for dist in SERVING_DISTRIBUTIONS:
+        if dist == "tensorflow":
+            dist = tensorflow_distribution()
         version = pins.get(dist) or importlib.metadata.version(dist)
         out.append(f"{dist}=={version}")
     return out
@@ -355,6 +485,9 @@ def model_signature(post: PostProcessing) -> ModelSignature:
                 ParamSpec("threshold", "double", float(post.threshold)),
                 ParamSpec("largest_component", "boolean", bool(post.largest_component)),
                 ParamSpec("fill_holes", "boolean", bool(post.fill_holes)),
+                ParamSpec("orientation", "string", "RAS"),
+                ParamSpec("series", "string", ""),
+                ParamSpec("mask_format", "string", "seg"),
             ]
         )
     )
@@ -371,6 +504,16 @@ def input_forms() -> dict[str, Any]:
             "input": ColSpec("string", NIFTI_COLUMN).to_dict(),
             "output": [
                 ColSpec("string", "mask_nifti").to_dict(),
+                ColSpec("double", "liver_volume_ml").to_dict(),
+                ColSpec("long", "liver_voxels").to_dict(),
+            ],
+        },
+        "dicom": {
+            "request_key": "dataframe_split",
+            "input": ColSpec("string", DICOM_COLUMN).to_dict(),
+            "output": [
+                ColSpec("string", "mask_seg").to_dict(),
+                ColSpec("string", "series").to_dict(),
                 ColSpec("double", "liver_volume_ml").to_dict(),
                 ColSpec("long", "liver_voxels").to_dict(),
             ],

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -95,6 +96,9 @@ JOURNAL_PREFIX = "journal:"
 
 # MLflow tag of a trial run: its Optuna state (RUNNING until the trial ends).
 STATE_TAG = "state"
+
+# One line per trial epoch and per trial (the CLI sends it to stderr).
+progress = logging.getLogger("liverseg.progress")
 
 
 class TuningError(LiversegError):
@@ -541,6 +545,8 @@ def make_objective(
             experiment_id, run_name=f"trial-{trial.number}", tags=tags
         ).info.run_id
         state, status = TrialState.FAIL.name, "FAILED"
+        t0 = time.perf_counter()
+        value = math.nan
         try:
             trial.set_user_attr("worker", worker)
             trial.set_user_attr("mlflow_run_id", run_id)
@@ -577,6 +583,7 @@ def make_objective(
                         seed=tune.seed + fold,
                         patience=None,
                         callbacks=[keras_callback(reporter, stop)],
+                        progress=f"tune: trial {trial.number} fold-{fold}",
                     )
                 if reporter.pruned_step is not None:
                     raise optuna.TrialPruned(
@@ -605,6 +612,10 @@ def make_objective(
             raise
         finally:
             end_trial_run(client, run_id, state, status)
+            progress.info(
+                f"tune: trial {trial.number} {state}: value {value:.4f} (lr {lr:.2e}, batch "
+                f"{batch_size}) {time.perf_counter() - t0:.0f} s"
+            )
 
     return objective
 

@@ -153,6 +153,7 @@ class _Series:
     stored: np.ndarray  # (Columns, Rows, slices), stored values
     hu: np.ndarray  # same shape, float32, after RescaleSlope/RescaleIntercept
     affine: np.ndarray  # voxel -> RAS mm
+    paths: tuple[Path, ...] = ()  # the slice files in array (k) order
 
 
 def _series_files(folder: Path) -> list[Path]:
@@ -237,8 +238,12 @@ def _read_slice(path: Path) -> _Slice:
 
 
 def _read_series(folder: Path, spacing_rtol: float) -> _Series:
-    folder = Path(folder)
-    slices = [_read_slice(p) for p in _series_files(folder)]
+    return _series_from_files(_series_files(Path(folder)), Path(folder), spacing_rtol)
+
+
+def _series_from_files(files: list[Path], folder: Path, spacing_rtol: float) -> _Series:
+    """One series from its slice files (``folder`` names it in messages)."""
+    slices = [_read_slice(p) for p in files]
     first = slices[0]
     for s in slices[1:]:
         if s.stored.shape != first.stored.shape:
@@ -311,7 +316,9 @@ def _read_series(folder: Path, spacing_rtol: float) -> _Series:
     slope = np.array([s.slope for s in slices], dtype=np.float64)
     intercept = np.array([s.intercept for s in slices], dtype=np.float64)
     hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
-    return _Series(stored=stored, hu=hu, affine=_LPS_TO_RAS @ lps)
+    return _Series(
+        stored=stored, hu=hu, affine=_LPS_TO_RAS @ lps, paths=tuple(s.path for s in slices)
+    )
 
 
 def read_dicom_series(

@@ -217,3 +217,16 @@ def _save(img: nib.Nifti1Image, path: Path) -> Path:
         finally:
             real_tmp.unlink(missing_ok=True)
     return path
+
+
+def save_probabilities_like(prob_ras: np.ndarray, ref: Volume, path: Path) -> Path:
+    """Write a float32 map in [0, 1] (on ``ref``'s RAS grid) on the input's own grid, as
+    :func:`save_mask_like` writes masks. Written atomically."""
+    if prob_ras.shape != ref.data.shape:
+        raise ValueError(f"map shape {prob_ras.shape} != reference shape {ref.data.shape}")
+    data = np.ascontiguousarray(from_canonical(prob_ras.astype(np.float32), ref))
+    header = ref.header.copy()
+    header.set_data_dtype(np.float32)
+    img = nib.Nifti1Image(data, ref.source_affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    return _save(img, Path(path))

@@ -18,17 +18,21 @@ Definitions (P = predicted voxels, T = reference voxels, S(.) = surface voxels):
   two directional means; the two differ when the surfaces have different voxel counts.
 - HD95: the 95th percentile (numpy's linear interpolation) of the same pooled distances, as
   MedPy's ``hd95`` does.
+- NSD at tolerance τ mm (normalised surface Dice, Nikolov et al. 2021; MONAI's
+  ``compute_surface_dice``): the fraction of the pooled surface voxels of both masks that lie
+  within τ of the other mask's surface, ``(|{d(S(P)→S(T)) <= τ}| + |{d(S(T)→S(P)) <= τ}|) /
+  (|S(P)| + |S(T)|)``, in [0, 1]. Surface voxels are counted, not surface areas (as MONAI).
 
 Empty-mask conventions, chosen so that an empty prediction of an empty reference is perfect and
 an empty prediction of a non-empty reference (or the reverse) is the worst possible score:
 
-=======================  ======  =====  =====  =========  ==========  =========
-case                     dice    iou    voe    rvd        assd_mm     hd95_mm
-=======================  ======  =====  =====  =========  ==========  =========
-both empty               1       1      0      0          0           0
-pred empty, truth not    0       0      1      -1         inf         inf
-truth empty, pred not    0       0      1      DataError  inf         inf
-=======================  ======  =====  =====  =========  ==========  =========
+=======================  ======  =====  =====  =========  ==========  =========  ===
+case                     dice    iou    voe    rvd        assd_mm     hd95_mm    nsd
+=======================  ======  =====  =====  =========  ==========  =========  ===
+both empty               1       1      0      0          0           0          1
+pred empty, truth not    0       0      1      -1         inf         inf        0
+truth empty, pred not    0       0      1      DataError  inf         inf        0
+=======================  ======  =====  =====  =========  ==========  =========  ===
 
 RVD with an empty reference and a non-empty prediction is undefined (division by zero) and raises
 rather than returning inf, because an empty liver reference is a data error in this project
@@ -215,15 +219,49 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     return d if isinstance(d, float) else float(np.percentile(d, HD_PERCENTILE))
 
 
-def volume_metrics(
-    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
-) -> dict[str, float]:
-    """All six metrics of one case: keys dice, iou, voe, rvd, assd_mm, hd95_mm.
+def _validate_tolerance(tolerance_mm: float) -> float:
+    try:
+        tol = float(tolerance_mm)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"tolerance_mm: expected a number of mm, got {tolerance_mm!r}") from exc
+    if not (np.isfinite(tol) and tol >= 0):
+        raise DataError(f"tolerance_mm: must be finite and >= 0 mm, got {tol}")
+    return tol
 
-    Validates and computes the surface distances once for both distance metrics.
+
+def _nsd(d: np.ndarray | float, tolerance_mm: float) -> float:
+    if isinstance(d, float):  # an empty mask: 1 if both are, else 0 (the module table)
+        return 1.0 if d == 0.0 else 0.0
+    return float(np.count_nonzero(d <= tolerance_mm)) / d.size
+
+
+def nsd_key(tolerance_mm: float) -> str:
+    """The metric's name at a tolerance: ``nsd_1mm``, ``nsd_2.5mm``."""
+    return f"nsd_{float(tolerance_mm):g}mm"
+
+
+def surface_dice(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float
+) -> float:
+    """Normalised surface Dice in [0, 1] at ``tolerance_mm`` (see the module docstring)."""
+    tol = _validate_tolerance(tolerance_mm)
+    return _nsd(_pooled_distances(pred, truth, spacing), tol)
+
+
+def volume_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    nsd_tolerances_mm: Sequence[float] = (),
+) -> dict[str, float]:
+    """The metrics of one case: keys dice, iou, voe, rvd, assd_mm, hd95_mm, and one
+    :func:`nsd_key` per tolerance in ``nsd_tolerances_mm``.
+
+    Validates and computes the surface distances once for all distance metrics.
     """
     p, t = _validate_pair(pred, truth, (3,))
     _validate_spacing(spacing, p.ndim)
+    tolerances = [_validate_tolerance(tol) for tol in nsd_tolerances_mm]
     jaccard = iou(p, t)
     d = _pooled_distances(p, t, spacing)
     if isinstance(d, float):
@@ -238,4 +276,5 @@ def volume_metrics(
         "rvd": rvd(p, t),
         "assd_mm": assd_mm,
         "hd95_mm": hd95_mm,
+        **{nsd_key(tol): _nsd(d, tol) for tol in tolerances},
     }

@@ -2,6 +2,11 @@
 
 Writes ``reports/evaluate/``: ``metrics.json`` (mean, std and per patient), ``per_patient.csv``
 and ``overlays/<case>_z<k>.png``; logs the same to an MLflow run under the training run.
+
+Per patient, beside the metrics: the quality report of :mod:`liverseg.evaluation.quality`
+(what a user sees at prediction time: ensemble agreement, the review flag and its reasons);
+over the patients, how well the agreement ranks the true Dice (Spearman's rho), which is what
+the agreement threshold of the flag (``evaluate.quality.min_agreement``) rests on.
 """
 
 from __future__ import annotations
@@ -17,12 +22,33 @@ import numpy as np
 
 from liverseg.data.ircad import find_nifti_pairs
 from liverseg.data.volumes import load_case
-from liverseg.evaluation.metrics import volume_metrics
+from liverseg.evaluation.metrics import nsd_key, volume_metrics
 from liverseg.evaluation.plots import overlay, overlay_slices
+from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import EvaluateParams, as_flat_dict, load_section
 
 METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
+
+
+def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spearman's rank correlation of the ensemble agreement with the per-patient Dice.
+
+    ``rho`` and ``p`` are None when it is undefined: fewer than 3 patients with an agreement
+    (a single model has none), or a constant agreement or Dice.
+    """
+    from scipy.stats import spearmanr
+
+    pairs = [(r["agreement"], r["dice"]) for r in rows if r["agreement"] is not None]
+    out: dict[str, Any] = {"n": len(pairs), "rho": None, "p": None}
+    if len(pairs) < 3:
+        return out
+    a, d = np.array(pairs, dtype=float).T
+    if np.ptp(a) == 0 or np.ptp(d) == 0:
+        return out
+    res = spearmanr(a, d)
+    out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
+    return out
 
 
 def evaluate(
@@ -38,20 +64,32 @@ def evaluate(
         post=PostProcessing(cfg.threshold, cfg.largest_component, cfg.fill_holes),
         batch_size=cfg.batch_size,
     )
+    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as tmp:
         for cid in test_ids:
             case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
             t0 = time.perf_counter()
-            pred = seg.segment_volume(case.image)
+            net = seg.predict_ras(case.image.data, members=True)
+            pred = seg.postprocess(net.mask)
             seconds = time.perf_counter() - t0
-            m = volume_metrics(pred, case.mask.data, case.image.spacing)
+            m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
+            q = quality_report(
+                pred,
+                case.image.data,
+                case.image.spacing,
+                member_masks=net.members,
+                limits=cfg.quality,
+            )
             vox_ml = case.image.voxel_volume_ml
             row = {
                 "case": cid,
-                **{k: float(m[k]) for k in METRICS},
+                **{k: float(m[k]) for k in metrics},
                 "volume_true_ml": float(case.mask.data.sum() * vox_ml),
                 "volume_pred_ml": float(pred.sum() * vox_ml),
+                "agreement": q["agreement"],
+                "review": q["review"],
+                "review_reasons": "; ".join(q["reasons"]),
                 "seconds": round(seconds, 3),
             }
             rows.append(row)
@@ -69,11 +107,17 @@ def evaluate(
                 f"evaluate: {cid}: Dice {row['dice']:.4f} HD95 {row['hd95_mm']:.1f} mm", flush=True
             )
         summary: dict[str, Any] = {}
-        for k in METRICS:
+        for k in metrics:
             vals = np.array([r[k] for r in rows], dtype=float)
             summary[f"{k}_mean"] = float(vals.mean())
             summary[f"{k}_std"] = float(vals.std())
-        result = {**summary, "n_patients": len(rows), "per_patient": rows}
+        result = {
+            **summary,
+            "n_patients": len(rows),
+            "n_review": sum(bool(r["review"]) for r in rows),
+            "agreement_vs_dice": agreement_vs_dice(rows),
+            "per_patient": rows,
+        }
         write_json(tmp / "metrics.json", result)
         with open(tmp / "per_patient.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -130,6 +174,8 @@ def log_to_mlflow(
         mlflow.log_metrics(test)
         for r in result["per_patient"]:
             mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        if result["agreement_vs_dice"]["rho"] is not None:
+            mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
         for png in sorted((out / "overlays").glob("*.png")):
             # <case>_z<k>.png: one image key per patient, its steps the slice indices
             case, z = png.stem.rsplit("_z", 1)

@@ -24,7 +24,12 @@ from liverseg.params import TrainParams, as_flat_dict
 from liverseg.training.curves import curves_figure
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.pipeline import load_prepared
-from liverseg.training.tracking import NOTE_TAG, log_dataset, log_params_flat
+from liverseg.training.tracking import (
+    NOTE_TAG,
+    log_dataset,
+    log_params_flat,
+    tensorflow_distribution,
+)
 
 KERAS_PIP = [f"keras=={keras.__version__}"]
 
@@ -51,7 +56,7 @@ def _log_keras_model(model: keras.Model) -> None:
         model,
         name="model",
         signature=ModelSignature(inputs=spec, outputs=spec),
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", *KERAS_PIP],
+        pip_requirements=[f"{tensorflow_distribution()}=={tf.__version__}", *KERAS_PIP],
     )
 
 
@@ -147,6 +152,7 @@ def cross_validate(
                     seed=cfg.seed + fold,
                     patience=cfg.patience,
                     callbacks=[MlflowEpochLogger(run.info.run_id)],
+                    progress=f"train: fold-{fold}",
                 )
                 assert res.best_epoch is not None
                 row: dict[str, Any] = {
@@ -223,6 +229,7 @@ def cross_validate(
                     epochs=final_epochs,
                     seed=cfg.seed + k,
                     callbacks=[MlflowEpochLogger(final_run.info.run_id)],
+                    progress="train: final",
                 )
                 model = res_final.model
                 final_hist = res_final.history

@@ -1,10 +1,22 @@
 """Fit one U-Net (one fold, one tuning trial or the final model) and log its epochs to MLflow.
 
 Arrays follow the pipeline contract: (N, H, W, 1) float32 images in [0, 1] and masks 0/1.
+
+Speed (measured in benchmarks/bench_train.py, figures in benchmarks/README.md): the default
+model is narrow, so a training step costs little and Keras' per-step work (a Python call,
+callbacks, the tf.data hand-over) was a large share of an epoch. One execution therefore runs
+a whole epoch's steps (``steps_per_execution``), and the per-epoch MLflow logging does not
+wait for the database (asynchronous, flushed when training ends).
+
+Progress: :class:`EpochProgress` writes one line per epoch to the ``liverseg`` logger, which
+the ``liverseg`` command sends to stderr (so DVC shows it); library callers (tests) stay quiet
+unless they configure that logger.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +36,31 @@ from liverseg.training.pipeline import make_dataset
 # Keras' names for the metrics that are logged every epoch (val_* when there is validation).
 EPOCH_METRICS = ("loss", "dice", "iou")
 
+# Validation runs the model forward only, in batches of at least this many slices: fewer, larger
+# calls cost less than the training batch size's many small ones (measured: validation was most
+# of the loop's overhead), and the epoch's pooled Dice does not depend on the batching.
+VALIDATION_BATCH_SIZE = 32
+
+# Progress lines go to this logger (the CLI sends it to stderr).
+log = logging.getLogger("liverseg.progress")
+
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics and the learning rate to one MLflow run, step = epoch."""
+    """Logs every epoch's metrics and the learning rate to one MLflow run, step = epoch
+    counted from 1 (as the CLI's progress lines and the curves' CSV count epochs).
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None) -> None:
+    ``synchronous=False`` (the default) queues each epoch's batch and waits for all of them
+    when training ends, so training does not wait for the tracking store between epochs.
+    """
+
+    def __init__(
+        self, run_id: str, client: MlflowClient | None = None, *, synchronous: bool = False
+    ) -> None:
         super().__init__()
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self.synchronous = synchronous
+        self._pending: list[Any] = []
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         now = int(time.time() * 1000)
@@ -41,8 +70,43 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         values["learning_rate"] = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
-        metrics = [Metric(k, v, now, epoch) for k, v in values.items() if np.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        metrics = [Metric(k, v, now, epoch + 1) for k, v in values.items() if np.isfinite(v)]
+        op = self.client.log_batch(self.run_id, metrics=metrics, synchronous=self.synchronous)
+        if op is not None:
+            self._pending.append(op)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every queued epoch is in the store (raises if one failed)."""
+        pending, self._pending = self._pending, []
+        for op in pending:
+            op.wait()
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One progress line per epoch: ``<label> epoch e/E loss .. val_dice .. (s)``."""
+
+    def __init__(self, label: str, epochs: int) -> None:
+        super().__init__()
+        self.label = label
+        self.epochs = epochs
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        logs = logs or {}
+        parts = [f"{self.label} epoch {epoch + 1}/{self.epochs}"]
+        for key in ("loss", "val_loss", "val_dice"):
+            if key in logs:
+                parts.append(f"{key} {float(logs[key]):.4f}")
+        parts.append(f"{time.perf_counter() - self._t0:.1f} s")
+        log.info("  ".join(parts))
 
 
 @dataclass
@@ -56,14 +120,28 @@ class FitResult:
     seconds: float = 0.0
 
 
-def compile_unet(image_size: int, cfg: TrainParams, learning_rate: float, seed: int) -> keras.Model:
-    """A freshly initialised (seeded) U-Net compiled with the configured loss and metrics."""
+def compile_unet(
+    image_size: int,
+    cfg: TrainParams,
+    learning_rate: float,
+    seed: int,
+    *,
+    steps_per_execution: int = 1,
+    jit_compile: bool = False,
+) -> keras.Model:
+    """A freshly initialised (seeded) U-Net compiled with the configured loss and metrics.
+
+    ``steps_per_execution``: training steps per call into TensorFlow (callbacks then see
+    batches in groups of that size; epoch-level callbacks are unaffected).
+    """
     keras.utils.set_random_seed(seed)
     model = build_unet(image_size, cfg.model, seed=seed)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=get_loss(cfg.loss),
         metrics=[DiceCoefficient(name="dice"), IoU(name="iou")],
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
     )
     return model
 
@@ -79,19 +157,43 @@ def fit(
     seed: int,
     patience: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    progress: str | None = None,
+    steps_per_execution: int | None = None,
+    jit_compile: bool = False,
 ) -> FitResult:
     """Train a new U-Net on ``train``; with ``val``, keep the weights of the best epoch by
-    validation Dice (early stopping after ``patience`` epochs without improvement)."""
+    validation Dice (early stopping after ``patience`` epochs without improvement).
+
+    ``progress``: a label such as ``train: fold-0``; one line per epoch goes to the
+    ``liverseg.progress`` logger. ``steps_per_execution``: default, one execution per epoch.
+    Validation batches hold ``max(batch_size, VALIDATION_BATCH_SIZE)`` slices.
+    """
     image_size = int(train[0].shape[1])
+    steps = math.ceil(int(train[0].shape[0]) / batch_size)
     with distribute.scope(cfg.distribute, batch_size):  # batch_size is the global batch
-        model = compile_unet(image_size, cfg, learning_rate, seed)
+        model = compile_unet(
+            image_size,
+            cfg,
+            learning_rate,
+            seed,
+            steps_per_execution=steps_per_execution or steps,
+            jit_compile=jit_compile,
+        )
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=cfg.augment, seed=seed
     )
     val_ds = None
     cbs = list(callbacks or [])
+    if progress is not None:
+        cbs.append(EpochProgress(progress, epochs))
     if val is not None:
-        val_ds = make_dataset(*val, batch_size=batch_size, training=False, augment=None, seed=seed)
+        val_ds = make_dataset(
+            *val,
+            batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
+            training=False,
+            augment=None,
+            seed=seed,
+        )
         cbs.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_dice",
@@ -101,10 +203,16 @@ def fit(
             )
         )
     t0 = time.perf_counter()
-    # The dataset shuffles itself (seeded); Keras must not try to.
-    hist = model.fit(
-        train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs, verbose=0, shuffle=False
-    )
+    try:
+        # The dataset shuffles itself (seeded); Keras must not try to.
+        hist = model.fit(
+            train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs, verbose=0, shuffle=False
+        )
+    finally:
+        # Queued MLflow writes land even when training stops with an error.
+        for cb in cbs:
+            if isinstance(cb, MlflowEpochLogger):
+                cb.flush()
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     result = FitResult(model=model, history=history, seconds=seconds)

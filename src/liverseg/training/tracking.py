@@ -144,3 +144,17 @@ def log_params_flat(params: dict[str, Any]) -> None:
     keys = list(items)
     for i in range(0, len(keys), 90):
         mlflow.log_params({k: items[k] for k in keys[i : i + 90]})
+
+
+def tensorflow_distribution() -> str:
+    """The installed TensorFlow distribution: ``tensorflow-cpu`` (the ``cpu`` extra) or
+    ``tensorflow`` (the ``gpu`` extra), for the pip requirements logged with a model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            version(dist)
+        except PackageNotFoundError:
+            continue
+        return dist
+    return "tensorflow"

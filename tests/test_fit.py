@@ -1,0 +1,130 @@
+"""The training loop: one execution per epoch, progress lines, MLflow epochs counted from 1."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from liverseg.params import ModelParams, TrainParams, load_section
+from liverseg.training.fit import MlflowEpochLogger, fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TrainParams(model=ModelParams(depth=2, base_filters=4), batch_size=4, seed=5)
+
+
+def _arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 16x16 slices with a bright square (the 'liver') at a random place."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 0.3, (n, 16, 16, 1)).astype(np.float32)
+    masks = np.zeros_like(images)
+    for i in range(n):
+        y, x = rng.integers(2, 9, size=2)
+        images[i, y : y + 6, x : x + 6] += 0.6
+        masks[i, y : y + 6, x : x + 6] = 1.0
+    return images, masks
+
+
+def _fit(epochs: int = 2, **kw: object):
+    return fit(
+        _arrays(10, 0),
+        _arrays(6, 1),
+        TINY,
+        learning_rate=1e-2,
+        batch_size=4,
+        epochs=epochs,
+        seed=7,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_one_execution_runs_a_whole_epoch_with_the_same_result() -> None:
+    keras.utils.set_random_seed(0)
+    one_step = _fit(steps_per_execution=1)
+    default = _fit()
+    # 10 slices in batches of 4: 3 steps, all in one call into TensorFlow
+    assert default.model.steps_per_execution == math.ceil(10 / 4)
+    assert one_step.model.steps_per_execution == 1
+    # Grouping steps changes when Python is called, not what is computed.
+    for key in ("loss", "val_loss", "val_dice"):
+        np.testing.assert_allclose(default.history[key], one_step.history[key], rtol=1e-4)
+
+
+def test_progress_is_one_line_per_epoch_and_quiet_by_default(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    _fit(epochs=2, progress="train: fold-0")
+    # nobody configured the logger: nothing reaches stderr
+    assert "epoch" not in capfd.readouterr().err
+    with caplog.at_level(logging.INFO, logger="liverseg.progress"):
+        _fit(epochs=3, progress="train: fold-1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "liverseg.progress"]
+    assert len(lines) == 3
+    for e, line in enumerate(lines, start=1):
+        assert line.startswith(f"train: fold-1 epoch {e}/3  loss ")
+        assert " val_dice " in line and line.endswith(" s")
+
+
+def test_the_cli_sends_progress_to_stderr() -> None:
+    code = (
+        "import logging, sys; from liverseg import cli; cli.show_progress(); "
+        "logging.getLogger('liverseg.progress').info('train: fold-0 epoch 1/2'); "
+        "logging.getLogger('liverseg.other').debug('hidden')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert proc.stderr == "train: fold-0 epoch 1/2\n" and proc.stdout == ""
+
+
+def test_epoch_metrics_are_logged_from_step_1_and_flushed(tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            logger = MlflowEpochLogger(run.info.run_id)  # asynchronous by default
+            _fit(epochs=3, callbacks=[logger])
+            assert logger._pending == []  # fit waited for every queued epoch
+        client = mlflow.MlflowClient()
+        for key in ("loss", "val_dice", "learning_rate"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_default_study_is_defined_by_its_trial_count() -> None:
+    """The timeout is a safety net far above what the default study needs, so a slow machine
+    runs the same trials as a fast one (a trial of the default study takes about a minute)."""
+    tune = load_section("tune", REPO / "params.yaml")
+    assert tune.timeout_s >= 30 * 60
+
+
+def test_tensorflow_comes_from_exactly_one_extra() -> None:
+    """tensorflow-cpu and tensorflow write the same package: the base dependencies name
+    neither, the cpu and gpu extras one each, and the installed one is what models record."""
+    import importlib.metadata
+    import tomllib
+
+    import tensorflow as tf
+
+    from liverseg.training.tracking import tensorflow_distribution
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def tf_reqs(reqs: list[str]) -> list[str]:
+        return [
+            r for r in reqs if r.split("[")[0].split("==")[0] in ("tensorflow", "tensorflow-cpu")
+        ]
+
+    extras = project["optional-dependencies"]
+    assert tf_reqs(project["dependencies"]) == []
+    assert tf_reqs(extras["cpu"]) == [f"tensorflow-cpu=={tf.__version__}"]
+    assert tf_reqs(extras["gpu"]) == [f"tensorflow[and-cuda]=={tf.__version__}"]
+    assert all(tf_reqs(v) == [] for k, v in extras.items() if k not in ("cpu", "gpu"))
+    assert importlib.metadata.version(tensorflow_distribution()) == tf.__version__
