@@ -75,7 +75,8 @@ SCRIPT = textwrap.dedent(
             "strategy": type(res.model.distribute_strategy).__name__,
         }
         if kind == "mirrored":
-            ens = ensemble([res.model, res.model])  # built outside the strategy's scope
+            other = fit((x, y), None, cfg, learning_rate=3e-3, batch_size=8, epochs=1, seed=2)
+            ens = ensemble([res.model, other.model])  # built outside the strategy's scope
             path = sys.argv[1] + "/ensemble.keras"
             ens.save(path)
             back = keras.saving.load_model(path, compile=False)

@@ -176,7 +176,9 @@ def fit(
             cfg,
             learning_rate,
             seed,
-            steps_per_execution=steps_per_execution or steps,
+            steps_per_execution=distribute.steps_per_execution(
+                cfg.distribute, steps_per_execution or steps
+            ),
             jit_compile=jit_compile,
         )
     train_ds = make_dataset(
