@@ -874,7 +874,7 @@ def test_killed_study_resumes_with_its_trials(
         rc = proc.wait(timeout=120)
         log.close()
     first_log = (tmp_path / "first.log").read_text()
-    assert rc == 2, first_log[-3000:]
+    assert rc == 128 + signal.SIGTERM, first_log[-3000:]
     assert "interrupted" in first_log and "run the same command again to resume" in first_log
     study = load(url)
     assert_runs_match_trials(study)

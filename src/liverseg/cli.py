@@ -11,7 +11,9 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
+from liverseg import runguard
 from liverseg.errors import LiversegError
 
 COMMANDS = {
@@ -27,6 +29,8 @@ COMMANDS = {
 # MLflow 3 refuses a plain ./mlruns file store; the project's local store is a SQLite database
 # inside mlruns/ (artifacts beside it). Set here, in the entry point, never at import.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+# Commands that track in MLflow: before they start, runs of dead processes are ended.
+MLFLOW_COMMANDS = {"tune", "train", "evaluate", "register"}
 
 
 def show_progress() -> None:
@@ -60,6 +64,11 @@ def resolve_tracking_uri(uri: str | None, env: dict[str, str]) -> str:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to declare its arguments."""
     parser = argparse.ArgumentParser(prog="liverseg", description=__doc__)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an error (or set {runguard.DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -75,15 +84,63 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("MLFLOW_TRACKING_URI"), dict(os.environ)
     )
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv[0] if argv else None)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     show_progress()
+    debug = args.debug or os.environ.get(runguard.DEBUG_ENV, "") not in ("", "0")
+    prog = f"liverseg {args.command}"
+    previous = runguard.install()
     try:
+        return _run(args, prog, debug)
+    finally:
+        runguard.restore(previous)
+
+
+def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
+    try:
+        if args.command in MLFLOW_COMMANDS:
+            for line in runguard.end_stale_runs():
+                print(f"{prog}: {line}", file=sys.stderr)
         importlib.import_module(args._module).main(args)
-    except LiversegError as exc:
-        print(f"liverseg {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        runguard.note_interrupt()
+        runguard.hold()  # a second Ctrl+C must not cut the clean-up short
+        if debug:
+            traceback.print_exc()
+        signum = exc.signum if isinstance(exc, runguard.Interrupted) else 2
+        n = runguard.end_own_runs("KILLED")
+        what = exc.message if isinstance(exc, runguard.Interrupted) and exc.message else ""
+        runs = f"; {n} MLflow run(s) ended KILLED" if n else ""
+        print(
+            f"{prog}: interrupted by {runguard.signal_name(signum)}{runs}; temporary outputs "
+            f"removed{'; ' + what if what else ''}",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except Exception as exc:
+        msg = error_line(exc)
+        if msg is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(exc: BaseException) -> str | None:
+    """One line for an error a user can cause, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, LiversegError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        # ENOSPC, EACCES, EISDIR...: the path (fsutil names the output when the OS does not).
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        reason = exc.strerror or str(exc)
+        return f"{where}: {reason}" if where else reason
+    mlflow_exc = sys.modules.get("mlflow.exceptions")
+    if mlflow_exc is not None and isinstance(exc, mlflow_exc.MlflowException):
+        return f"MLflow: {str(exc.message).strip().splitlines()[0]}"
+    return None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,45 +13,114 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_prefix(final: Path) -> str:
+    # The PID in the name lets a later run remove what a killed one (SIGKILL) left behind.
+    return f".{final.name}.tmp-{os.getpid()}-"
+
+
+def _remove_dead_leftovers(final: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` beside ``final`` of dead PIDs."""
+    for kind in ("tmp", "old"):
+        for p in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = p.name[len(f".{final.name}.{kind}-") :].split("-", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _name_output(exc: OSError, final: Path) -> None:
+    # ENOSPC and EFBIG on a write carry no file name: name the output being written.
+    if exc.filename is None:
+        exc.filename = str(final)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; on success it replaces ``final``.
 
-    On an exception the temporary folder is removed and ``final`` is left as it was, so a
-    stage that fails half-way leaves neither a partial output nor a missing old one.
+    On an exception (or SIGINT/SIGTERM, see :mod:`liverseg.runguard`) the temporary folder is
+    removed and ``final`` is left as it was, so a stage that fails half-way leaves neither a
+    partial output nor a missing old one. The folder gets the permissions the umask gives.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_dead_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _name_output(exc, final)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; it is renamed onto ``final`` on success."""
+    """Yield a temporary path beside ``final``; it is renamed onto ``final`` on success.
+
+    The file gets the permissions the umask gives (``mkstemp`` makes it 0600)."""
     final = Path(final)
+    if final.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    _remove_dead_leftovers(final)
+    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
+        tmp.chmod(0o666 & ~_umask())
         yield tmp
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _name_output(exc, final)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
+
+
+def check_output_path(final: Path) -> None:
+    """Fail now, before any work, if ``final`` cannot be written as a file: it is a folder, or
+    its nearest existing parent is not a writable folder (an OSError naming the path)."""
+    final = Path(final)
+    if final.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(final))
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a parent is not a directory", str(final))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(parent))
 
 
 def write_json(path: Path, obj: Any) -> None:

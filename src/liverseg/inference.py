@@ -18,6 +18,7 @@ import numpy as np
 
 from liverseg.data.slices import resize_xy, window
 from liverseg.data.volumes import Volume, from_canonical
+from liverseg.errors import DataError
 from liverseg.evaluation.postprocess import fill_holes as fill_holes_fn
 from liverseg.evaluation.postprocess import postprocess
 
@@ -73,19 +74,32 @@ class Segmenter:
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
         """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``)."""
-        import keras
-
-        from liverseg.model.metrics import CUSTOM_OBJECTS
-
         folder = Path(folder)
         model_file = folder / MODEL_FILE if folder.is_dir() else folder
         prep_file = model_file.parent / PREPROCESSING_FILE
         for f in (model_file, prep_file):
             if not f.exists():
-                raise FileNotFoundError(f"{f}: not found (expected a train stage model folder)")
-        prep = json.loads(prep_file.read_text())
-        model = keras.models.load_model(model_file, custom_objects=CUSTOM_OBJECTS, compile=False)
-        return cls(model, window_hu=tuple(prep["window"]), image_size=prep["image_size"], **kwargs)  # type: ignore[arg-type]
+                raise DataError(f"{f}: not found (expected a train stage model folder)")
+        # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
+        import keras
+
+        from liverseg.model.metrics import CUSTOM_OBJECTS
+
+        try:
+            prep = json.loads(prep_file.read_text())
+            window_hu, image_size = tuple(prep["window"]), int(prep["image_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{prep_file}: not a preprocessing.json of the train stage ({exc})"
+            ) from exc
+        try:
+            model = keras.models.load_model(
+                model_file, custom_objects=CUSTOM_OBJECTS, compile=False
+            )
+        except Exception as exc:  # Keras raises many types for a file that is not a model
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{model_file}: not a loadable Keras model ({first})") from exc
+        return cls(model, window_hu=window_hu, image_size=image_size, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, source: str | Path, **kwargs: object) -> Segmenter:
@@ -94,11 +108,18 @@ class Segmenter:
         s = str(source)
         if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
             import mlflow
+            from mlflow.exceptions import MlflowException
 
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s))
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s))
+            except MlflowException as exc:  # unknown model, version, alias or run
+                first = str(exc.message).strip().splitlines()[0]
+                raise DataError(
+                    f"{s}: does not resolve in {mlflow.get_tracking_uri()} ({first})"
+                ) from exc
             found = sorted(local.rglob(PREPROCESSING_FILE))
             if not found or not (found[0].parent / MODEL_FILE).exists():
-                raise FileNotFoundError(f"{s}: no {MODEL_FILE} with {PREPROCESSING_FILE} inside")
+                raise DataError(f"{s}: no {MODEL_FILE} with {PREPROCESSING_FILE} inside")
             return cls.from_dir(found[0].parent, **kwargs)
         return cls.from_dir(Path(s), **kwargs)
 

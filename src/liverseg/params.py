@@ -321,16 +321,42 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value  # pragma: no cover
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping, as ``dvc repro`` does
+    (plain YAML loaders keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:
-    """Read ``params.yaml`` (the raw mapping)."""
+    """Read ``params.yaml`` (the raw mapping); duplicate keys and unknown sections are errors."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except FileNotFoundError as exc:
         raise ParamsError(f"params: {path} not found (run from the repository root)") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ParamsError(f"params: {where}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from exc
     _require(isinstance(data, dict), str(path), "must be a mapping of sections")
+    unknown = sorted(str(k) for k in data if k not in SECTIONS)
+    _require(
+        not unknown,
+        f"{unknown[0]}" if unknown else "",
+        f"unknown section in {path} (known: {', '.join(SECTIONS)})",
+    )
     return data
 
 

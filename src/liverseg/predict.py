@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> None:
         save_probabilities_like,
     )
     from liverseg.evaluation.quality import quality_report
-    from liverseg.fsutil import write_json
+    from liverseg.fsutil import check_output_path, write_json
     from liverseg.inference import PostProcessing, Segmenter
 
     fmt = output_format(args.output, args.format)
@@ -124,6 +124,9 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.series is not None and not dicom:
         raise DataError(f"{args.ct}: --series applies to a DICOM folder or zip, not to NIfTI")
+    for out in (args.output, args.probabilities):
+        if out is not None:
+            check_output_path(out)  # before the model runs, not after
     series = read_ct_series(args.ct, args.series) if dicom else None
     volume = series.volume if series is not None else load_volume(args.ct, kind="image")
     seg = Segmenter.load(

@@ -72,8 +72,15 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
+from liverseg import runguard
 from liverseg.data.dicom import DicomSeries, read_ct_series
-from liverseg.data.volumes import Volume, from_canonical, save_mask_like, volume_from_image
+from liverseg.data.volumes import (
+    Volume,
+    check_voxel_count,
+    from_canonical,
+    save_mask_like,
+    volume_from_image,
+)
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
 from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
@@ -236,6 +243,7 @@ def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2
         raise DataError(f"{NIFTI_COLUMN}: unreadable NIfTI header ({exc})") from exc
     # nibabel reports offset 0 for an in-memory single file; voxels start after the header.
     offset = max(offset, len(header.binaryblock) + 4)
+    check_voxel_count(shape, NIFTI_COLUMN)
     n_vox = int(np.prod(shape, dtype=np.int64))
     if n_vox * _FLOAT32_BYTES > limit:
         raise _too_large(f"the volume {shape} as float32", n_vox * _FLOAT32_BYTES, limit)
@@ -362,6 +370,7 @@ class LiverSegModel(PythonModel):
         # The scoring server runs each request in a thread; one network call at a time keeps
         # peak memory at one request's worth (TensorFlow already uses every core per call).
         self._lock = threading.Lock()
+        runguard.quiet_client_disconnects()  # no traceback in the log for a client that hung up
 
     def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
         if not params:

@@ -54,6 +54,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
+from liverseg import runguard
 from liverseg.data.splits import fold_cases
 from liverseg.errors import DataError, LiversegError, ParamsError
 from liverseg.fsutil import atomic_dir, read_stage_json, write_json
@@ -128,16 +129,20 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = int(signal.SIGINT)
         self._interruptible = True
 
     def handler(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            self.signum = signum
+            runguard.note_interrupt()
         self.requested = True
-        if self._interruptible:
-            raise KeyboardInterrupt(f"signal {signum}")
+        if self._interruptible and not runguard.retry_outside_tensorflow(signum, frame):
+            raise runguard.Interrupted(signum)
 
     def raise_if_requested(self) -> None:
         if self.requested:
-            raise KeyboardInterrupt("stop requested by a signal")
+            raise runguard.Interrupted(self.signum)
 
     @contextlib.contextmanager
     def _mode(self, interruptible: bool) -> Iterator[None]:
@@ -389,6 +394,21 @@ def end_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
         )
 
 
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL (and their MLflow runs KILLED) the RUNNING trials whose process is provably
+    dead (:func:`liverseg.runguard.is_dead`), without waiting for the heartbeat; their numbers.
+    """
+    dead = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if runguard.is_dead(t.user_attrs.get("process") or {})
+    ]
+    for t in dead:
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        end_stale_trial_run(study, t)
+    return [t.number for t in dead]
+
+
 # ---------------------------------------------------------------------------------- objective
 class TrialReporter:
     """Reports each epoch's ``val_dice`` to the trial and logs the epoch's metrics to MLflow.
@@ -524,6 +544,8 @@ def make_objective(
         return data[fold]
 
     def objective(trial: optuna.Trial) -> float:
+        # First: whoever finds this trial RUNNING after a SIGKILL can then prove it dead.
+        trial.set_user_attr("process", runguard.process_tags())
         lr = trial.suggest_float(PARAM_LR, tune.lr_min, tune.lr_max, log=True)
         batch_size = int(trial.suggest_categorical(PARAM_BATCH, list(tune.batch_sizes)))
         tags = {
@@ -532,6 +554,7 @@ def make_objective(
             "worker": worker,
             "kind": "trial",
             STATE_TAG: TrialState.RUNNING.name,
+            **runguard.process_tags(),
         }
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id

@@ -11,6 +11,7 @@ so that a mask computed on the RAS array goes back onto the input's grid with
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,39 @@ from liverseg.errors import DataError
 from liverseg.fsutil import atomic_file
 
 RAS = axcodes2ornt(("R", "A", "S"))
+
+# The largest volume read, in voxels, checked against the header before any voxel is read (a
+# 1 KB .nii.gz may claim 2000^3 voxels). The default fits real CT (1024 x 1024 x 2000 slices);
+# LIVERSEG_MAX_VOXELS changes it for the CLI, the stages and the model server alike.
+MAX_VOXELS_ENV = "LIVERSEG_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 1024 * 1024 * 2000
+
+
+def max_voxels(environ: dict[str, str] | None = None) -> int:
+    """The voxel limit from ``LIVERSEG_MAX_VOXELS`` (a positive integer) or the default."""
+    env = os.environ if environ is None else environ
+    raw = env.get(MAX_VOXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive integer (voxels)")
+    return value
+
+
+def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
+    """DataError naming ``where`` and the claimed shape when it exceeds :func:`max_voxels`."""
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if len(shape) else 0
+    limit = max_voxels()
+    if n > limit:
+        raise DataError(
+            f"{where}: header claims shape {tuple(int(s) for s in shape)} = {n:,} voxels, over "
+            f"the limit of {limit:,} ({MAX_VOXELS_ENV}); refused before reading any voxel"
+        )
+
 
 # Two volumes are on one grid when their affines agree to this: a thousandth of a mm plus the
 # float32 rounding of a NIfTI header's translation (rtol). The one rule for every reader.
@@ -68,6 +102,12 @@ def _read(path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: file not found")
     try:
         img: Any = nib.load(str(path))
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
+    check_voxel_count(tuple(img.shape), str(path))
+    try:
         # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
         np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:

@@ -13,7 +13,9 @@ Parallel work, all through the study storage (``tune.storage`` or ``--storage``)
 
 SIGTERM is handled like Ctrl+C (:class:`liverseg.tuning.StopSignal`): the running trial is
 recorded FAIL, its MLflow run KILLED, the extra workers are stopped the same way, and the
-parent run ends FAILED, so nothing stays RUNNING.
+parent run ends KILLED (exit 130 / 143), so nothing stays RUNNING. After a SIGKILL, the next
+``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait) and
+reruns them (:func:`liverseg.tuning.fail_dead_trials`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 
 from liverseg.errors import ParamsError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
+from liverseg.runguard import Interrupted
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first records its trial FAIL and ends its runs
 
@@ -158,6 +162,13 @@ def main(args: argparse.Namespace) -> None:
     study = tuning.create_study(
         tuning.open_storage(url), name, tune, worker_index=index, inputs=inputs
     )
+    dead = tuning.fail_dead_trials(study)
+    if dead:
+        print(
+            f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
+            "FAIL (their MLflow runs KILLED); they are run again",
+            flush=True,
+        )
 
     root = ARTIFACT_ROOT if mlflow.get_tracking_uri().startswith("sqlite:///mlruns") else None
     exp_id = ensure_experiment(train.experiment, root)
@@ -224,9 +235,10 @@ def main(args: argparse.Namespace) -> None:
                 _log_plot_images(args.out)
                 mlflow.set_tag(NOTE_TAG, _study_description(name, tune, summary))
     except KeyboardInterrupt as exc:
-        raise tuning.TuningError(
-            f"study {name}: interrupted ({exc}); its finished trials are kept in "
-            f"{tuning.redact(url)}: run the same command again to resume"
+        raise Interrupted(
+            getattr(exc, "signum", signal.SIGINT),
+            f"study {name}: its finished trials are kept in "
+            f"{tuning.redact(url)}: run the same command again to resume",
         ) from exc
     skipped = {k: v for k, v in plots.items() if v != "ok"}
     print(

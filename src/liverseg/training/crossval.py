@@ -21,6 +21,7 @@ import numpy as np
 from liverseg.data.splits import fold_cases, trainval_cases
 from liverseg.model.unet import count_flops
 from liverseg.params import TrainParams, as_flat_dict
+from liverseg.training import resume
 from liverseg.training.curves import curves_figure
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.pipeline import load_prepared
@@ -119,6 +120,17 @@ def cross_validate(
         log_dataset(prepared, data_digest, context="training")
         for fold in range(k):
             train_ids, val_ids = fold_cases(splits, fold)
+            key = resume.fold_key(tags.get("data_sha256", ""), params, fold, train_ids, val_ids)
+            reused = resume.reuse_fold(
+                experiment_id, key, parent.info.run_id, load_model=cfg.final == "ensemble"
+            )
+            if reused is not None:  # a finished fold of an interrupted train
+                print(f"train: fold {fold}: reused finished run {reused.run_id}", flush=True)
+                fold_rows.append(reused.row)
+                histories[f"fold-{fold}"] = reused.history
+                if cfg.final == "ensemble":
+                    fold_models.append(reused.model)
+                continue
             train = load_prepared(prepared, train_ids)
             val = load_prepared(prepared, val_ids)
             with mlflow.start_run(
@@ -140,6 +152,7 @@ def cross_validate(
                         "val_cases": ",".join(val_ids),
                         "train_cases": ",".join(train_ids),
                         "kind": "fold",
+                        resume.FOLD_KEY_TAG: key,
                     }
                 )
                 res = fit(
@@ -174,6 +187,7 @@ def cross_validate(
                     }
                 )
                 _log_keras_model(res.model)
+                resume.save_fold(row, res.history)
             print(
                 f"train: fold {fold}: best val Dice {row['best_val_dice']:.4f} at epoch "
                 f"{row['best_epoch']} ({res.seconds:.0f} s, val {','.join(val_ids)})",
