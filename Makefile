@@ -12,7 +12,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-fast lint format ui serve bench clean compare plots ui-check
+.PHONY: help venv run test test-fast lint format ui serve bench clean compare plots ui-check stack-up stack-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -43,13 +43,13 @@ test-fast: $(STAMP) $(PLOTS_PAGE) ## the unit tests only (no end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff and mypy
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks deploy
+	$(BIN)/ruff format --check src tests benchmarks deploy
 	$(BIN)/mypy
 
 format: $(STAMP) ## apply ruff's formatting and import sorting
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks deploy
+	$(BIN)/ruff format src tests benchmarks deploy
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over the local store
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h 127.0.0.1 -p 5000
@@ -69,6 +69,12 @@ ui-check: $(STAMP) $(PLOTS_PAGE) ## the MLflow UI in headless Chromium on a tiny
 
 bench: $(STAMP) ## run the benchmarks (figures in benchmarks/README.md)
 	source $(BIN)/activate && bash benchmarks/run_all.sh
+
+stack-up: $(STAMP) ## PostgreSQL, S3 store and mlflow server (basic-auth) on 127.0.0.1, data in .stack/
+	$(BIN)/python deploy/stack.py up --dir .stack
+
+stack-down: $(STAMP) ## stop what stack-up started (by PID); the data stays in .stack/
+	$(BIN)/python deploy/stack.py down --dir .stack
 
 clean: ## remove the pipeline's outputs (not the MLflow store, not the venv)
 	rm -rf data models reports optuna

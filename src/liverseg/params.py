@@ -181,6 +181,7 @@ class TrainParams:
     patience: int = 4
     final: str = "ensemble"
     precision: str = "float32"
+    distribute: str = "none"
     augment: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 42
     experiment: str = "liverseg"
@@ -196,6 +197,9 @@ class TrainParams:
             self.precision in ("float32", "mixed_bfloat16"),
             "train.precision",
             "must be float32 or mixed_bfloat16",
+        )
+        _require(
+            self.distribute in ("none", "mirrored"), "train.distribute", "must be none or mirrored"
         )
         _require(bool(self.experiment), "train.experiment", "must be a name")
 

@@ -1,9 +1,13 @@
 """Segmentation losses for the U-Net.
 
 Shape contract: ``y_true`` and ``y_pred`` are ``(N, H, W, 1)`` (any float dtype; ``y_true``
-0/1, ``y_pred`` sigmoid probabilities). Every loss returns a float32 scalar, the mean over the
-batch. Inputs are cast to float32 first so sums over a slice stay exact under
-``mixed_bfloat16`` (bfloat16 has an 8-bit mantissa: a 96x96 sum of ones would already round).
+0/1, ``y_pred`` sigmoid probabilities). Every loss returns float32 ``(N,)``, one value per
+image: Keras averages them over the batch and, under a distribution strategy
+(:mod:`liverseg.training.distribute`), divides each replica's mean by the number of replicas so
+that the summed gradients are those of the global batch (a loss that returned the batch mean
+itself would skip that division and train N times too hard). Inputs are cast to float32 first
+so sums over a slice stay exact under ``mixed_bfloat16`` (bfloat16 has an 8-bit mantissa: a
+96x96 sum of ones would already round).
 """
 
 from __future__ import annotations
@@ -33,25 +37,26 @@ def _per_image_dice(y_true: Any, y_pred: Any, smooth: float) -> Any:
 
 @keras.saving.register_keras_serializable(package="liverseg")
 def dice_loss(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
-    """``1 - soft Dice`` per image, averaged over the batch.
+    """``1 - soft Dice`` per image.
 
     Per image rather than pooled over the batch so that small livers (top/bottom of the organ)
     weigh as much as large ones.
     """
-    return 1.0 - ops.mean(_per_image_dice(y_true, y_pred, smooth))
+    return 1.0 - _per_image_dice(y_true, y_pred, smooth)
 
 
 @keras.saving.register_keras_serializable(package="liverseg")
 def dice_bce_loss(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
-    """Pixel-mean binary cross-entropy plus :func:`dice_loss`.
+    """Pixel-mean binary cross-entropy plus :func:`dice_loss`, per image.
 
     BCE gives well-behaved per-pixel gradients early in training when Dice is flat; Dice
     counters the class imbalance (liver is a small fraction of the slice).
     """
     y_true32 = ops.cast(y_true, "float32")
     y_pred32 = ops.cast(y_pred, "float32")
-    bce = ops.mean(ops.binary_crossentropy(y_true32, y_pred32, from_logits=False))
-    return bce + dice_loss(y_true32, y_pred32, smooth)
+    bce = ops.binary_crossentropy(y_true32, y_pred32, from_logits=False)
+    per_image_bce = ops.mean(bce, axis=tuple(range(1, len(bce.shape))))
+    return per_image_bce + dice_loss(y_true32, y_pred32, smooth)
 
 
 LOSSES: dict[str, LossFn] = {"dice": dice_loss, "dice_bce": dice_bce_loss}

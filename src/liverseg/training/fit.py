@@ -30,6 +30,7 @@ from liverseg.model.losses import get_loss
 from liverseg.model.metrics import DiceCoefficient, IoU
 from liverseg.model.unet import build_unet
 from liverseg.params import TrainParams
+from liverseg.training import distribute
 from liverseg.training.pipeline import make_dataset
 
 # Keras' names for the metrics that are logged every epoch (val_* when there is validation).
@@ -169,14 +170,17 @@ def fit(
     """
     image_size = int(train[0].shape[1])
     steps = math.ceil(int(train[0].shape[0]) / batch_size)
-    model = compile_unet(
-        image_size,
-        cfg,
-        learning_rate,
-        seed,
-        steps_per_execution=steps_per_execution or steps,
-        jit_compile=jit_compile,
-    )
+    with distribute.scope(cfg.distribute, batch_size):  # batch_size is the global batch
+        model = compile_unet(
+            image_size,
+            cfg,
+            learning_rate,
+            seed,
+            steps_per_execution=distribute.steps_per_execution(
+                cfg.distribute, steps_per_execution or steps
+            ),
+            jit_compile=jit_compile,
+        )
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=cfg.augment, seed=seed
     )

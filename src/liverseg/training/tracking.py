@@ -60,7 +60,13 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
             exp = client.get_experiment(exp_id)
     for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (NOTE_TAG, EXPERIMENT_DESCRIPTION)):
         if key not in exp.tags:
-            client.set_experiment_tag(exp.experiment_id, key, value)
+            try:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:
+                # Workers starting together on a tracking server race to insert the same tag
+                # (a unique-key error in its database): fine if one of them wrote it.
+                if key not in client.get_experiment(exp.experiment_id).tags:
+                    raise
     return str(exp.experiment_id)
 
 
