@@ -108,9 +108,17 @@ def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
         if debug:
             traceback.print_exc()
         signum = exc.signum if isinstance(exc, runguard.Interrupted) else 2
-        n = runguard.end_own_runs("KILLED")
+        try:
+            n = runguard.end_own_runs("KILLED")
+            runs = f"; {n} MLflow run(s) ended KILLED" if n else ""
+        except Exception as store_exc:  # the store itself failed: the next run ends them
+            if debug:
+                traceback.print_exc()
+            runs = (
+                f"; MLflow runs not ended ({error_line(store_exc) or type(store_exc).__name__}),"
+                " the next run of a stage ends them as stale"
+            )
         what = exc.message if isinstance(exc, runguard.Interrupted) and exc.message else ""
-        runs = f"; {n} MLflow run(s) ended KILLED" if n else ""
         print(
             f"{prog}: interrupted by {runguard.signal_name(signum)}{runs}; temporary outputs "
             f"removed{'; ' + what if what else ''}",

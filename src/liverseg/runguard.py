@@ -208,8 +208,10 @@ def end_own_runs(status: str = "KILLED") -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # The epoch logger's queued writes go first: one writer at a time on a SQLite store.
+    _retry_busy(mlflow.flush_async_logging)
     while mlflow.active_run() is not None:
-        mlflow.end_run(status)
+        _retry_busy(mlflow.end_run, status)
     mine = process_tags()
     host = mine[HOST_TAG].replace("'", "")
     runs = _runs(
@@ -225,8 +227,23 @@ def end_own_runs(status: str = "KILLED") -> int:
     client = MlflowClient()
     for r in ended:
         if r.info.status != status:
-            client.set_terminated(r.info.run_id, status=status)
+            _retry_busy(client.set_terminated, r.info.run_id, status=status)
     return len(ended)
+
+
+def _retry_busy(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried while the tracking store answers "temporarily
+    unavailable" (a SQLite store locked by another writer, seen under heavy load)."""
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            if exc.error_code != "TEMPORARILY_UNAVAILABLE" or i == attempts - 1:
+                raise
+            time.sleep(0.25 * 2**i)
+    return None
 
 
 # ------------------------------------------------------------------------------- model server
