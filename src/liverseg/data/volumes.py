@@ -221,11 +221,16 @@ def save_mask_like(mask_ras: np.ndarray, ref: Volume, path: Path) -> Path:
     The output carries the input's affine and header (sform/qform codes, pixdim), with the
     data type set to uint8 and no intensity scaling. Written atomically.
     """
-    if mask_ras.shape != ref.data.shape:
-        raise ValueError(f"mask shape {mask_ras.shape} != reference shape {ref.data.shape}")
-    data = np.ascontiguousarray(from_canonical(mask_ras.astype(np.uint8), ref))
+    return _save_like(mask_ras, ref, path, np.uint8, "mask")
+
+
+def _save_like(data_ras: np.ndarray, ref: Volume, path: Path, dtype: Any, what: str) -> Path:
+    """``data_ras`` (on ``ref``'s RAS grid) as ``dtype`` on ``ref``'s own grid and header."""
+    if data_ras.shape != ref.data.shape:
+        raise ValueError(f"{what} shape {data_ras.shape} != reference shape {ref.data.shape}")
+    data = np.ascontiguousarray(from_canonical(data_ras.astype(dtype), ref))
     header = ref.header.copy()
-    header.set_data_dtype(np.uint8)
+    header.set_data_dtype(dtype)
     img = nib.Nifti1Image(data, ref.source_affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
     return _save(img, Path(path))
@@ -262,11 +267,4 @@ def _save(img: nib.Nifti1Image, path: Path) -> Path:
 def save_probabilities_like(prob_ras: np.ndarray, ref: Volume, path: Path) -> Path:
     """Write a float32 map in [0, 1] (on ``ref``'s RAS grid) on the input's own grid, as
     :func:`save_mask_like` writes masks. Written atomically."""
-    if prob_ras.shape != ref.data.shape:
-        raise ValueError(f"map shape {prob_ras.shape} != reference shape {ref.data.shape}")
-    data = np.ascontiguousarray(from_canonical(prob_ras.astype(np.float32), ref))
-    header = ref.header.copy()
-    header.set_data_dtype(np.float32)
-    img = nib.Nifti1Image(data, ref.source_affine, header=header)
-    img.header.set_slope_inter(1.0, 0.0)
-    return _save(img, Path(path))
+    return _save_like(prob_ras, ref, path, np.float32, "map")
