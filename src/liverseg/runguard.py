@@ -60,18 +60,28 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+# Code an exception must not be raised in the middle of: TensorFlow's Python (which its C++
+# may have called: the exception is lost or turned into another error) and the tracking
+# store's database session (raised mid-transaction, the session keeps SQLite locked while the
+# clean-up tries to end the runs: "database is locked", seen in CI).
+_DEFER_IN = tuple(
+    os.sep + os.path.join(*parts) + os.sep
+    for parts in (("tensorflow",), ("sqlalchemy",), ("mlflow", "store"))
+)
+
+
 def _in_tensorflow(frame: Any) -> bool:
     while frame is not None:
-        if f"{os.sep}tensorflow{os.sep}" in frame.f_code.co_filename:
+        if any(d in frame.f_code.co_filename for d in _DEFER_IN):
             return True
         frame = frame.f_back
     return False
 
 
 def retry_outside_tensorflow(signum: int, frame: Any) -> bool:
-    """When the signal came while TensorFlow's Python code runs (which its C++ may have
-    called: an exception raised there is lost or turned into another error), send it again to
-    the main thread in 50 ms and return True; the retries end where it lands outside."""
+    """When the signal came while TensorFlow's Python code or a tracking-store transaction
+    runs (see ``_DEFER_IN``), send it again to the main thread in 50 ms and return True; the
+    retries end where it lands outside."""
     if not _in_tensorflow(frame):
         return False
     main = threading.main_thread().ident
