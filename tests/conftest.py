@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,17 @@ def run(cmd: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[
             f"\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def stop_group(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Stop a server started with ``start_new_session=True`` and every process it spawned:
+    SIGTERM to its process group, SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def make_repo_copy(dest: Path, params_override: dict) -> Path:

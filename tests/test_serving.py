@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tool_env
+from conftest import stop_group, tool_env
 from liverseg.client import (
     ServingError,
     invocations_url,
@@ -344,12 +342,7 @@ def server(tiny_model: Path, store: Store) -> Iterator[Server]:
             time.sleep(1)
         yield Server(url, proc, log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, REPO, run, tool_env
+from conftest import BIN, REPO, run, stop_group, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -331,12 +330,7 @@ def test_two_workers_pipeline_remote_and_serving(
             masks = np.asarray(json.loads(r.read())["predictions"])
         assert masks.shape == (2, 40, 40) and set(np.unique(masks)) <= {0, 1}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def _wait_ping(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
