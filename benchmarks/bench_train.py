@@ -66,7 +66,7 @@ def phantom_fold(work: Path, image_size: int, params_path: Path) -> tuple[Any, A
     from liverseg.data.splits import fold_cases
     from liverseg.params import load_section
     from liverseg.stages.prepare import prepare
-    from liverseg.training.pipeline import load_prepared
+    from liverseg.training.dataset import load_prepared
 
     ingest = load_section("ingest", params_path)
     prep = dataclasses.replace(load_section("prepare", params_path), image_size=image_size)

@@ -7,6 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,53 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["git", "add", "dvc.lock", "reports"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
     return repo
+
+
+# ----------------------------------------------------------------------------- MLflow stores
+@dataclass(frozen=True)
+class MlflowStore:
+    """A private SQLite tracking store: ``root/mlflow.db``, artifacts under ``root/artifacts``."""
+
+    uri: str
+    root: Path
+
+    def experiment(self, name: str) -> str:
+        """The id of experiment ``name`` (created with its artifacts under ``root``)."""
+        from liverseg.training.tracking import ensure_experiment
+
+        return ensure_experiment(name, self.root / "artifacts")
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its tables created (the migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@contextmanager
+def mlflow_store_at(root: Path, template: Path) -> Iterator[MlflowStore]:
+    """A copy of the empty store at ``root``, the tracking URI (environment and MLflow's
+    process-wide setting) pointing at it while the context lasts."""
+    import mlflow
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, root / "mlflow.db")
+    store = MlflowStore(f"sqlite:///{root / 'mlflow.db'}", root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store.uri)
+        mlflow.set_tracking_uri(store.uri)
+        try:
+            yield store
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[MlflowStore]:
+    """A private MLflow store for one test, in ``tmp_path/mlruns``."""
+    with mlflow_store_at(tmp_path / "mlruns", empty_mlflow_db) as store:
+        yield store

@@ -64,7 +64,7 @@ def test_evaluate_reports_nsd_and_quality(tmp_path: Path) -> None:
         truth[22 - shift : 34 - shift, 8:24, 2:10] = 1
         save_pair(hu, truth, affine, *output_paths(raw, f"e0{n + 1}"))
     prepared.mkdir()
-    (prepared / "splits.json").write_text(json.dumps({"test": ["e01", "e02", "e03"]}))
+    (prepared / "splits.json").write_text(json.dumps({"test": ["e01", "e02", "e03"], "folds": []}))
     models = ensemble_dir(tmp_path / "models")
     cfg = EvaluateParams(
         overlays_per_patient=0,

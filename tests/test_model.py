@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from liverseg.errors import ParamsError
+from liverseg.model.keras_metrics import CUSTOM_OBJECTS, DiceCoefficient, IoU
 from liverseg.model.losses import dice_bce_loss, dice_loss, get_loss
-from liverseg.model.metrics import CUSTOM_OBJECTS, DiceCoefficient, IoU
 from liverseg.model.unet import build_unet, count_flops
 from liverseg.params import ModelParams
 

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import stop_group, tool_env
+from conftest import mlflow_store_at, stop_group, tool_env
 from liverseg.client import (
     ServingError,
     invocations_url,
@@ -240,31 +240,26 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[Store]:
     """A SQLite tracking store in a temporary folder, with a finished training parent run."""
     import mlflow
 
-    from liverseg.training.tracking import ensure_experiment
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        exp_id = ensure_experiment("liverseg-test", root / "artifacts")
+    with mlflow_store_at(tmp_path_factory.mktemp("mlflow"), empty_mlflow_db) as mlf:
+        exp_id = mlf.experiment("liverseg-test")
         with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
             parent = run.info.run_id
-        run_json = root / "run.json"
+        run_json = mlf.root / "run.json"
         run_json.write_text(
             json.dumps(
                 {
                     "experiment_id": exp_id,
                     "parent_run_id": parent,
                     "final_run_id": "",
-                    "tracking_uri": uri,
+                    "tracking_uri": mlf.uri,
                 }
             )
         )
-        yield Store(uri, root, run_json, parent)
+        yield Store(mlf.uri, mlf.root, run_json, parent)
 
 
 def register_with(store: Store, model: Path, dice: float, tag: str) -> dict[str, Any]:

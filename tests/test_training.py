@@ -8,11 +8,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import MlflowStore
 from liverseg.data.phantom import write_phantom
 from liverseg.params import ModelParams, PhantomParams, PrepareParams, TrainParams
 from liverseg.stages.prepare import prepare
 from liverseg.training import crossval
-from liverseg.training.tracking import ensure_experiment
 
 TINY_TRAIN = TrainParams(
     model=ModelParams(depth=2, base_filters=4), epochs=2, patience=2, batch_size=8, seed=3
@@ -28,12 +28,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield ensure_experiment("t", tmp_path / "artifacts")
-    mlflow.set_tracking_uri(None)
+def store(mlflow_store: MlflowStore) -> str:
+    """The id of an experiment in a private MLflow store."""
+    return mlflow_store.experiment("t")
 
 
 def _runs(exp_id: str):
@@ -109,7 +106,7 @@ def test_fold_ensemble_is_the_mean_and_survives_saving(tmp_path: Path) -> None:
     import keras
     import numpy as np
 
-    from liverseg.model.metrics import CUSTOM_OBJECTS
+    from liverseg.model.keras_metrics import CUSTOM_OBJECTS
     from liverseg.model.unet import build_unet
 
     members = [build_unet(32, ModelParams(depth=2, base_filters=4), seed=i) for i in range(3)]

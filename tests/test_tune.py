@@ -34,7 +34,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import MlflowStore
 from liverseg import tuning
+from liverseg.data.splits import load_splits
 from liverseg.errors import DataError, ParamsError
 from liverseg.params import AugmentParams, ModelParams, TrainParams, TuneParams, as_flat_dict
 from liverseg.training.tracking import content_hash, ensure_experiment
@@ -102,24 +104,6 @@ def write_prepared(root: Path, seed: int = 0) -> Path:
 @pytest.fixture
 def prepared(tmp_path: Path) -> Path:
     return write_prepared(tmp_path / "prepared")
-
-
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its tables created (the migrations take seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> str:
-    """A private MLflow store for the test (MLFLOW_TRACKING_URI), copied from the template."""
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 # ----------------------------------------------------------------------------- scripted fit
@@ -351,7 +335,7 @@ def test_unreachable_database_is_a_tuning_error(monkeypatch: pytest.MonkeyPatch)
     "ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning"
 )
 def test_a_dead_workers_trial_is_failed_and_its_run_ended(
-    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A trial whose process died: RUNNING, last heartbeat older than the grace period.
     monkeypatch.setattr(tuning, "HEARTBEAT_INTERVAL_S", 1)
@@ -387,17 +371,17 @@ def test_load_splits_rejects(tmp_path: Path, content: str | None, match: str) ->
     if content is not None:
         (tmp_path / "splits.json").write_text(content)
     with pytest.raises(DataError, match=match):
-        tuning.load_splits(tmp_path)
+        load_splits(tmp_path)
 
 
-def test_missing_fold_is_a_params_error(prepared: Path, tracking: str) -> None:
+def test_missing_fold_is_a_params_error(prepared: Path, mlflow_store: MlflowStore) -> None:
     with pytest.raises(ParamsError, match=r"tune.folds: fold\(s\) \[2\] do not exist"):
         tuning.make_objective(prepared, tiny_tune(folds=(0, 2)), TINY_TRAIN, experiment_id="0")
 
 
 # ------------------------------------------------------------------------- scripted objective
 def test_objective_reports_every_fold_epoch_and_averages_best_dice(
-    prepared: Path, tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # fold 0: 0.5 then 0.6 (best 0.6); fold 1: 0.9 then 0.7 (best 0.9) -> value 0.75.
     curves = {0: [0.5, 0.6], 1: [0.9, 0.7]}
@@ -455,7 +439,7 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
 )
 def test_median_pruner_prunes_after_warmup(
     prepared: Path,
-    tracking: str,
+    mlflow_store: MlflowStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     warmup: int,
@@ -496,7 +480,7 @@ def test_median_pruner_prunes_after_warmup(
 )
 def test_failed_trials_end_their_runs(
     prepared: Path,
-    tracking: str,
+    mlflow_store: MlflowStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     behaviour: str,
@@ -535,7 +519,11 @@ def test_stop_signal_waits_for_the_end_of_a_critical_section() -> None:
 
 @pytest.mark.parametrize("where", ["training", "run creation"])
 def test_sigterm_fails_the_trial_and_kills_its_run(
-    prepared: Path, tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    prepared: Path,
+    mlflow_store: MlflowStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
     def curve(lr: float, bs: int, fold: int) -> list[float]:
         if where == "training":
@@ -570,7 +558,11 @@ def test_sigterm_fails_the_trial_and_kills_its_run(
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_rerun_runs_only_the_missing_finished_trials(
-    prepared: Path, tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+    prepared: Path,
+    mlflow_store: MlflowStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     url = f"sqlite:///{tmp_path}/o.db" if kind == "sqlite" else f"journal:{tmp_path}/o.log"
     curves = {4: [0.6, 0.7], 8: [0.2, 0.3]}
@@ -720,7 +712,7 @@ def test_a_plot_that_fails_is_skipped(tmp_path: Path, monkeypatch: pytest.Monkey
 )
 def test_stage_rejects(
     prepared: Path,
-    tracking: str,
+    mlflow_store: MlflowStore,
     tmp_path: Path,
     extra: list[str],
     prepared_name: str,
@@ -740,7 +732,7 @@ def test_stage_rejects(
 # ------------------------------------------------------------------------ real training (slow)
 @pytest.mark.slow
 def test_real_training_study_and_forced_prune(
-    prepared: Path, tracking: str, tmp_path: Path
+    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
 ) -> None:
     tune = tiny_tune(n_trials=2, epochs=2)
     storage = tuning.open_storage(f"sqlite:///{tmp_path}/o.db")
@@ -851,7 +843,7 @@ def finished_trials(db: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_study_resumes_with_its_trials(
-    prepared: Path, tracking: str, tmp_path: Path
+    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path}/optuna/optuna.db"
     params = write_params(tmp_path / "params.yaml", tiny_tune(n_trials=50, epochs=1, storage=url))
@@ -859,7 +851,7 @@ def test_killed_study_resumes_with_its_trials(
     cmd = cli("--prepared", str(prepared), "--out", str(out), "--params", str(params))
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(
-        cmd, env=env_for(tracking), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+        cmd, env=env_for(mlflow_store.uri), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 150
     try:
@@ -884,7 +876,12 @@ def test_killed_study_resumes_with_its_trials(
 
     write_params(params, tiny_tune(n_trials=n_done + 1, epochs=1, storage=url))
     res = subprocess.run(
-        cmd, env=env_for(tracking), cwd=tmp_path, capture_output=True, text=True, timeout=300
+        cmd,
+        env=env_for(mlflow_store.uri),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     study = load(url)
@@ -900,14 +897,16 @@ def test_killed_study_resumes_with_its_trials(
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_sqlite_study(prepared: Path, tracking: str, tmp_path: Path) -> None:
+def test_two_workers_share_one_sqlite_study(
+    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
+) -> None:
     url = f"sqlite:///{tmp_path}/optuna/optuna.db"
     params = write_params(tmp_path / "params.yaml", tiny_tune(n_trials=4, epochs=1, storage=url))
     out = tmp_path / "reports" / "tune"
     cmd = cli("--prepared", str(prepared), "--out", str(out), "--params", str(params))
     res = subprocess.run(
         [*cmd, "--workers", "2"],
-        env=env_for(tracking),
+        env=env_for(mlflow_store.uri),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -993,7 +992,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.mark.slow
 def test_worker_processes_share_a_postgresql_study(
-    prepared: Path, tracking: str, tmp_path: Path, postgres_url: str
+    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path, postgres_url: str
 ) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_tune(n_trials=4, epochs=1))
     # The experiment exists before both workers start (no race to create it).
@@ -1003,7 +1002,7 @@ def test_worker_processes_share_a_postgresql_study(
     procs = [
         subprocess.Popen(
             [*cmd, "--storage", postgres_url],
-            env=env_for(tracking),
+            env=env_for(mlflow_store.uri),
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -83,7 +83,7 @@ class Segmenter:
         # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
         import keras
 
-        from liverseg.model.metrics import CUSTOM_OBJECTS
+        from liverseg.model.keras_metrics import CUSTOM_OBJECTS
 
         try:
             prep = json.loads(prep_file.read_text())

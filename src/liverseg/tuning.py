@@ -7,7 +7,7 @@ augmentation and precision come from the ``train`` section, so the tuned values 
 that ``train`` builds. The trial's value is the mean over its folds of the best epoch's
 validation Dice (pooled 2-D Dice, as ``train`` selects its epoch by); the study maximises it.
 
-Arrays follow the pipeline contract of :func:`liverseg.training.pipeline.load_prepared`:
+Arrays follow the pipeline contract of :func:`liverseg.training.dataset.load_prepared`:
 ``(N, H, W, 1)`` float32 images in [0, 1] and 0/1 masks; a fold's slices stay in memory for
 every trial this process runs.
 
@@ -55,9 +55,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
 from liverseg import runguard
-from liverseg.data.splits import fold_cases
-from liverseg.errors import DataError, LiversegError, ParamsError
-from liverseg.fsutil import atomic_dir, read_stage_json, write_json
+from liverseg.data.splits import fold_cases, load_splits
+from liverseg.errors import LiversegError, ParamsError
+from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
 from liverseg.training.tracking import NOTE_TAG
 
@@ -482,15 +482,6 @@ def keras_callback(reporter: TrialReporter, stop: StopSignal | None = None) -> A
     return callback
 
 
-def load_splits(prepared: Path) -> dict[str, Any]:
-    """``prepared/splits.json`` (the prepare stage's patient splits)."""
-    path = Path(prepared) / "splits.json"
-    splits = read_stage_json(path, "prepare")
-    if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list):
-        raise DataError(f"{path}: has no 'folds' list (not a prepare stage output)")
-    return splits
-
-
 def _as_float(value: Any) -> float | None:
     """A Keras log value (Python float, NumPy or TensorFlow scalar) as float; None if not one."""
     try:
@@ -522,8 +513,8 @@ def make_objective(
     """
     import keras
 
+    from liverseg.training.dataset import load_prepared
     from liverseg.training.fit import fit
-    from liverseg.training.pipeline import load_prepared
 
     client = client or MlflowClient()
     splits = load_splits(prepared)

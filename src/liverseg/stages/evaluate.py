@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.splits import load_splits
 from liverseg.data.volumes import load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
 from liverseg.evaluation.plots import overlay, overlay_slices
@@ -57,7 +58,7 @@ def evaluate(
     """Segment the test patients listed in ``prepared/splits.json``; write ``out``."""
     from liverseg.inference import PostProcessing, Segmenter
 
-    test_ids = json.loads((prepared / "splits.json").read_text())["test"]
+    test_ids = load_splits(prepared)["test"]
     pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
     seg = Segmenter.load(
         model_dir,

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from liverseg.data.splits import load_splits
 from liverseg.errors import ParamsError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
 from liverseg.runguard import Interrupted
@@ -155,7 +156,7 @@ def main(args: argparse.Namespace) -> None:
         log_dataset,
     )
 
-    tuning.load_splits(args.prepared)
+    load_splits(args.prepared)
     data_hash = content_hash(args.prepared)
     inputs = tuning.study_inputs(data_hash, tune, train)
     name = tuning.study_name(data_hash, tune, train)

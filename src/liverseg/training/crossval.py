@@ -18,13 +18,13 @@ import keras
 import mlflow
 import numpy as np
 
-from liverseg.data.splits import fold_cases, trainval_cases
+from liverseg.data.splits import fold_cases, load_splits, trainval_cases
 from liverseg.model.unet import count_flops
 from liverseg.params import TrainParams, as_flat_dict
 from liverseg.training import resume
 from liverseg.training.curves import curves_figure
+from liverseg.training.dataset import load_prepared
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
-from liverseg.training.pipeline import load_prepared
 from liverseg.training.tracking import (
     NOTE_TAG,
     log_dataset,
@@ -88,7 +88,7 @@ def cross_validate(
 
     ``data_digest`` (the prepared data's DVC hash) is the digest of the dataset that every
     run records as its input; ``dvc_exp`` names the ``dvc exp run`` experiment, if any."""
-    splits = json.loads((prepared / "splits.json").read_text())
+    splits = load_splits(prepared)
     k = len(splits["folds"])
     histories: dict[str, dict[str, list[float]]] = {}
     fold_rows: list[dict[str, Any]] = []

@@ -26,12 +26,12 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
-from liverseg.model.metrics import DiceCoefficient, IoU
 from liverseg.model.unet import build_unet
 from liverseg.params import TrainParams
 from liverseg.training import distribute
-from liverseg.training.pipeline import make_dataset
+from liverseg.training.dataset import make_dataset
 
 # Keras' names for the metrics that are logged every epoch (val_* when there is validation).
 EPOCH_METRICS = ("loss", "dice", "iou")

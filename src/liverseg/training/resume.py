@@ -93,7 +93,7 @@ def reuse_fold(
         saved = mlflow.artifacts.load_dict(f"runs:/{run_id}/{FOLD_FILE}")
         model = None
         if load_model:
-            from liverseg.model.metrics import CUSTOM_OBJECTS
+            from liverseg.model.keras_metrics import CUSTOM_OBJECTS
 
             model = mlflow.keras.load_model(
                 f"runs:/{run_id}/model",
