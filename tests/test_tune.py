@@ -35,11 +35,22 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import MlflowStore
-from liverseg import tuning
 from liverseg.data.splits import load_splits
 from liverseg.errors import DataError, ParamsError
 from liverseg.params import AugmentParams, ModelParams, TrainParams, TuneParams, as_flat_dict
 from liverseg.training.tracking import content_hash, ensure_experiment
+from liverseg.tuning.objective import OBJECTIVE_METRIC, make_objective
+from liverseg.tuning.report import summarize, write_report
+from liverseg.tuning.stop import StopSignal
+from liverseg.tuning.storage import SQLITE_BUSY_TIMEOUT_S, open_storage, redact
+from liverseg.tuning.study import (
+    TuningError,
+    count_finished,
+    create_study,
+    optimize,
+    sampler_seed,
+    study_name,
+)
 
 SIZE = 32
 N_SLICES = 8
@@ -131,7 +142,10 @@ def scripted_fit(curve: Curve, calls: list[dict[str, Any]]) -> Callable[..., Any
         # the objective labels each fold's progress lines with its trial and fold
         assert progress is not None and progress.startswith("tune: trial ")
         assert progress.endswith(f" fold-{fold}")
-        model = SimpleNamespace(stop_training=False)
+        # what the epoch logger reads besides the logs: the optimizer's learning rate
+        model = SimpleNamespace(
+            stop_training=False, optimizer=SimpleNamespace(learning_rate=learning_rate)
+        )
         for cb in callbacks or []:
             cb.set_model(model)
         values = curve(learning_rate, batch_size, fold)
@@ -156,7 +170,7 @@ def run_scripted(
     storage_url: str,
     enqueue: list[dict[str, Any]] | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
-    stop: tuning.StopSignal | None = None,
+    stop: StopSignal | None = None,
 ) -> tuple[optuna.Study, str, list[dict[str, Any]]]:
     """Optimise a study with the scripted fit; returns (study, parent run id, fit calls)."""
     calls: list[dict[str, Any]] = []
@@ -165,15 +179,15 @@ def run_scripted(
     monkeypatch.setattr(
         "keras.backend.clear_session", lambda **k: calls.append({"clear_session": k})
     )
-    study = tuning.create_study(tuning.open_storage(storage_url), "study", tune, pruner=pruner)
+    study = create_study(open_storage(storage_url), "study", tune, pruner=pruner)
     for params in enqueue or []:
         study.enqueue_trial(params)
     exp_id = ensure_experiment(EXPERIMENT)
     parent = MlflowClient().create_run(exp_id, run_name="study-test").info.run_id
-    objective = tuning.make_objective(
+    objective = make_objective(
         prepared, tune, TINY_TRAIN, experiment_id=exp_id, parent_run_id=parent, stop=stop
     )
-    tuning.optimize(study, objective, tune, stop)
+    optimize(study, objective, tune, stop)
     return study, parent, calls
 
 
@@ -246,8 +260,8 @@ BASE_HASH = "a" * 64
 def test_study_name_follows_the_objectives_inputs(
     what: str, data_hash: str, tune_kw: dict[str, Any], train: TrainParams, same: bool
 ) -> None:
-    base = tuning.study_name(BASE_HASH, tiny_tune(), TINY_TRAIN)
-    name = tuning.study_name(data_hash, tiny_tune(**tune_kw), train)
+    base = study_name(BASE_HASH, tiny_tune(), TINY_TRAIN)
+    name = study_name(data_hash, tiny_tune(**tune_kw), train)
     assert name.startswith("liverseg-") and len(name) == len("liverseg-") + 12
     int(name.removeprefix("liverseg-"), 16)
     assert (name == base) is same, what
@@ -256,13 +270,13 @@ def test_study_name_follows_the_objectives_inputs(
 def test_study_name_of_prepared_data_changes_with_a_byte(tmp_path: Path) -> None:
     a = write_prepared(tmp_path / "a")
     b = write_prepared(tmp_path / "b")
-    assert tuning.study_name(content_hash(a), tiny_tune(), TINY_TRAIN) == tuning.study_name(
+    assert study_name(content_hash(a), tiny_tune(), TINY_TRAIN) == study_name(
         content_hash(b), tiny_tune(), TINY_TRAIN
     )
     meta = json.loads((b / "meta.json").read_text())
     meta["params"]["image_size"] = 33
     (b / "meta.json").write_text(json.dumps(meta))
-    assert tuning.study_name(content_hash(a), tiny_tune(), TINY_TRAIN) != tuning.study_name(
+    assert study_name(content_hash(a), tiny_tune(), TINY_TRAIN) != study_name(
         content_hash(b), tiny_tune(), TINY_TRAIN
     )
 
@@ -274,13 +288,13 @@ def test_study_name_of_prepared_data_changes_with_a_byte(tmp_path: Path) -> None
 def test_sampler_seed_of_a_fresh_single_worker_study_is_the_seed(
     seed: int, worker: int, existing: int, expected: int
 ) -> None:
-    assert tuning.sampler_seed(seed, worker, existing) == expected
+    assert sampler_seed(seed, worker, existing) == expected
 
 
 def test_sampler_seed_differs_per_worker_and_on_resume() -> None:
-    seeds = {tuning.sampler_seed(42, w, n) for w in (0, 1, 2) for n in (0, 3)}
+    seeds = {sampler_seed(42, w, n) for w in (0, 1, 2) for n in (0, 3)}
     assert len(seeds) == 6
-    assert tuning.sampler_seed(42, 1, 3) == tuning.sampler_seed(42, 1, 3)
+    assert sampler_seed(42, 1, 3) == sampler_seed(42, 1, 3)
 
 
 # --------------------------------------------------------------------------------- storage
@@ -293,20 +307,20 @@ def test_sampler_seed_differs_per_worker_and_on_resume() -> None:
     ],
 )
 def test_open_storage_kinds(tmp_path: Path, url: str, kind: type, created: str) -> None:
-    storage = tuning.open_storage(url.format(tmp=tmp_path))
+    storage = open_storage(url.format(tmp=tmp_path))
     assert isinstance(storage, kind)
     assert (tmp_path / created).is_dir()
     study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    again = optuna.load_study(study_name="s", storage=tuning.open_storage(url.format(tmp=tmp_path)))
+    again = optuna.load_study(study_name="s", storage=open_storage(url.format(tmp=tmp_path)))
     assert len(again.trials) == 2
 
 
 def test_sqlite_storage_waits_for_the_lock(tmp_path: Path) -> None:
-    storage = tuning.open_storage(f"sqlite:///{tmp_path}/o.db")
+    storage = open_storage(f"sqlite:///{tmp_path}/o.db")
     assert isinstance(storage, optuna.storages.RDBStorage)
     args = storage.engine_kwargs["connect_args"]
-    assert args["timeout"] == tuning.SQLITE_BUSY_TIMEOUT_S
+    assert args["timeout"] == SQLITE_BUSY_TIMEOUT_S
 
 
 @pytest.mark.parametrize(
@@ -321,14 +335,14 @@ def test_sqlite_storage_waits_for_the_lock(tmp_path: Path) -> None:
 )
 def test_open_storage_rejects(url: str, match: str) -> None:
     with pytest.raises(ParamsError, match=f"tune.storage.*{match}"):
-        tuning.open_storage(url)
+        open_storage(url)
 
 
 def test_unreachable_database_is_a_tuning_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tuning, "STORAGE_RETRY_S", 0.0)
-    with pytest.raises(tuning.TuningError, match="127.0.0.1:1/x.*cannot open"):
-        tuning.open_storage("postgresql://u:secret@127.0.0.1:1/x")
-    assert tuning.redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    monkeypatch.setattr("liverseg.tuning.storage.STORAGE_RETRY_S", 0.0)
+    with pytest.raises(TuningError, match="127.0.0.1:1/x.*cannot open"):
+        open_storage("postgresql://u:secret@127.0.0.1:1/x")
+    assert redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
 
 
 @pytest.mark.filterwarnings(
@@ -338,10 +352,10 @@ def test_a_dead_workers_trial_is_failed_and_its_run_ended(
     mlflow_store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A trial whose process died: RUNNING, last heartbeat older than the grace period.
-    monkeypatch.setattr(tuning, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(tuning, "HEARTBEAT_GRACE_S", 1)
-    storage = tuning.open_storage(f"sqlite:///{tmp_path}/o.db")
-    study = tuning.create_study(storage, "s", tiny_tune())
+    monkeypatch.setattr("liverseg.tuning.storage.HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr("liverseg.tuning.storage.HEARTBEAT_GRACE_S", 1)
+    storage = open_storage(f"sqlite:///{tmp_path}/o.db")
+    study = create_study(storage, "s", tiny_tune())
     exp_id = ensure_experiment(EXPERIMENT)
     run_id = MlflowClient().create_run(exp_id, run_name="trial-0").info.run_id
     trial = study.ask()
@@ -376,7 +390,7 @@ def test_load_splits_rejects(tmp_path: Path, content: str | None, match: str) ->
 
 def test_missing_fold_is_a_params_error(prepared: Path, mlflow_store: MlflowStore) -> None:
     with pytest.raises(ParamsError, match=r"tune.folds: fold\(s\) \[2\] do not exist"):
-        tuning.make_objective(prepared, tiny_tune(folds=(0, 2)), TINY_TRAIN, experiment_id="0")
+        make_objective(prepared, tiny_tune(folds=(0, 2)), TINY_TRAIN, experiment_id="0")
 
 
 # ------------------------------------------------------------------------- scripted objective
@@ -417,7 +431,7 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
     # MLflow counts epochs from 1; Optuna's intermediate values stay at the 0-based steps
     assert val_dice_steps(run.info.run_id) == [(1, 0.5), (2, 0.6), (3, 0.9), (4, 0.7)]
     # the objective so far: fold 0's best, then the mean of fold 0's best and fold 1's so far
-    objective = client_history(run.info.run_id, tuning.OBJECTIVE_METRIC)
+    objective = client_history(run.info.run_id, OBJECTIVE_METRIC)
     assert [step for step, _ in objective] == [1, 2, 3, 4]
     assert [v for _, v in objective] == pytest.approx([0.5, 0.6, 0.75, 0.75])
     assert objective[-1][1] == pytest.approx(run.data.metrics["value"])
@@ -495,7 +509,7 @@ def test_failed_trials_end_their_runs(
     url = f"sqlite:///{tmp_path}/o.db"
     with pytest.raises(raises) if raises else contextlib.nullcontext():
         run_scripted(monkeypatch, prepared, tiny_tune(n_trials=1), curve, storage_url=url)
-    study = optuna.load_study(study_name="study", storage=tuning.open_storage(url))
+    study = optuna.load_study(study_name="study", storage=open_storage(url))
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     (run,) = trial_runs().values()
     assert run.data.tags["state"] == "FAIL"
@@ -503,7 +517,7 @@ def test_failed_trials_end_their_runs(
 
 
 def test_stop_signal_waits_for_the_end_of_a_critical_section() -> None:
-    stop = tuning.StopSignal()
+    stop = StopSignal()
     before = signal.getsignal(signal.SIGTERM)
     reached = False
     with stop.installed():
@@ -544,12 +558,12 @@ def test_sigterm_fails_the_trial_and_kills_its_run(
 
         monkeypatch.setattr(MlflowClient, "create_run", create_and_signal)
     url = f"sqlite:///{tmp_path}/o.db"
-    stop = tuning.StopSignal()
+    stop = StopSignal()
     with stop.installed(), pytest.raises(KeyboardInterrupt):
         run_scripted(
             monkeypatch, prepared, tiny_tune(n_trials=3), curve, storage_url=url, stop=stop
         )
-    study = optuna.load_study(study_name="study", storage=tuning.open_storage(url))
+    study = optuna.load_study(study_name="study", storage=open_storage(url))
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     (run,) = trial_runs().values()
     assert run.data.tags["state"] == "FAIL"
@@ -595,7 +609,7 @@ def test_rerun_runs_only_the_missing_finished_trials(
     after = [(t.number, t.state, t.params, t.value) for t in study.trials]
     assert after[:4] == before
     assert [n for n, *_ in after] == [0, 1, 2, 3, 4, 5]
-    assert tuning.count_finished(study) == 6
+    assert count_finished(study) == 6
 
 
 def test_summary_needs_a_complete_trial(tmp_path: Path) -> None:
@@ -611,8 +625,8 @@ def test_summary_needs_a_complete_trial(tmp_path: Path) -> None:
             intermediate_values={0: 0.1},
         )
     )
-    with pytest.raises(tuning.TuningError, match=r"no trial completed \(1 pruned, 0 failed"):
-        tuning.summarize(study)
+    with pytest.raises(TuningError, match=r"no trial completed \(1 pruned, 0 failed"):
+        summarize(study)
 
 
 def _study_with(values: list[tuple[float, int, float | None]]) -> optuna.Study:
@@ -673,7 +687,7 @@ def test_write_report(
     out = tmp_path / "reports" / "tune"
     out.mkdir(parents=True)
     (out / "stale.png").write_text("old")
-    summary, status = tuning.write_report(study, out, seed=0)
+    summary, status = write_report(study, out, seed=0)
     expected = {**best, "study_name": study.study_name, **counts}
     assert summary == pytest.approx(expected)
     assert json.loads((out / "best_params.json").read_text()) == summary
@@ -691,7 +705,7 @@ def test_a_plot_that_fails_is_skipped(tmp_path: Path, monkeypatch: pytest.Monkey
         raise RuntimeError("no plot today")
 
     monkeypatch.setattr(vis, "plot_slice", broken)
-    summary, status = tuning.write_report(
+    summary, status = write_report(
         _study_with([(1e-3, 4, 0.5), (1e-2, 8, 0.8)]), tmp_path / "out", seed=0
     )
     assert status["slice.png"] == "failed: RuntimeError: no plot today"
@@ -735,17 +749,17 @@ def test_real_training_study_and_forced_prune(
     prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
 ) -> None:
     tune = tiny_tune(n_trials=2, epochs=2)
-    storage = tuning.open_storage(f"sqlite:///{tmp_path}/o.db")
+    storage = open_storage(f"sqlite:///{tmp_path}/o.db")
     exp_id = ensure_experiment(EXPERIMENT)
     client = MlflowClient()
     parent = client.create_run(exp_id, run_name="study-real").info.run_id
-    objective = tuning.make_objective(
+    objective = make_objective(
         prepared, tune, TINY_TRAIN, experiment_id=exp_id, parent_run_id=parent
     )
-    study = tuning.create_study(storage, "real", tune)
+    study = create_study(storage, "real", tune)
     assert isinstance(study.pruner, optuna.pruners.MedianPruner)
-    tuning.optimize(study, objective, tune)
-    assert tuning.count_finished(study) == 2
+    optimize(study, objective, tune)
+    assert count_finished(study) == 2
     assert study.trials[0].state == TrialState.COMPLETE  # nothing to compare with yet
     assert 0.0 <= study.trials[0].value <= 1.0
     runs = trial_runs(parent)
@@ -759,22 +773,22 @@ def test_real_training_study_and_forced_prune(
     assert val_dice_steps(runs[0].info.run_id) == [
         (s + 1, round(v, 6)) for s, v in sorted(study.trials[0].intermediate_values.items())
     ]
-    summary, _ = tuning.write_report(study, tmp_path / "report", seed=0)
+    summary, _ = write_report(study, tmp_path / "report", seed=0)
     assert summary["value"] == pytest.approx(study.best_value)
 
     # A pruner that prunes any Dice (< 1.01) after the first epoch: Keras must stop there.
-    forced = tuning.create_study(
+    forced = create_study(
         storage, "forced", tune, pruner=optuna.pruners.ThresholdPruner(lower=1.01)
     )
     parent2 = client.create_run(exp_id, run_name="study-forced").info.run_id
-    objective2 = tuning.make_objective(
+    objective2 = make_objective(
         prepared,
         tiny_tune(n_trials=1, epochs=2),
         TINY_TRAIN,
         experiment_id=exp_id,
         parent_run_id=parent2,
     )
-    tuning.optimize(forced, objective2, tiny_tune(n_trials=1, epochs=2))
+    optimize(forced, objective2, tiny_tune(n_trials=1, epochs=2))
     (trial,) = forced.trials
     assert trial.state == TrialState.PRUNED
     assert list(trial.intermediate_values) == [0]
@@ -808,7 +822,7 @@ def env_for(tracking: str) -> dict[str, str]:
 
 
 def load(url: str) -> optuna.Study:
-    storage = tuning.open_storage(url)
+    storage = open_storage(url)
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -872,7 +886,7 @@ def test_killed_study_resumes_with_its_trials(
     assert_runs_match_trials(study)
     assert not out.exists()
     before = [(t.number, t.state, t.params, t.value) for t in study.trials]
-    n_done = tuning.count_finished(study)
+    n_done = count_finished(study)
 
     write_params(params, tiny_tune(n_trials=n_done + 1, epochs=1, storage=url))
     res = subprocess.run(
@@ -888,7 +902,7 @@ def test_killed_study_resumes_with_its_trials(
     after = [(t.number, t.state, t.params, t.value) for t in study.trials]
     assert after[: len(before)] == before
     assert [n for n, *_ in after] == list(range(len(after)))
-    assert tuning.count_finished(study) == n_done + 1
+    assert count_finished(study) == n_done + 1
     assert_runs_match_trials(study)
     best = json.loads((out / "best_params.json").read_text())
     assert best["study_name"] == study.study_name
@@ -917,7 +931,7 @@ def test_two_workers_share_one_sqlite_study(
     study = load(url)
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers)))
-    assert tuning.count_finished(study) >= 4
+    assert count_finished(study) >= 4
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2, workers
     runs = assert_runs_match_trials(study)
@@ -1014,11 +1028,11 @@ def test_worker_processes_share_a_postgresql_study(
         log.close()
     assert codes == [0, 0], [(tmp_path / f"worker{i}.log").read_text()[-2000:] for i in range(2)]
     study = load(postgres_url)
-    expected_name = tuning.study_name(content_hash(prepared), tiny_tune(epochs=1), TINY_TRAIN)
+    expected_name = study_name(content_hash(prepared), tiny_tune(epochs=1), TINY_TRAIN)
     assert study.study_name == expected_name
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers)))
-    assert tuning.count_finished(study) >= 4
+    assert count_finished(study) >= 4
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert workers == {f"{socket.gethostname()}:{p.pid}" for p in procs}
     assert_runs_match_trials(study)

@@ -11,11 +11,11 @@ Parallel work, all through the study storage (``tune.storage`` or ``--storage``)
   PostgreSQL/MySQL database or journal file, then one plain ``liverseg tune`` writes the
   report (it runs only the trials still missing, none when the study is done).
 
-SIGTERM is handled like Ctrl+C (:class:`liverseg.tuning.StopSignal`): the running trial is
+SIGTERM is handled like Ctrl+C (:class:`liverseg.tuning.stop.StopSignal`): the running trial is
 recorded FAIL, its MLflow run KILLED, the extra workers are stopped the same way, and the
 parent run ends KILLED (exit 130 / 143), so nothing stays RUNNING. After a SIGKILL, the next
 ``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait) and
-reruns them (:func:`liverseg.tuning.fail_dead_trials`).
+reruns them (:func:`liverseg.tuning.study.fail_dead_trials`).
 """
 
 from __future__ import annotations
@@ -145,7 +145,6 @@ def main(args: argparse.Namespace) -> None:
     # their start-up overlaps this process's.
     import mlflow
 
-    from liverseg import tuning
     from liverseg.stages.train import ARTIFACT_ROOT
     from liverseg.training.tracking import (
         NOTE_TAG,
@@ -155,15 +154,26 @@ def main(args: argparse.Namespace) -> None:
         git_commit,
         log_dataset,
     )
+    from liverseg.tuning.objective import make_objective
+    from liverseg.tuning.report import summarize, write_report
+    from liverseg.tuning.stop import StopSignal
+    from liverseg.tuning.storage import open_storage, redact
+    from liverseg.tuning.study import (
+        TuningError,
+        count_trials,
+        create_study,
+        fail_dead_trials,
+        optimize,
+        study_inputs,
+        study_name,
+    )
 
     load_splits(args.prepared)
     data_hash = content_hash(args.prepared)
-    inputs = tuning.study_inputs(data_hash, tune, train)
-    name = tuning.study_name(data_hash, tune, train)
-    study = tuning.create_study(
-        tuning.open_storage(url), name, tune, worker_index=index, inputs=inputs
-    )
-    dead = tuning.fail_dead_trials(study)
+    inputs = study_inputs(data_hash, tune, train)
+    name = study_name(data_hash, tune, train)
+    study = create_study(open_storage(url), name, tune, worker_index=index, inputs=inputs)
+    dead = fail_dead_trials(study)
     if dead:
         print(
             f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
@@ -178,13 +188,13 @@ def main(args: argparse.Namespace) -> None:
         "kind": "study",
         "role": "worker" if args.worker_only else "main",
         "study_name": name,
-        "storage": tuning.redact(url),
+        "storage": redact(url),
         "git_commit": git_commit(),
         "data_sha256": data_hash,
     }
     try:
         with contextlib.ExitStack() as stack:
-            stop = tuning.StopSignal()
+            stop = StopSignal()
             stack.enter_context(stop.installed())
             parent_id = args.parent_run_id
             if parent_id is None:
@@ -192,7 +202,7 @@ def main(args: argparse.Namespace) -> None:
                     mlflow.start_run(experiment_id=exp_id, run_name=f"study-{name}", tags=tags)
                 )
                 parent_id = run.info.run_id
-                mlflow.log_params(_parent_params(tune, tuning.redact(url), args.workers))
+                mlflow.log_params(_parent_params(tune, redact(url), args.workers))
                 dvc_md5 = dvc_out_hash(args.prepared)
                 log_dataset(
                     args.prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training"
@@ -205,7 +215,7 @@ def main(args: argparse.Namespace) -> None:
                     import keras
 
                     keras.mixed_precision.set_global_policy(train.precision)
-                objective = tuning.make_objective(
+                objective = make_objective(
                     args.prepared,
                     tune,
                     train,
@@ -213,23 +223,23 @@ def main(args: argparse.Namespace) -> None:
                     parent_run_id=parent_id,
                     stop=stop,
                 )
-                ran = tuning.optimize(study, objective, tune, stop)
+                ran = optimize(study, objective, tune, stop)
                 codes = [p.wait() for p in procs]
             except BaseException:
                 _stop(procs)
                 raise
             failed = [f"pid {p.pid} exit {c}" for p, c in zip(procs, codes, strict=True) if c]
             if failed:
-                raise tuning.TuningError(f"study {name}: worker process(es) failed: {failed}")
+                raise TuningError(f"study {name}: worker process(es) failed: {failed}")
 
             own_parent = args.parent_run_id is None
             if args.worker_only:
-                counts = tuning.count_trials(study)
+                counts = count_trials(study)
                 if own_parent and counts["COMPLETE"]:
-                    _log_best(tuning.summarize(study))
+                    _log_best(summarize(study))
                 print(f"tune: worker {index} ran {ran} trial(s) of study {name}; now {counts}")
                 return
-            summary, plots = tuning.write_report(study, args.out, seed=tune.seed)
+            summary, plots = write_report(study, args.out, seed=tune.seed)
             if own_parent:
                 _log_best(summary)
                 mlflow.log_artifacts(str(args.out), artifact_path="tune")
@@ -239,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
         raise Interrupted(
             getattr(exc, "signum", signal.SIGINT),
             f"study {name}: its finished trials are kept in "
-            f"{tuning.redact(url)}: run the same command again to resume",
+            f"{redact(url)}: run the same command again to resume",
         ) from exc
     skipped = {k: v for k, v in plots.items() if v != "ok"}
     print(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,30 +48,55 @@ log = logging.getLogger("liverseg.progress")
 
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs every epoch's metrics and the learning rate to one MLflow run, step = epoch
-    counted from 1 (as the CLI's progress lines and the curves' CSV count epochs).
+    counted from 1 (as the CLI's progress lines and the curves' CSV count epochs) plus
+    ``step_offset`` (a tuning trial's later folds go on from its earlier folds' steps).
+
+    Values follow one rule, :meth:`values`; NaN and infinite ones are not logged. ``first``,
+    given the epoch's values, returns metrics logged first in the epoch's batch (a tuning
+    trial's objective so far: MLflow's compare view plots the runs' first shared metric).
 
     ``synchronous=False`` (the default) queues each epoch's batch and waits for all of them
     when training ends, so training does not wait for the tracking store between epochs.
     """
 
     def __init__(
-        self, run_id: str, client: MlflowClient | None = None, *, synchronous: bool = False
+        self,
+        run_id: str,
+        client: MlflowClient | None = None,
+        *,
+        synchronous: bool = False,
+        step_offset: int = 0,
+        first: Callable[[dict[str, float]], dict[str, float]] | None = None,
     ) -> None:
         super().__init__()
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.synchronous = synchronous
+        self.step_offset = step_offset
+        self.first = first
         self._pending: list[Any] = []
+
+    @staticmethod
+    def values(logs: dict[str, Any] | None) -> dict[str, float]:
+        """Keras' epoch logs as floats: every real scalar (Python, NumPy or a TensorFlow
+        tensor), NaN and infinity included; anything else (text, booleans, arrays) left out."""
+        values = {}
+        for key, value in (logs or {}).items():
+            array = np.asarray(value)
+            if array.shape == () and array.dtype.kind in "iuf":
+                values[key] = float(array)
+        return values
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         now = int(time.time() * 1000)
-        values = {
-            k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float | np.number)
-        }
+        values = self.values(logs)
         values["learning_rate"] = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
-        metrics = [Metric(k, v, now, epoch + 1) for k, v in values.items() if np.isfinite(v)]
+        if self.first is not None:
+            values = {**self.first(values), **values}
+        step = self.step_offset + epoch + 1
+        metrics = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
         op = self.client.log_batch(self.run_id, metrics=metrics, synchronous=self.synchronous)
         if op is not None:
             self._pending.append(op)

@@ -1,0 +1,312 @@
+"""The objective: one trial trains a fresh U-Net on each fold of ``tune.folds`` and returns the
+mean of the folds' best validation Dice; each trial has its own MLflow run.
+
+Arrays follow the pipeline contract of :func:`liverseg.training.dataset.load_prepared`:
+``(N, H, W, 1)`` float32 images in [0, 1] and 0/1 masks; a fold's slices stay in memory for
+every trial this process runs.
+
+Pruning steps: the validation Dice of epoch ``e`` (0-based) of the ``i``-th fold in
+``tune.folds`` is reported at step ``i * tune.epochs + e``, so with one fold the step is the
+epoch and every trial's steps line up for the median pruner.
+
+MLflow layout (the tracking URI is the caller's): each trial is a run ``trial-<n>`` nested
+under a parent run (``parent_run_id``), with params ``learning_rate`` and ``batch_size``, the
+per-epoch metrics of :class:`liverseg.training.fit.MlflowEpochLogger` (Keras' epoch metrics
+and the learning rate, as the fold runs log them) at the steps above plus one (MLflow counts
+epochs from 1, as the fold runs do), led by ``objective_val_dice`` (the trial's value so far,
+see :meth:`TrialReporter.objective_metric`), the final ``value``, a description and tag
+``state`` = COMPLETE / PRUNED / FAIL. Its status is FINISHED for COMPLETE and PRUNED, FAILED for
+FAIL and KILLED when the process was interrupted; it is never left RUNNING by an exception.
+
+TensorFlow is imported only when the objective is made (not with this module), so that the
+``tune`` stage starts its extra workers first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import FrozenTrial, TrialState
+
+from liverseg import runguard
+from liverseg.data.splits import fold_cases, load_splits
+from liverseg.errors import ParamsError
+from liverseg.params import TrainParams, TuneParams
+from liverseg.training.tracking import NOTE_TAG
+from liverseg.tuning.stop import StopSignal, section
+
+PARAM_LR = "learning_rate"
+PARAM_BATCH = "batch_size"
+# The trial's objective as an MLflow metric, logged first in every epoch's batch: the UI's
+# compare view plots the runs' first shared metric against their params.
+OBJECTIVE_METRIC = "objective_val_dice"
+
+# MLflow tag of a trial run: its Optuna state (RUNNING until the trial ends).
+STATE_TAG = "state"
+
+# One line per trial epoch and per trial (the CLI sends it to stderr).
+progress = logging.getLogger("liverseg.progress")
+
+
+class TrialDiverged(Exception):
+    """Training produced no finite validation Dice (e.g. a learning rate too high).
+
+    The trial is recorded FAIL and the study goes on: a diverging learning rate is a result
+    about the search space, not a bug.
+    """
+
+
+class TrialReporter:
+    """Reports each epoch's ``val_dice`` to the trial (pruning) and keeps the trial's value
+    so far for MLflow; the epoch's metrics themselves are logged by the fold's
+    :class:`~liverseg.training.fit.MlflowEpochLogger`.
+
+    Plain Python on the epoch's values as floats (``MlflowEpochLogger.values``), so that this
+    module imports without TensorFlow; :func:`keras_callback` wraps it for ``model.fit``. When
+    the pruner says so, :meth:`on_epoch_end` returns True (stop training after this epoch) and
+    sets :attr:`pruned_step`; the objective then raises ``TrialPruned`` outside Keras.
+    """
+
+    def __init__(
+        self, trial: optuna.Trial, step_offset: int, prior: list[float] | None = None
+    ) -> None:
+        self.trial = trial
+        self.step_offset = step_offset
+        self.prior = list(prior or [])
+        self.pruned_step: int | None = None
+        self.last_value = math.nan
+        self.best = math.nan
+
+    def objective_metric(self, values: dict[str, float]) -> dict[str, float]:
+        """``{OBJECTIVE_METRIC: value}``: the trial's value so far, given an epoch's values.
+
+        The mean over its folds of the best ``val_dice``: the earlier folds' ``prior`` bests
+        and this fold's best so far (this epoch included; calling it again for the same epoch
+        changes nothing). Empty while this fold has no finite ``val_dice`` yet. The last value
+        logged is the trial's value. The fold's ``MlflowEpochLogger`` logs it first.
+        """
+        current = values.get("val_dice", math.nan)
+        if math.isfinite(current) and not current <= self.best:
+            self.best = current
+        if not math.isfinite(self.best):
+            return {}
+        return {OBJECTIVE_METRIC: float(np.mean([*self.prior, self.best]))}
+
+    def on_epoch_end(self, epoch: int, values: dict[str, float]) -> bool:
+        """Report epoch ``epoch`` (0-based) of this fold; True when the trial is to be pruned.
+
+        A missing or NaN ``val_dice`` is reported as NaN, which every Optuna pruner prunes.
+        """
+        step = self.step_offset + epoch
+        self.last_value = values.get("val_dice", math.nan)
+        self.trial.report(self.last_value, step)
+        if self.trial.should_prune():
+            self.pruned_step = step
+            return True
+        return False
+
+
+def keras_callback(reporter: TrialReporter, stop: StopSignal | None = None) -> Any:
+    """A Keras callback that feeds ``reporter`` (not interruptible: it writes to Optuna's
+    storage) and stops training when it says prune."""
+    import keras
+
+    from liverseg.training.fit import MlflowEpochLogger
+
+    callback = keras.callbacks.LambdaCallback()
+
+    def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
+        with section(stop, interruptible=False):
+            prune = reporter.on_epoch_end(epoch, MlflowEpochLogger.values(logs))
+        if prune:
+            callback.model.stop_training = True
+
+    callback.on_epoch_end = on_epoch_end
+    return callback
+
+
+def _best_finite(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+# ------------------------------------------------------------------- the trial's MLflow run
+def end_trial_run(client: MlflowClient, run_id: str, state: str, status: str) -> None:
+    """Tag the trial's run with its Optuna state and end it with ``status``."""
+    try:
+        client.set_tag(run_id, STATE_TAG, state)
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+def end_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat callback: a trial whose process died is FAIL; end its MLflow run too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    try:
+        end_trial_run(MlflowClient(), str(run_id), TrialState.FAIL.name, "KILLED")
+    except Exception as exc:  # a missing run must not stop the worker that noticed it
+        warnings.warn(
+            f"trial {trial.number}: could not end MLflow run {run_id}: {exc}", stacklevel=2
+        )
+
+
+def make_objective(
+    prepared: Path,
+    tune: TuneParams,
+    train: TrainParams,
+    *,
+    experiment_id: str,
+    parent_run_id: str | None = None,
+    client: MlflowClient | None = None,
+    stop: StopSignal | None = None,
+) -> Callable[[optuna.Trial], float]:
+    """The objective: mean best validation Dice over ``tune.folds`` of one short training.
+
+    Each trial gets an MLflow run (see the module docstring); every fold's training starts
+    from the same seeded initialisation (``tune.seed + fold``) so trials differ only by their
+    hyperparameters. With ``stop``, a signal interrupts a trial only during its training.
+    """
+    import keras
+
+    from liverseg.training.dataset import load_prepared
+    from liverseg.training.fit import MlflowEpochLogger, fit
+
+    client = client or MlflowClient()
+    splits = load_splits(prepared)
+    n_folds = len(splits["folds"])
+    bad = [f for f in tune.folds if f >= n_folds]
+    if bad:
+        raise ParamsError(
+            f"params: tune.folds: fold(s) {bad} do not exist; {prepared}/splits.json has "
+            f"{n_folds} folds (0..{n_folds - 1})"
+        )
+    data: dict[int, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {}
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def fold_data(fold: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        if fold not in data:
+            train_ids, val_ids = fold_cases(splits, fold)
+            data[fold] = (load_prepared(prepared, train_ids), load_prepared(prepared, val_ids))
+        return data[fold]
+
+    def objective(trial: optuna.Trial) -> float:
+        # First: whoever finds this trial RUNNING after a SIGKILL can then prove it dead.
+        trial.set_user_attr("process", runguard.process_tags())
+        lr = trial.suggest_float(PARAM_LR, tune.lr_min, tune.lr_max, log=True)
+        batch_size = int(trial.suggest_categorical(PARAM_BATCH, list(tune.batch_sizes)))
+        tags = {
+            "study_name": trial.study.study_name,
+            "trial_number": str(trial.number),
+            "worker": worker,
+            "kind": "trial",
+            STATE_TAG: TrialState.RUNNING.name,
+            **runguard.process_tags(),
+        }
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        tags[NOTE_TAG] = (
+            f"Optuna trial {trial.number} of study `{trial.study.study_name}`: learning rate "
+            f"{lr:.3g}, batch size {batch_size}, {tune.epochs} epochs on fold(s) "
+            f"{', '.join(map(str, tune.folds))}. Objective (`{OBJECTIVE_METRIC}`, maximised): "
+            "the mean over those folds of the best epoch's validation Dice."
+        )
+        run_id = client.create_run(
+            experiment_id, run_name=f"trial-{trial.number}", tags=tags
+        ).info.run_id
+        state, status = TrialState.FAIL.name, "FAILED"
+        t0 = time.perf_counter()
+        value = math.nan
+        loggers: list[MlflowEpochLogger] = []
+        try:
+            trial.set_user_attr("worker", worker)
+            trial.set_user_attr("mlflow_run_id", run_id)
+            client.log_batch(
+                run_id,
+                params=[
+                    Param(PARAM_LR, repr(lr)),
+                    Param(PARAM_BATCH, str(batch_size)),
+                    Param("epochs", str(tune.epochs)),
+                    Param("folds", ",".join(map(str, tune.folds))),
+                ],
+            )
+            fold_values: dict[int, float] = {}
+            for pos, fold in enumerate(tune.folds):
+                reporter = TrialReporter(
+                    trial, step_offset=pos * tune.epochs, prior=list(fold_values.values())
+                )
+                logger = MlflowEpochLogger(
+                    run_id,
+                    client,
+                    step_offset=pos * tune.epochs,
+                    first=reporter.objective_metric,
+                )
+                loggers.append(logger)
+                with section(stop, interruptible=True):
+                    train_xy, val_xy = fold_data(fold)
+                    # Drop the previous trial's or fold's graph and free its memory (this
+                    # also runs the garbage collector, so Optuna's gc_after_trial is off).
+                    keras.backend.clear_session(free_memory=True)
+                    res = fit(
+                        train_xy,
+                        val_xy,
+                        train,
+                        learning_rate=lr,
+                        batch_size=batch_size,
+                        epochs=tune.epochs,
+                        seed=tune.seed + fold,
+                        patience=None,
+                        callbacks=[logger, keras_callback(reporter, stop)],
+                        progress=f"tune: trial {trial.number} fold-{fold}",
+                    )
+                if reporter.pruned_step is not None:
+                    raise optuna.TrialPruned(
+                        f"fold {fold}, epoch {reporter.pruned_step - pos * tune.epochs + 1}: "
+                        f"val_dice {reporter.last_value:.4f}"
+                    )
+                best = _best_finite(res.history.get("val_dice", []))
+                if best is None:
+                    raise TrialDiverged(
+                        f"trial {trial.number}: fold {fold} has no finite val_dice "
+                        f"(learning rate {lr:.3g}, batch size {batch_size})"
+                    )
+                fold_values[fold] = best
+            value = float(np.mean(list(fold_values.values())))
+            now = int(time.time() * 1000)
+            final = [Metric("value", value, now, 0)]
+            final += [Metric(f"fold_{f}_val_dice", v, now, 0) for f, v in fold_values.items()]
+            client.log_batch(run_id, metrics=final, synchronous=True)
+            state, status = TrialState.COMPLETE.name, "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            state, status = TrialState.PRUNED.name, "FINISHED"
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            try:
+                for logger in loggers:  # every epoch is in the store before the run ends
+                    logger.flush()
+            finally:
+                end_trial_run(client, run_id, state, status)
+                progress.info(
+                    f"tune: trial {trial.number} {state}: value {value:.4f} (lr {lr:.2e}, "
+                    f"batch {batch_size}) {time.perf_counter() - t0:.0f} s"
+                )
+
+    return objective

@@ -1,0 +1,112 @@
+"""The study's report: its best trial and trial counts (``best_params.json``) and its plots."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from liverseg.fsutil import atomic_dir, write_json
+from liverseg.tuning.objective import PARAM_BATCH, PARAM_LR
+from liverseg.tuning.study import TuningError, count_trials
+
+
+def summarize(study: optuna.Study) -> dict[str, Any]:
+    """The best trial and the trial counts: the content of ``best_params.json``."""
+    counts = count_trials(study)
+    if counts[TrialState.COMPLETE.name] == 0:
+        raise TuningError(
+            f"study {study.study_name}: no trial completed ({counts['PRUNED']} pruned, "
+            f"{counts['FAIL']} failed, {counts['RUNNING']} running); raise tune.n_trials or "
+            "tune.timeout_s, or check the failed trials' MLflow runs"
+        )
+    best = study.best_trial
+    assert best.value is not None
+    return {
+        PARAM_LR: float(best.params[PARAM_LR]),
+        PARAM_BATCH: int(best.params[PARAM_BATCH]),
+        "trial_number": best.number,
+        "value": float(best.value),
+        "study_name": study.study_name,
+        "n_complete": counts[TrialState.COMPLETE.name],
+        "n_pruned": counts[TrialState.PRUNED.name],
+        "n_failed": counts[TrialState.FAIL.name],
+    }
+
+
+def _save_plot(ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    axes = list(ax.flat) if isinstance(ax, np.ndarray) else [ax]
+    fig = axes[0].figure
+    # Optuna draws one panel per parameter plus a colour bar in a default-size figure; widen
+    # it so the bar does not cover the last panel.
+    fig.set_size_inches(max(6.4, 4.8 * len(axes)), 4.8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_plots(study: optuna.Study, out: Path, seed: int) -> dict[str, str]:
+    """Study plots as PNG in ``out``; returns ``{file: "ok" | reason it was skipped}``.
+
+    * ``optimization_history.png``: value per trial and best so far;
+    * ``param_importances.png``: fANOVA importances (needs >= 2 complete trials);
+    * ``slice.png``: value against each parameter;
+    * ``contour.png``: value over learning rate x batch size (needs >= 2 distinct values of
+      each among the complete trials).
+
+    A plot that Optuna cannot draw is skipped, not fatal: the best parameters matter more.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as vis
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    distinct = {p: {t.params.get(p) for t in complete} for p in (PARAM_LR, PARAM_BATCH)}
+    both = [PARAM_LR, PARAM_BATCH]
+    plots: dict[str, tuple[Callable[[], Any], str | None]] = {
+        "optimization_history.png": (lambda: vis.plot_optimization_history(study), None),
+        "param_importances.png": (
+            lambda: vis.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            ),
+            None if len(complete) >= 2 else "needs >= 2 complete trials",
+        ),
+        "slice.png": (lambda: vis.plot_slice(study, params=both), None),
+        "contour.png": (
+            lambda: vis.plot_contour(study, params=both),
+            None
+            if all(len(v) >= 2 for v in distinct.values())
+            else "needs >= 2 distinct values of each parameter",
+        ),
+    }
+    status: dict[str, str] = {}
+    for name, (draw, skip) in plots.items():
+        if skip is not None:
+            status[name] = skip
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _save_plot(draw(), out / name)
+            status[name] = "ok"
+        except Exception as exc:  # plotting is best effort, see the docstring
+            status[name] = f"failed: {type(exc).__name__}: {exc}"
+    return status
+
+
+def write_report(
+    study: optuna.Study, out: Path, seed: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Write ``out/best_params.json`` and the plots atomically; returns (summary, plots)."""
+    summary = summarize(study)
+    with atomic_dir(Path(out)) as tmp:
+        write_json(tmp / "best_params.json", summary)
+        plots = write_plots(study, tmp, seed)
+    return summary, plots
