@@ -146,12 +146,11 @@ def main(args: argparse.Namespace) -> None:
     import mlflow
 
     from liverseg import tuning
-    from liverseg.stages.train import ARTIFACT_ROOT
+    from liverseg.training import setup
     from liverseg.training.tracking import (
         NOTE_TAG,
         content_hash,
         dvc_out_hash,
-        ensure_experiment,
         git_commit,
         log_dataset,
     )
@@ -171,8 +170,7 @@ def main(args: argparse.Namespace) -> None:
             flush=True,
         )
 
-    root = ARTIFACT_ROOT if mlflow.get_tracking_uri().startswith("sqlite:///mlruns") else None
-    exp_id = ensure_experiment(train.experiment, root)
+    exp_id = setup.experiment(train.experiment)
     tags = {
         "stage": "tune",
         "kind": "study",
@@ -201,10 +199,7 @@ def main(args: argparse.Namespace) -> None:
             try:
                 for i in range(1, args.workers):
                     procs.append(subprocess.Popen(_worker_command(args, index + i, parent_id)))
-                if train.precision != "float32":
-                    import keras
-
-                    keras.mixed_precision.set_global_policy(train.precision)
+                setup.keras_session(train.precision, tune.seed)
                 objective = tuning.make_objective(
                     args.prepared,
                     tune,
