@@ -136,7 +136,8 @@ def test_inner_zips_share_one_budget(
     total = outer_bytes + MASK_BYTES + (CT_BYTES if fails_in == "PATIENT_DICOM.zip" else 0)
     with pytest.raises(
         DataError,
-        match=rf"3Dircadb1\.1/{re.escape(fails_in)}: entry .*total uncompressed size {total} "
+        match=rf"^{re.escape(str(archive))}: 3Dircadb1\.1/{re.escape(fails_in)}: entry .*"
+        rf"total uncompressed size {total} "
         rf"bytes \(\d+ of them from earlier archives\) exceeds max_bytes={max_bytes}",
     ):
         unpack_archive(archive, target, max_bytes=max_bytes, inner_zips=True)
@@ -152,8 +153,30 @@ def test_budget_refusal_leaves_no_output(tmp_path: Path, nested: tuple[Path, int
         ),
     )
     out, cache = tmp_path / "raw", tmp_path / "cache"
-    with pytest.raises(DataError, match=r"MASKS_DICOM\.zip: entry .* exceeds max_bytes"):
+    with pytest.raises(
+        DataError,
+        match=r"cache/ircad-source\.zip: 3Dircadb1\.1/MASKS_DICOM\.zip: entry .* exceeds max_bytes",
+    ):
         ingest(params, out, cache)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ircad.zip"]
     assert sorted(p.name for p in cache.iterdir()) == ["ircad-source.zip"]
+
+
+def test_inner_zip_beside_its_own_folder_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "ircad.zip"
+    inner = zip_entries({"PATIENT_DICOM/image_0": b"new"})
+    archive.write_bytes(
+        zip_entries(
+            {"3Dircadb1.2/PATIENT_DICOM.zip": inner, "3Dircadb1.2/PATIENT_DICOM/image_0": b"old"}
+        )
+    )
+    with pytest.raises(
+        DataError,
+        match=r"ircad\.zip: 3Dircadb1\.2/PATIENT_DICOM\.zip: PATIENT_DICOM is both inside this "
+        "zip and beside it",
+    ):
+        unpack_archive(archive, tmp_path / "unpacked", max_bytes=10_000, inner_zips=True)
+    assert (tmp_path / "unpacked" / "3Dircadb1.2" / "PATIENT_DICOM" / "image_0").read_bytes() == (
+        b"old"
+    )

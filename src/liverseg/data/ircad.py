@@ -406,19 +406,24 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
 
     One budget for the whole archive: ``max_bytes`` bounds the bytes unpacked in total, the
     outer archive's entries (the inner zips among them) plus every inner zip's entries; the
-    error names the zip whose entry crossed it.
+    error names the zip whose entry crossed it, as ``<archive>: <path of the inner zip in it>``.
     """
     target = Path(target)
     used = sum(p.stat().st_size for p in safe_extract_zip(archive, target, max_bytes=max_bytes))
     if not inner_zips:
         return
     for inner in sorted(target.rglob(_INNER_ZIPS)):
+        # ``target`` is usually temporary: messages name the inner zip inside ``archive``.
+        where = f"{archive}: {inner.relative_to(target).as_posix()}"
         staging = inner.with_name(inner.name + ".unpacked")
-        files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
+        try:
+            files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(inner), where, 1)) from exc
         used += sum(p.stat().st_size for p in files)
         for child in sorted(staging.iterdir()):
             if (inner.parent / child.name).exists():
-                raise DataError(f"{inner}: {child.name} is both inside this zip and beside it")
+                raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
             child.rename(inner.parent / child.name)
         staging.rmdir()
         inner.unlink()
