@@ -44,6 +44,7 @@ from liverseg.data.download import fetch, safe_extract_zip
 from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
 from liverseg.data.volumes import load_case, same_grid, save_pair
 from liverseg.errors import DataError
+from liverseg.fsutil import atomic_dir
 
 if TYPE_CHECKING:
     from liverseg.params import IrcadParams
@@ -407,26 +408,35 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
     One budget for the whole archive: ``max_bytes`` bounds the bytes unpacked in total, the
     outer archive's entries (the inner zips among them) plus every inner zip's entries; the
     error names the zip whose entry crossed it, as ``<archive>: <path of the inner zip in it>``.
+    ``target`` is replaced only once everything is unpacked; a refusal leaves it as it was.
     """
-    target = Path(target)
-    used = sum(p.stat().st_size for p in safe_extract_zip(archive, target, max_bytes=max_bytes))
-    if not inner_zips:
-        return
-    for inner in sorted(target.rglob(_INNER_ZIPS)):
-        # ``target`` is usually temporary: messages name the inner zip inside ``archive``.
-        where = f"{archive}: {inner.relative_to(target).as_posix()}"
-        staging = inner.with_name(inner.name + ".unpacked")
-        try:
-            files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
-        except DataError as exc:
-            raise DataError(str(exc).replace(str(inner), where, 1)) from exc
-        used += sum(p.stat().st_size for p in files)
-        for child in sorted(staging.iterdir()):
-            if (inner.parent / child.name).exists():
-                raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
-            child.rename(inner.parent / child.name)
-        staging.rmdir()
-        inner.unlink()
+    with atomic_dir(target) as tree:
+        used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
+        if inner_zips:
+            for inner in sorted(tree.rglob(_INNER_ZIPS)):
+                used += _unpack_inner(
+                    inner,
+                    f"{archive}: {inner.relative_to(tree).as_posix()}",
+                    max_bytes=max_bytes,
+                    used=used,
+                )
+
+
+def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
+    """Unpack ``inner`` beside itself and remove it; the bytes unpacked. ``where`` names it."""
+    staging = inner.with_name(inner.name + ".unpacked")
+    try:
+        files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
+    except DataError as exc:
+        raise DataError(str(exc).replace(str(inner), where, 1)) from exc
+    unpacked = sum(p.stat().st_size for p in files)
+    for child in sorted(staging.iterdir()):
+        if (inner.parent / child.name).exists():
+            raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
+        child.rename(inner.parent / child.name)
+    staging.rmdir()
+    inner.unlink()
+    return unpacked
 
 
 def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
