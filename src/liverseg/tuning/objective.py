@@ -264,12 +264,13 @@ def make_objective(
                     res = fit(
                         train_xy,
                         val_xy,
-                        train,
+                        train.spec,
                         learning_rate=lr,
                         batch_size=batch_size,
                         epochs=tune.epochs,
                         seed=tune.seed + fold,
                         patience=None,
+                        distribute=train.distribute,
                         callbacks=[logger, keras_callback(reporter, stop)],
                         progress=f"tune: trial {trial.number} fold-{fold}",
                     )
