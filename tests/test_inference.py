@@ -12,7 +12,8 @@ import pytest
 
 from conftest import tool_env
 from liverseg.data.volumes import load_volume
-from liverseg.inference import PostProcessing, Segmenter, save_model_dir
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import save_model_dir
 
 
 class ThresholdModel:

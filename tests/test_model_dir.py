@@ -13,13 +13,8 @@ import pytest
 
 from conftest import tool_env
 from liverseg.errors import DataError
-from liverseg.inference import (
-    MODEL_FILE,
-    PREPROCESSING_FILE,
-    PostProcessing,
-    Segmenter,
-    save_model_dir,
-)
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, save_model_dir
 from liverseg.params import EvaluateParams
 
 

@@ -32,7 +32,8 @@ from liverseg.client import (
 )
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
-from liverseg.inference import PostProcessing, Segmenter, save_model_dir
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import save_model_dir
 from liverseg.params import ModelParams, RegisterParams
 from liverseg.registry import CHALLENGER, CHAMPION, decide
 from liverseg.serving import (

@@ -10,9 +10,8 @@ fill holes per slice. The mask comes back on the input's grid and orientation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +23,11 @@ from liverseg.data.volumes import Volume, from_canonical
 from liverseg.errors import DataError
 from liverseg.evaluation.postprocess import fill_holes as fill_holes_fn
 from liverseg.evaluation.postprocess import postprocess
+from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
 
 if TYPE_CHECKING:
     from liverseg.params import EvaluateParams
 
-MODEL_FILE = "model.keras"
-PREPROCESSING_FILE = "preprocessing.json"
 # The layer that averages the fold models in the ensemble (training.crossval.ensemble).
 ENSEMBLE_LAYER = "mean_prob"
 
@@ -102,47 +100,6 @@ class PostProcessing:
         )
 
 
-def read_preprocessing(path: Path) -> tuple[tuple[float, float], int]:
-    """``(window_hu, image_size)`` from a model folder's ``preprocessing.json``."""
-    path = Path(path)
-    try:
-        prep = json.loads(path.read_text())
-        low, high = prep["window"]
-        return (float(low), float(high)), int(prep["image_size"])
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: not found (expected a train stage model folder)") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a {PREPROCESSING_FILE} of the train stage ({exc})") from exc
-
-
-def check_model_dir(folder: Path) -> tuple[Path, Path]:
-    """``(model file, preprocessing file)`` of a model folder (or of its ``model.keras``),
-    or a DataError naming the path and what is missing."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: not found (expected a model folder with {MODEL_FILE})")
-    model_file = folder / MODEL_FILE if folder.is_dir() else folder
-    prep_file = model_file.parent / PREPROCESSING_FILE
-    missing = [f.name for f in (model_file, prep_file) if not f.is_file()]
-    if missing:
-        raise DataError(
-            f"{model_file.parent}: no {' and no '.join(missing)} (expected a train stage model "
-            "folder)"
-        )
-    return model_file, prep_file
-
-
-def save_model_dir(folder: Path, model: Any, window: Sequence[float], image_size: int) -> Path:
-    """Write a model folder (``model.keras`` and ``preprocessing.json``) that
-    :meth:`Segmenter.from_dir` loads: atomically, so ``folder`` is whole or left as it was."""
-    from liverseg.fsutil import atomic_dir, write_json
-
-    with atomic_dir(Path(folder)) as tmp:
-        model.save(tmp / MODEL_FILE)
-        write_json(tmp / PREPROCESSING_FILE, {"window": list(window), "image_size": image_size})
-    return Path(folder)
-
-
 class Segmenter:
     """Runs a trained U-Net over whole volumes or stacks of slices."""
 
@@ -166,21 +123,9 @@ class Segmenter:
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
         """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``, as
-        :func:`save_model_dir` writes it); a missing or broken folder is a DataError."""
-        model_file, prep_file = check_model_dir(folder)
-        window_hu, image_size = read_preprocessing(prep_file)
-        # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
-        import keras
-
-        from liverseg.model.keras_metrics import CUSTOM_OBJECTS
-
-        try:
-            model = keras.models.load_model(
-                model_file, custom_objects=CUSTOM_OBJECTS, compile=False
-            )
-        except Exception as exc:  # Keras raises many types for a file that is not a model
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{model_file}: not a loadable Keras model ({first})") from exc
+        :func:`liverseg.model_dir.save_model_dir` writes it); a missing or broken folder is a
+        DataError."""
+        model, window_hu, image_size = load_model_dir(folder)
         return cls(model, window_hu=window_hu, image_size=image_size, **kwargs)  # type: ignore[arg-type]
 
     @classmethod

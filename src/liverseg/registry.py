@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from liverseg.errors import DataError
 from liverseg.fsutil import read_stage_json
-from liverseg.inference import PostProcessing, check_model_dir
+from liverseg.inference import PostProcessing
 from liverseg.model_card import MODEL_DESCRIPTION, decision_text, model_card
+from liverseg.model_dir import check_model_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

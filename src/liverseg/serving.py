@@ -84,12 +84,8 @@ from liverseg.data.volumes import (
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import read_stage_json
-from liverseg.inference import (
-    PREPROCESSING_FILE,
-    PostProcessing,
-    Segmenter,
-    check_model_dir,
-)
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import PREPROCESSING_FILE, check_model_dir
 from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
