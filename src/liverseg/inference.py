@@ -86,7 +86,7 @@ class PostProcessing:
             raise DataError(f"{source}: threshold must be a number, got {threshold!r}")
         if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
             raise DataError(f"{source}: threshold must be in (0, 1), got {threshold}")
-        for key in names[1:]:
+        for key in (k for k in names if k != "threshold"):
             if not isinstance(data[key], bool):
                 raise DataError(f"{source}: {key} must be true or false, got {data[key]!r}")
         return cls(**{k: data[k] for k in names})
