@@ -69,7 +69,7 @@ def _broken(tmp_path: Path, model_dir: Path, case: str) -> tuple[Path, str]:
     """A broken model folder and the message its loading must give."""
     folder = tmp_path / "models"
     if case == "absent":
-        return folder, r"models: not found \(expected a model folder with model\.keras\)"
+        return folder, r"models: not found \(expected a train stage model folder\)"
     folder.mkdir()
     if case == "empty":
         return folder, r"models: no model\.keras and no preprocessing\.json"

@@ -35,7 +35,7 @@ def check_model_dir(folder: Path) -> tuple[Path, Path]:
     or a DataError naming the path and what is missing."""
     folder = Path(folder)
     if not folder.exists():
-        raise DataError(f"{folder}: not found (expected a model folder with {MODEL_FILE})")
+        raise DataError(f"{folder}: not found (expected a train stage model folder)")
     model_file = folder / MODEL_FILE if folder.is_dir() else folder
     prep_file = model_file.parent / PREPROCESSING_FILE
     missing = [f.name for f in (model_file, prep_file) if not f.is_file()]
