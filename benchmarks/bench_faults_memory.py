@@ -41,7 +41,7 @@ def default_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = load_section("train")
     prep = load_section("prepare")
-    members = [compile_unet(prep.image_size, cfg, 1e-3, seed=i) for i in range(prep.k_folds)]
+    members = [compile_unet(prep.image_size, cfg.spec, 1e-3, seed=i) for i in range(prep.k_folds)]
     ensemble(members).save(folder / "model.keras")
     write_json(
         folder / "preprocessing.json",

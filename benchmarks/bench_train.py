@@ -137,6 +137,13 @@ def conv_gflops(precision: str, repeat: int = 5) -> float:
     return flops / best / 1e9
 
 
+def spec_now(cfg: Any) -> Any:
+    """``cfg.spec`` at the precision this benchmark set as Keras' global policy."""
+    import keras
+
+    return dataclasses.replace(cfg.spec, precision=keras.mixed_precision.global_policy().name)
+
+
 def bare_seconds(train: Any, cfg: Any, batch_size: int, epochs: int) -> dict[str, float]:
     """Epoch times (see ``Timer.times``) of the bare loop: the compiled model on cached
     batches, nothing else."""
@@ -146,7 +153,7 @@ def bare_seconds(train: Any, cfg: Any, batch_size: int, epochs: int) -> dict[str
     from liverseg.training.fit import compile_unet
 
     steps = math.ceil(train[0].shape[0] / batch_size)
-    model = compile_unet(train[0].shape[1], cfg, 1e-3, 0, steps_per_execution=steps)
+    model = compile_unet(train[0].shape[1], spec_now(cfg), 1e-3, 0, steps_per_execution=steps)
     ds = tf.data.Dataset.from_tensor_slices(train).batch(batch_size).cache()
     timer = epoch_timer()
     model.fit(ds, epochs=epochs + 1, callbacks=[timer], verbose=0, shuffle=False)
@@ -173,12 +180,13 @@ def project_seconds(
         fit(
             train,
             val,
-            cfg,
+            spec_now(cfg),
             learning_rate=1e-3,
             batch_size=batch_size,
             epochs=epochs + 1,
             seed=0,
             patience=epochs + 1,
+            distribute=cfg.distribute,
             callbacks=[timer, MlflowEpochLogger(run.info.run_id, synchronous=synchronous)],
             **fit_kwargs,
         )

@@ -68,14 +68,16 @@ SCRIPT = textwrap.dedent(
             augment=AugmentParams(rotate_deg=0, scale=0, intensity=0, blur_prob=0),
             distribute=kind,
         )
-        res = fit((x, y), val, cfg, learning_rate=3e-3, batch_size=8, epochs=2, seed=1)
+        res = fit((x, y), val, cfg.spec, learning_rate=3e-3, batch_size=8, epochs=2, seed=1,
+                  distribute=kind)
         out[kind] = {
             "loss": res.history["loss"],
             "val_dice": res.history["val_dice"],
             "strategy": type(res.model.distribute_strategy).__name__,
         }
         if kind == "mirrored":
-            other = fit((x, y), None, cfg, learning_rate=3e-3, batch_size=8, epochs=1, seed=2)
+            other = fit((x, y), None, cfg.spec, learning_rate=3e-3, batch_size=8, epochs=1,
+                        seed=2, distribute=kind)
             ens = ensemble([res.model, other.model])  # built outside the strategy's scope
             path = sys.argv[1] + "/ensemble.keras"
             ens.save(path)
@@ -84,7 +86,8 @@ SCRIPT = textwrap.dedent(
                 np.abs(back.predict(x, verbose=0) - ens.predict(x, verbose=0)).max()
             )
             try:
-                fit((x, y), None, cfg, learning_rate=3e-3, batch_size=5, epochs=1, seed=1)
+                fit((x, y), None, cfg.spec, learning_rate=3e-3, batch_size=5, epochs=1, seed=1,
+                    distribute=kind)
                 out["odd_batch"] = "accepted"
             except ParamsError as exc:
                 out["odd_batch"] = str(exc)

@@ -112,7 +112,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("model")
     cfg = TrainParams(model=ModelParams(depth=1, base_filters=2))
-    compile_unet(16, cfg, 1e-3, seed=0).save(folder / "model.keras")
+    compile_unet(16, cfg.spec, 1e-3, seed=0).save(folder / "model.keras")
     write_json(folder / "preprocessing.json", {"window": [-100, 400], "image_size": 16})
     return folder
 

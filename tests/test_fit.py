@@ -13,11 +13,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from liverseg.params import ModelParams, TrainParams, load_section
+from liverseg.params import ModelParams, ModelSpec, load_section
 from liverseg.training.fit import MlflowEpochLogger, fit
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TrainParams(model=ModelParams(depth=2, base_filters=4), batch_size=4, seed=5)
+TINY = ModelSpec(model=ModelParams(depth=2, base_filters=4))
 
 
 def _arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -123,6 +123,7 @@ def scripted_fit(curve: Curve, calls: list[dict[str, Any]]) -> Callable[..., Any
         epochs: int,
         seed: int,
         patience: int | None = None,
+        distribute: str = "none",
         callbacks: list[Any] | None = None,
         progress: str | None = None,
     ) -> Any:

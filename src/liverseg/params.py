@@ -171,6 +171,18 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """What defines the network that :func:`liverseg.training.fit.fit` trains: architecture,
+    loss, augmentation and precision (the train section's fields that ``tune`` hashes into its
+    study's name and lists as ``params`` in ``dvc.yaml``). Built by :attr:`TrainParams.spec`."""
+
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: str = "dice_bce"
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    precision: str = "float32"
+
+
+@dataclass(frozen=True)
 class TrainParams:
     model: ModelParams = field(default_factory=ModelParams)
     loss: str = "dice_bce"
@@ -202,6 +214,11 @@ class TrainParams:
             self.distribute in ("none", "mirrored"), "train.distribute", "must be none or mirrored"
         )
         _require(bool(self.experiment), "train.experiment", "must be a name")
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The fields of this section that define the trained network (see :class:`ModelSpec`)."""
+        return ModelSpec(self.model, self.loss, self.augment, self.precision)
 
 
 # ------------------------------------------------------------------------------------- evaluate

@@ -590,12 +590,13 @@ def make_objective(
                     res = fit(
                         train_xy,
                         val_xy,
-                        train,
+                        train.spec,
                         learning_rate=lr,
                         batch_size=batch_size,
                         epochs=tune.epochs,
                         seed=tune.seed + fold,
                         patience=None,
+                        distribute=train.distribute,
                         callbacks=[keras_callback(reporter, stop)],
                         progress=f"tune: trial {trial.number} fold-{fold}",
                     )

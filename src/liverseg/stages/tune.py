@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> None:
     import mlflow
 
     from liverseg import tuning
-    from liverseg.stages.train import ARTIFACT_ROOT
+    from liverseg.training.setup import keras_session
     from liverseg.training.tracking import (
         NOTE_TAG,
         content_hash,
@@ -171,8 +171,7 @@ def main(args: argparse.Namespace) -> None:
             flush=True,
         )
 
-    root = ARTIFACT_ROOT if mlflow.get_tracking_uri().startswith("sqlite:///mlruns") else None
-    exp_id = ensure_experiment(train.experiment, root)
+    exp_id = ensure_experiment(train.experiment)
     tags = {
         "stage": "tune",
         "kind": "study",
@@ -201,10 +200,7 @@ def main(args: argparse.Namespace) -> None:
             try:
                 for i in range(1, args.workers):
                     procs.append(subprocess.Popen(_worker_command(args, index + i, parent_id)))
-                if train.precision != "float32":
-                    import keras
-
-                    keras.mixed_precision.set_global_policy(train.precision)
+                keras_session(train.precision, tune.seed)
                 objective = tuning.make_objective(
                     args.prepared,
                     tune,

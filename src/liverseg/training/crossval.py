@@ -158,12 +158,13 @@ def cross_validate(
                 res = fit(
                     train,
                     val,
-                    cfg,
+                    cfg.spec,
                     learning_rate=learning_rate,
                     batch_size=batch_size,
                     epochs=cfg.epochs,
                     seed=cfg.seed + fold,
                     patience=cfg.patience,
+                    distribute=cfg.distribute,
                     callbacks=[MlflowEpochLogger(run.info.run_id)],
                     progress=f"train: fold-{fold}",
                 )
@@ -237,11 +238,12 @@ def cross_validate(
                 res_final: FitResult = fit(
                     load_prepared(prepared, trainval),
                     None,
-                    cfg,
+                    cfg.spec,
                     learning_rate=learning_rate,
                     batch_size=batch_size,
                     epochs=final_epochs,
                     seed=cfg.seed + k,
+                    distribute=cfg.distribute,
                     callbacks=[MlflowEpochLogger(final_run.info.run_id)],
                     progress="train: final",
                 )

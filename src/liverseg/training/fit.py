@@ -29,8 +29,8 @@ from mlflow.tracking import MlflowClient
 from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
 from liverseg.model.unet import build_unet
-from liverseg.params import TrainParams
-from liverseg.training import distribute
+from liverseg.params import ModelSpec
+from liverseg.training import distribute as distributed
 from liverseg.training.dataset import make_dataset
 
 # Keras' names for the metrics that are logged every epoch (val_* when there is validation).
@@ -122,47 +122,59 @@ class FitResult:
 
 def compile_unet(
     image_size: int,
-    cfg: TrainParams,
+    spec: ModelSpec,
     learning_rate: float,
     seed: int,
     *,
     steps_per_execution: int = 1,
     jit_compile: bool = False,
 ) -> keras.Model:
-    """A freshly initialised (seeded) U-Net compiled with the configured loss and metrics.
+    """A freshly initialised (seeded) U-Net of ``spec`` compiled with its loss and metrics.
 
+    The model's layers (and the optimizer compile wraps them in) take ``spec.precision`` as
+    their dtype policy; Keras' global policy is restored afterwards.
     ``steps_per_execution``: training steps per call into TensorFlow (callbacks then see
     batches in groups of that size; epoch-level callbacks are unaffected).
     """
     keras.utils.set_random_seed(seed)
-    model = build_unet(image_size, cfg.model, seed=seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=get_loss(cfg.loss),
-        metrics=[DiceCoefficient(name="dice"), IoU(name="iou")],
-        steps_per_execution=steps_per_execution,
-        jit_compile=jit_compile,
-    )
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(spec.precision)
+    try:
+        model = build_unet(image_size, spec.model, seed=seed)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            loss=get_loss(spec.loss),
+            metrics=[DiceCoefficient(name="dice"), IoU(name="iou")],
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return model
 
 
 def fit(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray] | None,
-    cfg: TrainParams,
+    spec: ModelSpec,
     *,
     learning_rate: float,
     batch_size: int,
     epochs: int,
     seed: int,
     patience: int | None = None,
+    distribute: str = "none",
     callbacks: list[keras.callbacks.Callback] | None = None,
     progress: str | None = None,
     steps_per_execution: int | None = None,
     jit_compile: bool = False,
 ) -> FitResult:
-    """Train a new U-Net on ``train``; with ``val``, keep the weights of the best epoch by
-    validation Dice (early stopping after ``patience`` epochs without improvement).
+    """Train a new U-Net of ``spec`` on ``train``; with ``val``, keep the weights of the best
+    epoch by validation Dice (early stopping after ``patience`` epochs without improvement).
+
+    Everything else is an argument: the optimiser's ``learning_rate``, the global
+    ``batch_size``, ``epochs``, the ``seed`` of weights and batches, and ``distribute``
+    (``train.distribute``: how, not what, is trained).
 
     ``progress``: a label such as ``train: fold-0``; one line per epoch goes to the
     ``liverseg.progress`` logger. ``steps_per_execution``: default, one execution per epoch.
@@ -170,19 +182,19 @@ def fit(
     """
     image_size = int(train[0].shape[1])
     steps = math.ceil(int(train[0].shape[0]) / batch_size)
-    with distribute.scope(cfg.distribute, batch_size):  # batch_size is the global batch
+    with distributed.scope(distribute, batch_size):  # batch_size is the global batch
         model = compile_unet(
             image_size,
-            cfg,
+            spec,
             learning_rate,
             seed,
-            steps_per_execution=distribute.steps_per_execution(
-                cfg.distribute, steps_per_execution or steps
+            steps_per_execution=distributed.steps_per_execution(
+                distribute, steps_per_execution or steps
             ),
             jit_compile=jit_compile,
         )
     train_ds = make_dataset(
-        *train, batch_size=batch_size, training=True, augment=cfg.augment, seed=seed
+        *train, batch_size=batch_size, training=True, augment=spec.augment, seed=seed
     )
     val_ds = None
     cbs = list(callbacks or [])
