@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import MlflowStore
-from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.phantom import write_phantom
 from liverseg.data.volumes import load_case
 from liverseg.errors import DataError
