@@ -89,4 +89,3 @@ def train(
             "tracking_uri": mlflow.get_tracking_uri(),
         },
     )
-
