@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from liverseg.data.ircad import output_paths
+from liverseg.data.layout import output_paths
 from liverseg.data.volumes import save_pair
 from liverseg.evaluation.metrics import volume_metrics
 from liverseg.params import EvaluateParams, QualityParams

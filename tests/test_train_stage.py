@@ -107,3 +107,24 @@ def test_a_missing_tuning_result_stops_before_anything_is_written(
         train_stage.main(args)
     assert not args.model_dir.exists() and not args.reports.exists()
     assert mlflow.get_experiment_by_name("stage-test") is None
+
+
+def test_the_repository_store_keeps_its_artifacts_in_mlruns(
+    tmp_path: Path, empty_mlflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stages' experiment under the CLI's default URI (a path relative to the repository):
+    artifacts in ``mlruns/artifacts``, beside the database."""
+    import shutil
+
+    from liverseg.cli import DEFAULT_TRACKING_URI
+    from liverseg.training.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
+    mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    try:
+        exp = mlflow.get_experiment(ensure_experiment("liverseg"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert exp.artifact_location == (tmp_path / "mlruns" / "artifacts").resolve().as_uri()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -10,9 +11,12 @@ import numpy as np
 import pytest
 
 from liverseg.data.volumes import (
+    MAX_VOXELS_ENV,
+    TooLargeError,
     from_canonical,
     load_case,
     load_volume,
+    nifti_from_bytes,
     save_mask_like,
     save_pair,
 )
@@ -158,3 +162,77 @@ def test_empty_liver(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"x_liver\.nii\.gz: empty liver mask"):
         load_case(ct, mk, case_id="x")
     assert load_case(ct, mk, case_id="x", require_liver=False).mask.data.sum() == 0
+
+
+# ---------------------------------------------------------------------- NIfTI from bytes
+MB = 1024 * 1024
+
+
+def image_bytes(data: np.ndarray, *, gz: bool = True, version: int = 1) -> bytes:
+    cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    raw = cls(data, affine_for("LPS")).to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+@pytest.mark.parametrize(("gz", "version"), [(True, 1), (False, 1), (True, 2), (False, 2)])
+def test_nifti_from_bytes_round_trip(gz: bool, version: int) -> None:
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4) - 60
+    img = nifti_from_bytes(image_bytes(data, gz=gz, version=version), MB, "upload")
+    assert isinstance(img, nib.Nifti1Image if version == 1 else nib.Nifti2Image)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    np.testing.assert_allclose(img.affine, affine_for("LPS"))
+
+
+def _pair_header() -> bytes:
+    img = nib.Nifti1Pair(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    return img.header.binaryblock + bytes(4 * 4 * 4 * 2)
+
+
+def _bad_magic() -> bytes:
+    raw = bytearray(image_bytes(np.zeros((2, 2, 2), np.int16), gz=False))
+    raw[344:348] = b"xyz\x00"
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"hello world" * 40, r"^upload: not a NIfTI file \(header size field \d+, expected 348"),
+        (b"tiny", r"^upload: not a NIfTI file \(4 bytes, shorter than a NIfTI header\)"),
+        (b"\x1f\x8b" + b"garbage" * 10, r"^upload: corrupt gzip data"),
+        (gzip.compress(b"x" * 1000)[:-12], r"^upload: truncated gzip data"),
+        (image_bytes(np.zeros((8, 8, 4), np.int16), gz=False)[:-100], r"^upload: truncated NIfTI"),
+        (_pair_header(), r"^upload: a NIfTI \.hdr/\.img pair header"),
+        (_bad_magic(), r"^upload: not a NIfTI-1 file \(bad magic b'xyz\\x00'\)"),
+    ],
+)
+def test_nifti_from_bytes_refuses(data: bytes, match: str) -> None:
+    with pytest.raises(DataError, match=match) as info:
+        nifti_from_bytes(data, MB, "upload")
+    assert not isinstance(info.value, TooLargeError)
+
+
+@pytest.mark.parametrize(
+    ("shape", "what", "n_bytes"),
+    [
+        # 64 x 64 x 64 int16 = 512 kB as a file (fits), 1 MB as float32: over a 0.9 MB limit
+        ((64, 64, 64), "the volume (64, 64, 64) as float32", 64**3 * 4),
+        # 96 x 96 x 64 int16 = 1.1 MB after gunzip: over the limit before the header is read
+        ((96, 96, 64), "the NIfTI file after gunzip", int(0.9 * MB) + 1),
+    ],
+)
+def test_nifti_from_bytes_size_limit(shape: tuple[int, ...], what: str, n_bytes: int) -> None:
+    limit = int(0.9 * MB)
+    zeros = image_bytes(np.zeros(shape, np.int16))
+    assert len(zeros) < 20_000  # a few kB of gzip: the limit is on what it unpacks to
+    with pytest.raises(TooLargeError, match=rf"^upload: {re.escape(what)} is") as info:
+        nifti_from_bytes(zeros, limit, "upload")
+    assert (info.value.what, info.value.n_bytes, info.value.limit) == (what, n_bytes, limit)
+
+
+def test_nifti_from_bytes_voxel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header.set_data_shape((300, 300, 300))
+    monkeypatch.setenv(MAX_VOXELS_ENV, str(200**3))
+    with pytest.raises(DataError, match=r"^upload: header claims shape \(300, 300, 300\)"):
+        nifti_from_bytes(gzip.compress(img.header.binaryblock + b"\0" * 68), 1 << 30, "upload")

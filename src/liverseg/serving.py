@@ -55,10 +55,8 @@ import importlib.metadata
 import io
 import json
 import os
-import struct
 import tempfile
 import threading
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +73,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 from liverseg import runguard
 from liverseg.data.dicom import DicomSeries, read_ct_series
 from liverseg.data.volumes import (
+    TooLargeError,
     Volume,
-    check_voxel_count,
     from_canonical,
+    nifti_from_bytes,
     save_mask_like,
     volume_from_image,
 )
@@ -105,11 +104,6 @@ SERVING_DISTRIBUTIONS = (
 )
 # "tensorflow" stands for the TensorFlow distribution installed (the cpu or the gpu extra).
 
-# NIfTI header facts used to refuse a non-NIfTI payload before nibabel guesses at it.
-_NIFTI1_HEADER_SIZE = 348
-_NIFTI2_HEADER_SIZE = 540
-_NIFTI1_MAGIC = slice(344, 348)  # "n+1\0" single file, "ni1\0" .hdr of a pair
-_GZIP_MAGIC = b"\x1f\x8b"
 _FLOAT32_BYTES = 4
 _MB = 1024 * 1024
 
@@ -181,42 +175,6 @@ def _b64decode(text: str, limit: int, column: str = NIFTI_COLUMN) -> bytes:
         raise DataError(f"{column}: not valid base64 ({exc})") from exc
 
 
-def _gunzip(data: bytes, limit: int) -> bytes:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise DataError(f"{NIFTI_COLUMN}: corrupt gzip data ({exc})") from exc
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise _too_large("the NIfTI file after gunzip", max(len(out), limit + 1), limit)
-    if not inflater.eof:
-        raise DataError(f"{NIFTI_COLUMN}: truncated gzip data (the stream ends early)")
-    return out
-
-
-def _nifti_kind(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
-    if len(raw) < _NIFTI1_HEADER_SIZE:
-        raise DataError(
-            f"{NIFTI_COLUMN}: not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI header)"
-        )
-    sizes = {struct.unpack("<i", raw[:4])[0], struct.unpack(">i", raw[:4])[0]}
-    if _NIFTI1_HEADER_SIZE in sizes:
-        magic = raw[_NIFTI1_MAGIC]
-        if magic == b"ni1\x00":
-            raise DataError(
-                f"{NIFTI_COLUMN}: a NIfTI .hdr/.img pair header; send a single-file .nii or .nii.gz"
-            )
-        if magic != b"n+1\x00":
-            raise DataError(f"{NIFTI_COLUMN}: not a NIfTI-1 file (bad magic {magic!r})")
-        return nib.Nifti1Image
-    if _NIFTI2_HEADER_SIZE in sizes and len(raw) >= _NIFTI2_HEADER_SIZE:
-        return nib.Nifti2Image
-    raise DataError(
-        f"{NIFTI_COLUMN}: not a NIfTI file (header size field {sorted(sizes)[0]}, "
-        f"expected {_NIFTI1_HEADER_SIZE} or {_NIFTI2_HEADER_SIZE})"
-    )
-
-
 def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2Image:
     """Decode base64 (of a ``.nii`` or ``.nii.gz``) into a NIfTI image, refusing anything whose
     decoded file or float32 voxel array would exceed ``limit`` bytes, before it is read."""
@@ -230,29 +188,10 @@ def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2
     if not payload.strip():
         raise DataError(f"{NIFTI_COLUMN}: empty string")
     raw = _b64decode(payload, limit)
-    if raw[:2] == _GZIP_MAGIC:
-        raw = _gunzip(raw, limit)
-    cls = _nifti_kind(raw)
     try:
-        img = cls.from_bytes(raw)
-        header = img.header
-        shape = tuple(int(s) for s in img.shape)
-        itemsize = header.get_data_dtype().itemsize
-        offset = int(header.get_data_offset())
-    except Exception as exc:  # nibabel raises many types for a malformed header
-        raise DataError(f"{NIFTI_COLUMN}: unreadable NIfTI header ({exc})") from exc
-    # nibabel reports offset 0 for an in-memory single file; voxels start after the header.
-    offset = max(offset, len(header.binaryblock) + 4)
-    check_voxel_count(shape, NIFTI_COLUMN)
-    n_vox = int(np.prod(shape, dtype=np.int64))
-    if n_vox * _FLOAT32_BYTES > limit:
-        raise _too_large(f"the volume {shape} as float32", n_vox * _FLOAT32_BYTES, limit)
-    if offset + n_vox * itemsize > len(raw):
-        raise DataError(
-            f"{NIFTI_COLUMN}: truncated NIfTI: the header declares shape {shape} "
-            f"({n_vox * itemsize} bytes of voxels), the file has {max(len(raw) - offset, 0)}"
-        )
-    return img
+        return nifti_from_bytes(raw, limit, NIFTI_COLUMN)
+    except TooLargeError as exc:
+        raise _too_large(exc.what, exc.n_bytes, exc.limit) from exc
 
 
 def volume_from_payload(payload: Any, limit: int) -> Volume:

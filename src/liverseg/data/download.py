@@ -183,6 +183,7 @@ def safe_extract_zip(
     max_bytes: int,
     max_ratio: float = MAX_RATIO,
     ratio_min_bytes: int = RATIO_MIN_BYTES,
+    unpacked_before: int = 0,
 ) -> list[Path]:
     """Extract ``archive`` into ``target`` (replacing it) and return the extracted file paths.
 
@@ -194,6 +195,8 @@ def safe_extract_zip(
     directory before anything is written; an entry cannot yield more than its declared size
     (see :func:`_extract_entry`), so a lying header cannot get past the limits either.
     Returned paths are under ``target``, in archive order, files only (not folders).
+    ``unpacked_before`` bytes (what earlier archives of one budget unpacked) count against
+    ``max_bytes`` too.
     """
     archive = Path(archive)
     target = Path(target)
@@ -204,7 +207,7 @@ def safe_extract_zip(
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from exc
     with zf:
-        plan = _plan_extraction(archive, zf, max_bytes, max_ratio, ratio_min_bytes)
+        plan = _plan_extraction(archive, zf, max_bytes, max_ratio, ratio_min_bytes, unpacked_before)
         written: list[Path] = []
         with atomic_dir(target) as tmp:
             for info, rel in plan:
@@ -223,11 +226,12 @@ def _plan_extraction(
     max_bytes: int,
     max_ratio: float,
     ratio_min_bytes: int,
+    unpacked_before: int,
 ) -> list[tuple[zipfile.ZipInfo, str]]:
     """Validate every entry before anything is written; return (entry, safe relative path)."""
     plan: list[tuple[zipfile.ZipInfo, str]] = []
     seen: set[str] = set()
-    total = 0
+    total = unpacked_before
     for info in zf.infolist():
         name = info.filename
         where = f"{archive}: entry {name!r}"
@@ -248,8 +252,12 @@ def _plan_extraction(
         seen.add(rel)
         total += info.file_size
         if total > max_bytes:
+            before = (
+                f" ({unpacked_before} of them from earlier archives)" if unpacked_before else ""
+            )
             raise DataError(
-                f"{where}: total uncompressed size {total} bytes exceeds max_bytes={max_bytes}"
+                f"{where}: total uncompressed size {total} bytes{before} exceeds "
+                f"max_bytes={max_bytes}"
             )
         if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
             info.compress_size, 1

@@ -1,19 +1,23 @@
 """Turn every layout of the real 3D-IRCADb-01 data into the project's one internal format.
 
 Internal format (what :func:`collect_cases` writes into ``out_dir``, flat): per case a NIfTI
-pair ``ircad_eNN_orig.nii.gz`` (CT, int16 HU) + ``ircad_eNN_liver.nii.gz`` (uint8 0/1 liver
-mask) on one grid, written with :func:`liverseg.data.volumes.save_pair`. The case id is
-``eNN``: the patient number zero-padded to two digits (``ircad_e1_*`` and ``3Dircadb1.1`` both
-become ``e01``), so that ids sort and name files the same way whatever the source.
+pair named as :mod:`liverseg.data.layout` says (``ircad_eNN_orig.nii.gz`` CT, int16 HU +
+``ircad_eNN_liver.nii.gz`` uint8 0/1 liver mask) on one grid, written with
+:func:`liverseg.data.volumes.save_pair`.
 
 Source layouts:
 
 * ``nifti``: the notebook's archive, ``ircad_eN_orig.nii[.gz]`` / ``ircad_eN_liver.nii[.gz]``
-  anywhere below a root (e.g. in ``train/`` and ``test/``), see :func:`find_nifti_pairs`.
+  anywhere below a root (e.g. in ``train/`` and ``test/``), see
+  :func:`~liverseg.data.layout.find_nifti_pairs`.
 * ``dicom``: the official 3D-IRCADb-01 tree, ``3Dircadb1.N/PATIENT_DICOM/image_K`` (CT) and
   ``3Dircadb1.N/MASKS_DICOM/liver/image_K`` (liver mask, 0/255), see
   :func:`convert_dicom_tree`. The official download packs ``PATIENT_DICOM`` and
-  ``MASKS_DICOM`` as inner zips: they must be unpacked before conversion.
+  ``MASKS_DICOM`` as inner zips: :func:`unpack_archive` unpacks them in place, within the one
+  size budget of the whole download.
+
+:func:`ingest_ircad` is the whole path from ``ingest.ircad`` (a URL or local archive, or an
+unpacked folder) to the internal format.
 
 Array contract of :func:`read_dicom_series`: a 3-D array indexed ``[i, j, k]`` with
 ``i`` = DICOM column (along the first ImageOrientationPatient cosine), ``j`` = DICOM row (along
@@ -25,8 +29,10 @@ millimetres (DICOM patient coordinates are LPS, so x and y change sign).
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -34,15 +40,21 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from liverseg.data.download import fetch, safe_extract_zip
+from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
 from liverseg.data.volumes import load_case, same_grid, save_pair
 from liverseg.errors import DataError
+from liverseg.fsutil import atomic_dir
+
+if TYPE_CHECKING:
+    from liverseg.params import IrcadParams
 
 __all__ = [
-    "CasePaths",
     "collect_cases",
     "convert_dicom_tree",
-    "find_nifti_pairs",
+    "ingest_ircad",
     "read_dicom_series",
+    "unpack_archive",
 ]
 
 # Consecutive slice gaps may differ from the median gap by this fraction: positions are
@@ -60,11 +72,13 @@ ORTHONORMAL_ATOL = 1e-3
 # DICOM (LPS) to NIfTI/RAS: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-_NIFTI_NAME = re.compile(r"ircad_e(\d+)_(orig|liver)\.nii(\.gz)?")
 _CASE_DIR = re.compile(r"3Dircadb1\.(\d+)")
 _CT_DIR = "PATIENT_DICOM"
 _MASKS_DIR = "MASKS_DICOM"
 _LIVER_DIR = "liver"
+# The official archive zips each series again inside each patient folder
+# (3Dircadb1.N/PATIENT_DICOM.zip, 3Dircadb1.N/MASKS_DICOM.zip).
+_INNER_ZIPS = "*_DICOM.zip"
 _REQUIRED = (
     "Rows",
     "Columns",
@@ -73,66 +87,6 @@ _REQUIRED = (
     "ImageOrientationPatient",
     "PixelData",
 )
-
-
-def case_id_for(number: int) -> str:
-    """Case id of patient ``number``: zero-padded so that ids sort like the patients."""
-    return f"e{number:02d}"
-
-
-def output_paths(out_dir: Path, case_id: str) -> tuple[Path, Path]:
-    """Where the internal format keeps the CT and the liver mask of ``case_id``."""
-    out_dir = Path(out_dir)
-    return out_dir / f"ircad_{case_id}_orig.nii.gz", out_dir / f"ircad_{case_id}_liver.nii.gz"
-
-
-# ------------------------------------------------------------------------------ NIfTI pairs
-@dataclass(frozen=True)
-class CasePaths:
-    """One patient's CT and liver mask files (``case_id`` like ``"e01"``)."""
-
-    case_id: str
-    image: Path
-    mask: Path
-
-
-def find_nifti_pairs(root: Path) -> list[CasePaths]:
-    """Pair every ``ircad_eN_orig`` with its ``ircad_eN_liver`` below ``root``, by patient.
-
-    The notebook's archive splits patients into ``train/`` and ``test/``; the project makes its
-    own patient-level split, so folders are ignored and only the names count. A file without
-    its partner, or a patient present twice, is an error rather than a silently smaller or
-    ambiguous data set. Pairs are sorted by patient number (``e2`` before ``e10``).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: IRCAD NIfTI root is not a folder")
-    found: dict[int, dict[str, Path]] = {}
-    for path in sorted(root.rglob("*")):
-        match = _NIFTI_NAME.fullmatch(path.name)
-        if match is None or not path.is_file():
-            continue
-        number, role = int(match.group(1)), match.group(2)
-        slot = found.setdefault(number, {})
-        if role in slot:
-            raise DataError(
-                f"{path}: duplicate case {case_id_for(number)}: also found as {slot[role]}"
-            )
-        slot[role] = path
-    if not found:
-        raise DataError(
-            f"{root}: no IRCAD NIfTI pairs found (expected files named "
-            "ircad_eN_orig.nii[.gz] and ircad_eN_liver.nii[.gz])"
-        )
-    pairs: list[CasePaths] = []
-    for number in sorted(found):
-        slot = found[number]
-        if "orig" not in slot:
-            raise DataError(f"{slot['liver']}: liver mask has no partner CT (ircad_eN_orig)")
-        if "liver" not in slot:
-            raise DataError(f"{slot['orig']}: CT has no partner liver mask (ircad_eN_liver)")
-        pairs.append(CasePaths(case_id_for(number), slot["orig"], slot["liver"]))
-    return pairs
 
 
 # ------------------------------------------------------------------------------ DICOM series
@@ -443,3 +397,69 @@ def collect_cases(root: Path, layout: str, out_dir: Path) -> list[str]:
         image_path, mask_path = output_paths(out_dir, pair.case_id)
         save_pair(case.image.data, case.mask.data, case.image.affine, image_path, mask_path)
     return [pair.case_id for pair in pairs]
+
+
+# ------------------------------------------------------------------------------ download
+def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: bool) -> None:
+    """Unpack ``archive`` into ``target`` with :func:`~liverseg.data.download.safe_extract_zip`,
+    then, with ``inner_zips``, every ``*_DICOM.zip`` it holds in place (a zip's folder
+    ``PATIENT_DICOM/`` lands beside the zip, which is removed).
+
+    One budget for the whole archive: ``max_bytes`` bounds the bytes unpacked in total, the
+    outer archive's entries (the inner zips among them) plus every inner zip's entries; the
+    error names the zip whose entry crossed it, as ``<archive>: <path of the inner zip in it>``.
+    ``target`` is replaced only once everything is unpacked; a refusal leaves it as it was.
+    """
+    with atomic_dir(target) as tree:
+        used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
+        if inner_zips:
+            for inner in sorted(tree.rglob(_INNER_ZIPS)):
+                used += _unpack_inner(
+                    inner,
+                    f"{archive}: {inner.relative_to(tree).as_posix()}",
+                    max_bytes=max_bytes,
+                    used=used,
+                )
+
+
+def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
+    """Unpack ``inner`` beside itself and remove it; the bytes unpacked. ``where`` names it."""
+    staging = inner.with_name(inner.name + ".unpacked")
+    try:
+        files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
+    except DataError as exc:
+        raise DataError(str(exc).replace(str(inner), where, 1)) from exc
+    unpacked = sum(p.stat().st_size for p in files)
+    for child in sorted(staging.iterdir()):
+        if (inner.parent / child.name).exists():
+            raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
+        child.rename(inner.parent / child.name)
+    staging.rmdir()
+    inner.unlink()
+    return unpacked
+
+
+def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
+    """The IRCAD data of ``params`` (``ingest.ircad``) in the internal format in ``out_dir``.
+
+    A ``*-dir`` format is read in place; otherwise ``params.source`` (URL or local archive) is
+    fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
+    unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
+    ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Prints the archive's
+    SHA-256, so that a first download can be pinned. Returns the case ids sorted.
+    """
+    layout = "dicom" if params.format.startswith("dicom") else "nifti"
+    if params.format.endswith("-dir"):
+        return collect_cases(Path(params.source), layout, out_dir)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / "ircad-source.zip"
+    digest = fetch(params.source, archive, params.sha256)
+    print(f"ingest: {params.source}\n  SHA-256 {digest}")
+    if not params.sha256:
+        print("  (pin it: set ingest.ircad.sha256 in params.yaml to verify later downloads)")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        unpacked = Path(tmp) / "unpacked"
+        max_bytes = int(params.max_unpacked_gb * 1e9)
+        unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")
+        return collect_cases(unpacked, layout, out_dir)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from liverseg.data.ircad import case_id_for, output_paths
+from liverseg.data.layout import case_id_for, output_paths
 from liverseg.data.volumes import save_pair
 from liverseg.errors import DataError
 from liverseg.params import PhantomParams

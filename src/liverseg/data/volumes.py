@@ -1,5 +1,8 @@
 """NIfTI I/O: the one place where volumes are read, validated, reoriented and written.
 
+Sources: files (:func:`load_volume`, :func:`load_case`) and untrusted bytes such as a request's
+upload (:func:`nifti_from_bytes`, bounded before a voxel is read).
+
 Axis contract: every array this module returns is in the canonical RAS orientation that
 ``nibabel.as_closest_canonical`` gives, axes (x, y, z) = (towards Right, towards Anterior,
 towards Superior), so ``data[:, :, k]`` is one axial slice and slices of every source look
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +171,95 @@ def _binary_mask(raw: np.ndarray, where: str) -> np.ndarray:
         return (raw != 0).astype(np.uint8)
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
     raise DataError(f"{where}: mask is not binary: values {{{shown}}} (expected 0/1 or 0/255)")
+
+
+# NIfTI header facts used to refuse non-NIfTI bytes before nibabel guesses at them.
+_NIFTI1_HEADER_SIZE = 348
+_NIFTI2_HEADER_SIZE = 540
+_NIFTI1_MAGIC = slice(344, 348)  # "n+1\0" single file, "ni1\0" .hdr of a pair
+_GZIP_MAGIC = b"\x1f\x8b"
+_FLOAT32_BYTES = 4
+_MB = 1024 * 1024
+
+
+class TooLargeError(DataError):
+    """Bytes (``what``, ``n_bytes`` of them) over a caller's ``limit``: the caller says whose."""
+
+    def __init__(self, source: str, what: str, n_bytes: int, limit: int) -> None:
+        super().__init__(
+            f"{source}: {what} is {n_bytes / _MB:.1f} MB, over the limit of {limit / _MB:.1f} MB"
+        )
+        self.what, self.n_bytes, self.limit = what, n_bytes, limit
+
+
+def nifti_from_bytes(data: bytes, limit: int, source: str) -> nib.Nifti1Image | nib.Nifti2Image:
+    """The NIfTI image in ``data``: a single-file ``.nii`` or ``.nii.gz``, NIfTI-1 or -2.
+
+    Untrusted bytes (a request body): a decompressed file or a float32 voxel array over
+    ``limit`` bytes is a :class:`TooLargeError`, and a shape over :func:`max_voxels` a
+    DataError, both before a voxel is read; every other problem (corrupt or truncated gzip,
+    not NIfTI, a ``.hdr`` of a pair, a header that promises more voxels than the bytes hold)
+    is a DataError starting with ``source``.
+    """
+    if data[:2] == _GZIP_MAGIC:
+        data = _gunzip(data, limit, source)
+    cls = _nifti_kind(data, source)
+    try:
+        img = cls.from_bytes(data)
+        header = img.header
+        shape = tuple(int(s) for s in img.shape)
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel raises many types for a malformed header
+        raise DataError(f"{source}: unreadable NIfTI header ({exc})") from exc
+    # nibabel reports offset 0 for an in-memory single file; voxels start after the header.
+    offset = max(offset, len(header.binaryblock) + 4)
+    check_voxel_count(shape, source)
+    n_vox = int(np.prod(shape, dtype=np.int64))
+    if n_vox * _FLOAT32_BYTES > limit:
+        raise TooLargeError(source, f"the volume {shape} as float32", n_vox * _FLOAT32_BYTES, limit)
+    if offset + n_vox * itemsize > len(data):
+        raise DataError(
+            f"{source}: truncated NIfTI: the header declares shape {shape} "
+            f"({n_vox * itemsize} bytes of voxels), the file has {max(len(data) - offset, 0)}"
+        )
+    return img
+
+
+def _gunzip(data: bytes, limit: int, source: str) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise DataError(f"{source}: corrupt gzip data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise TooLargeError(source, "the NIfTI file after gunzip", max(len(out), limit + 1), limit)
+    if not inflater.eof:
+        raise DataError(f"{source}: truncated gzip data (the stream ends early)")
+    return out
+
+
+def _nifti_kind(raw: bytes, source: str) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
+    if len(raw) < _NIFTI1_HEADER_SIZE:
+        raise DataError(
+            f"{source}: not a NIfTI file ({len(raw)} bytes, shorter than a NIfTI header)"
+        )
+    sizes = {struct.unpack("<i", raw[:4])[0], struct.unpack(">i", raw[:4])[0]}
+    if _NIFTI1_HEADER_SIZE in sizes:
+        magic = raw[_NIFTI1_MAGIC]
+        if magic == b"ni1\x00":
+            raise DataError(
+                f"{source}: a NIfTI .hdr/.img pair header; send a single-file .nii or .nii.gz"
+            )
+        if magic != b"n+1\x00":
+            raise DataError(f"{source}: not a NIfTI-1 file (bad magic {magic!r})")
+        return nib.Nifti1Image
+    if _NIFTI2_HEADER_SIZE in sizes and len(raw) >= _NIFTI2_HEADER_SIZE:
+        return nib.Nifti2Image
+    raise DataError(
+        f"{source}: not a NIfTI file (header size field {sorted(sizes)[0]}, "
+        f"expected {_NIFTI1_HEADER_SIZE} or {_NIFTI2_HEADER_SIZE})"
+    )
 
 
 def load_volume(path: Path, *, kind: str = "image") -> Volume:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.splits import load_splits
 from liverseg.data.volumes import load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from liverseg.data.ircad import find_nifti_pairs
+from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.slices import prepare_volume
 from liverseg.data.splits import make_splits
 from liverseg.data.volumes import load_case

@@ -146,11 +146,12 @@ def main(args: argparse.Namespace) -> None:
     import mlflow
 
     from liverseg import tuning
-    from liverseg.training import setup
+    from liverseg.training.setup import keras_session
     from liverseg.training.tracking import (
         NOTE_TAG,
         content_hash,
         dvc_out_hash,
+        ensure_experiment,
         git_commit,
         log_dataset,
     )
@@ -170,7 +171,7 @@ def main(args: argparse.Namespace) -> None:
             flush=True,
         )
 
-    exp_id = setup.experiment(train.experiment)
+    exp_id = ensure_experiment(train.experiment)
     tags = {
         "stage": "tune",
         "kind": "study",
@@ -199,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
             try:
                 for i in range(1, args.workers):
                     procs.append(subprocess.Popen(_worker_command(args, index + i, parent_id)))
-                setup.keras_session(train.precision, tune.seed)
+                keras_session(train.precision, tune.seed)
                 objective = tuning.make_objective(
                     args.prepared,
                     tune,

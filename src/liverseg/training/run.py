@@ -41,11 +41,17 @@ def train(
     import mlflow
 
     from liverseg.training.crossval import cross_validate
-    from liverseg.training.setup import experiment, keras_session
-    from liverseg.training.tracking import content_hash, dvc_experiment, dvc_out_hash, git_commit
+    from liverseg.training.setup import keras_session
+    from liverseg.training.tracking import (
+        content_hash,
+        dvc_experiment,
+        dvc_out_hash,
+        ensure_experiment,
+        git_commit,
+    )
 
     keras_session(cfg.precision, cfg.seed)
-    exp_id = experiment(cfg.experiment)
+    exp_id = ensure_experiment(cfg.experiment)
     tags = {
         "git_commit": git_commit(),
         "data_dvc_md5": dvc_out_hash(prepared),
