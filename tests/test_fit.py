@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from liverseg.params import ModelParams, ModelSpec, load_section
+from liverseg.training import fit as fit_module
 from liverseg.training.fit import MlflowEpochLogger, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,16 +46,44 @@ def _fit(epochs: int = 2, **kw: object):
     )
 
 
+class _Executions(keras.callbacks.Callback):
+    """Counts calls into TensorFlow's training step (one per execution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.calls += 1
+
+
 def test_one_execution_runs_a_whole_epoch_with_the_same_result() -> None:
     keras.utils.set_random_seed(0)
-    one_step = _fit(steps_per_execution=1)
-    default = _fit()
-    # 10 slices in batches of 4: 3 steps, all in one call into TensorFlow
-    assert default.model.steps_per_execution == math.ceil(10 / 4)
-    assert one_step.model.steps_per_execution == 1
+    per_step, per_epoch = _Executions(), _Executions()
+    one_step = _fit(steps_per_execution=1, callbacks=[per_step])
+    default = _fit(callbacks=[per_epoch])
+    # 10 slices in batches of 4: 3 steps per epoch, all in one call into TensorFlow
+    assert per_step.calls == 2 * math.ceil(10 / 4)
+    assert per_epoch.calls == 2
     # Grouping steps changes when Python is called, not what is computed.
     for key in ("loss", "val_loss", "val_dice"):
         np.testing.assert_allclose(default.history[key], one_step.history[key], rtol=1e-4)
+
+
+def test_a_reused_compiled_model_trains_like_a_new_one() -> None:
+    fit_module._COMPILED.clear()
+    first = _fit()  # compiles (and traces) a new model
+    # another fit in between: other data, seed, learning rate and batch size
+    fit(
+        _arrays(13, 5), _arrays(5, 6), TINY, learning_rate=3e-2, batch_size=8, epochs=1, seed=1
+    )
+    assert len(fit_module._COMPILED) == 1  # ... which reused it
+    again = _fit()  # reused again, reset to a new model's state
+    assert again.history == first.history
+    # The results are copies: the first fit's weights survived the later fits.
+    assert again.model is not first.model
+    for a, b in zip(first.model.get_weights(), again.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_progress_is_one_line_per_epoch_and_quiet_by_default(

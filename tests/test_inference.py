@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from conftest import tool_env
 from liverseg.data.volumes import load_volume
 from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import save_model_dir
 
 
 class ThresholdModel:
@@ -97,13 +97,8 @@ def tiny_model_dir(folder: Path) -> Path:
     from liverseg.model.unet import build_unet
     from liverseg.params import ModelParams
 
-    folder.mkdir(parents=True)
     model = build_unet(32, ModelParams(depth=2, base_filters=4), seed=0)
-    model.save(folder / "model.keras")
-    (folder / "preprocessing.json").write_text(
-        json.dumps({"window": [-100, 400], "image_size": 32})
-    )
-    return folder
+    return save_model_dir(folder, model, window=(-100, 400), image_size=32)
 
 
 def test_predict_cli_keeps_a_non_ras_affine(tmp_path: Path) -> None:

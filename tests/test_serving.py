@@ -33,14 +33,16 @@ from liverseg.client import (
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import save_model_dir
 from liverseg.params import ModelParams, RegisterParams
+from liverseg.registry import CHALLENGER, CHAMPION, decide
 from liverseg.serving import (
     MAX_REQUEST_ENV,
     max_request_bytes,
     slices_from_input,
     volume_from_payload,
 )
-from liverseg.stages.register import CHALLENGER, CHAMPION, decide, read_test_dice, register
+from liverseg.stages.register import read_test_metrics, register
 
 MB = 1024 * 1024
 LIMIT_MB = 2  # the served model's LIVERSEG_MAX_REQUEST_MB: a 512x512 float32 slice (1 MB) fits
@@ -181,12 +183,14 @@ def test_decide(new: float, champion: float | None, has_champion: bool, expected
         ('{"dice_mean": NaN}', r"dice_mean: must be in \[0, 1\]"),
     ],
 )
-def test_read_test_dice_refuses_bad_files(tmp_path: Path, content: str | None, match: str) -> None:
+def test_read_test_metrics_refuses_bad_files(
+    tmp_path: Path, content: str | None, match: str
+) -> None:
     path = tmp_path / "metrics.json"
     if content is not None:
         path.write_text(content)
     with pytest.raises(DataError, match=match):
-        read_test_dice(path)
+        read_test_metrics(path)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +213,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from liverseg.model.unet import build_unet
 
-    folder = tmp_path_factory.mktemp("tiny_model")
+    folder = tmp_path_factory.mktemp("tiny_model") / "models"
     keras.utils.set_random_seed(0)
     model = build_unet(32, ModelParams(depth=2, base_filters=4, dropout=0.0), seed=0)
     rng = np.random.default_rng(0)
@@ -224,11 +228,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = np.where(y, 0.35, 0.05) + rng.normal(0.0, 0.03, y.shape)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     model.fit(x[..., None], y[..., None].astype(np.float32), epochs=5, batch_size=16, verbose=0)
-    model.save(folder / "model.keras")
-    (folder / "preprocessing.json").write_text(
-        json.dumps({"window": [-100, 400], "image_size": 32})
-    )
-    return folder
+    return save_model_dir(folder, model, window=(-100, 400), image_size=32)
 
 
 @dataclass

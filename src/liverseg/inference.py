@@ -9,10 +9,12 @@ fill holes per slice. The mask comes back on the input's grid and orientation.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,9 +23,11 @@ from liverseg.data.volumes import Volume, from_canonical
 from liverseg.errors import DataError
 from liverseg.evaluation.postprocess import fill_holes as fill_holes_fn
 from liverseg.evaluation.postprocess import postprocess
+from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
 
-MODEL_FILE = "model.keras"
-PREPROCESSING_FILE = "preprocessing.json"
+if TYPE_CHECKING:
+    from liverseg.params import EvaluateParams
+
 # The layer that averages the fold models in the ensemble (training.crossval.ensemble).
 ENSEMBLE_LAYER = "mean_prob"
 
@@ -44,11 +48,56 @@ class Prediction:
 
 @dataclass(frozen=True)
 class PostProcessing:
-    """What happens to the probabilities after the network."""
+    """What happens to the probabilities after the network.
+
+    The one owner of these fields: the evaluate params, the served model's
+    ``postprocessing.json``, its signature's params and request overrides all go through
+    :meth:`from_params`, :meth:`to_dict` and :meth:`from_dict`.
+    """
 
     threshold: float = 0.5
     largest_component: bool = True
     fill_holes: bool = False
+
+    @classmethod
+    def from_params(cls, cfg: EvaluateParams) -> PostProcessing:
+        """The post-processing of the ``evaluate`` params section (the evaluated model's)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"threshold": ..., "largest_component": ..., "fill_holes": ...}`` (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path) -> PostProcessing:
+        """The inverse of :meth:`to_dict`: every field, of its type, and nothing else; anything
+        else is a DataError naming ``source`` (the file, or ``params`` for a request)."""
+        if not isinstance(data, dict):
+            raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(map(str, data)) - set(names))
+        if unknown:
+            raise DataError(f"{source}: unknown key(s) {unknown}; expected {names}")
+        missing = [k for k in names if k not in data]
+        if missing:
+            raise DataError(f"{source}: missing key(s) {missing}")
+        threshold = data["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise DataError(f"{source}: threshold must be a number, got {threshold!r}")
+        if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
+            raise DataError(f"{source}: threshold must be in (0, 1), got {threshold}")
+        for key in (k for k in names if k != "threshold"):
+            if not isinstance(data[key], bool):
+                raise DataError(f"{source}: {key} must be true or false, got {data[key]!r}")
+        return cls(**{k: data[k] for k in names})
+
+    def updated(self, overrides: Mapping[str, Any], source: str) -> PostProcessing:
+        """This post-processing with the fields that ``overrides`` names replaced (other keys
+        are ignored: a request's params hold more than these), validated as :meth:`from_dict`."""
+        names = {f.name for f in dataclasses.fields(self)}
+        return self.from_dict(
+            {**self.to_dict(), **{k: v for k, v in overrides.items() if k in names}}, source
+        )
 
 
 class Segmenter:
@@ -73,32 +122,10 @@ class Segmenter:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
-        """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``)."""
-        folder = Path(folder)
-        model_file = folder / MODEL_FILE if folder.is_dir() else folder
-        prep_file = model_file.parent / PREPROCESSING_FILE
-        for f in (model_file, prep_file):
-            if not f.exists():
-                raise DataError(f"{f}: not found (expected a train stage model folder)")
-        # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
-        import keras
-
-        from liverseg.model.keras_metrics import CUSTOM_OBJECTS
-
-        try:
-            prep = json.loads(prep_file.read_text())
-            window_hu, image_size = tuple(prep["window"]), int(prep["image_size"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"{prep_file}: not a preprocessing.json of the train stage ({exc})"
-            ) from exc
-        try:
-            model = keras.models.load_model(
-                model_file, custom_objects=CUSTOM_OBJECTS, compile=False
-            )
-        except Exception as exc:  # Keras raises many types for a file that is not a model
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{model_file}: not a loadable Keras model ({first})") from exc
+        """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``, as
+        :func:`liverseg.model_dir.save_model_dir` writes it); a missing or broken folder is a
+        DataError."""
+        model, window_hu, image_size = load_model_dir(folder)
         return cls(model, window_hu=window_hu, image_size=image_size, **kwargs)  # type: ignore[arg-type]
 
     @classmethod

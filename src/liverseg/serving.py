@@ -82,7 +82,9 @@ from liverseg.data.volumes import (
 )
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
-from liverseg.inference import MODEL_FILE, PREPROCESSING_FILE, PostProcessing, Segmenter
+from liverseg.fsutil import read_stage_json
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model_dir import PREPROCESSING_FILE, check_model_dir
 from liverseg.training.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
@@ -302,8 +304,8 @@ class LiverSegModel(PythonModel):
             raise FileNotFoundError(
                 f"{model_file}: {PREPROCESSING_FILE} must sit beside it, found {prep_file}"
             )
-        post = json.loads(Path(context.artifacts["postprocessing"]).read_text())
-        self.post = PostProcessing(**post)
+        post_file = Path(context.artifacts["postprocessing"])
+        self.post = PostProcessing.from_dict(read_stage_json(post_file, "register"), post_file)
         self.segmenter = Segmenter.from_dir(model_file, post=self.post)
         self.max_bytes = max_request_bytes()
         # The scoring server runs each request in a thread; one network call at a time keeps
@@ -314,13 +316,7 @@ class LiverSegModel(PythonModel):
     def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
         if not params:
             return self.segmenter
-        post = PostProcessing(
-            threshold=float(params.get("threshold", self.post.threshold)),
-            largest_component=bool(params.get("largest_component", self.post.largest_component)),
-            fill_holes=bool(params.get("fill_holes", self.post.fill_holes)),
-        )
-        if not 0.0 < post.threshold < 1.0:
-            raise DataError(f"params: threshold must be in (0, 1), got {post.threshold}")
+        post = self.post.updated(params, "params")
         if post == self.post:
             return self.segmenter
         base = self.segmenter
@@ -427,12 +423,11 @@ def serving_requirements() -> list[str]:
 
 def model_signature(post: PostProcessing) -> ModelSignature:
     """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
+    kinds = {float: "double", bool: "boolean"}
     return ModelSignature(
         params=ParamSchema(
             [
-                ParamSpec("threshold", "double", float(post.threshold)),
-                ParamSpec("largest_component", "boolean", bool(post.largest_component)),
-                ParamSpec("fill_holes", "boolean", bool(post.fill_holes)),
+                *(ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()),
                 ParamSpec("orientation", "string", "RAS"),
                 ParamSpec("series", "string", ""),
                 ParamSpec("mask_format", "string", "seg"),
@@ -500,21 +495,10 @@ def log_pyfunc(
     """
     import liverseg
 
-    model_dir = Path(model_dir)
-    for f in (model_dir / MODEL_FILE, model_dir / PREPROCESSING_FILE):
-        if not f.is_file():
-            raise DataError(f"{f}: not found (expected the train stage's model folder)")
+    model_file, prep_file = check_model_dir(Path(model_dir))
     with tempfile.TemporaryDirectory(prefix="liverseg-pyfunc-") as tmp:
         post_file = Path(tmp) / POSTPROCESSING_FILE
-        post_file.write_text(
-            json.dumps(
-                {
-                    "threshold": post.threshold,
-                    "largest_component": post.largest_component,
-                    "fill_holes": post.fill_holes,
-                }
-            )
-        )
+        post_file.write_text(json.dumps(post.to_dict()))
         code_file = Path(tmp) / "liverseg_pyfunc.py"
         code_file.write_text(_MODEL_CODE)
         example = np.linspace(-200.0, 300.0, 16 * 16, dtype=np.float32).reshape(1, 16, 16)
@@ -522,8 +506,8 @@ def log_pyfunc(
             name=name,
             python_model=str(code_file),
             artifacts={
-                "model": str(model_dir / MODEL_FILE),
-                "preprocessing": str(model_dir / PREPROCESSING_FILE),
+                "model": str(model_file),
+                "preprocessing": str(prep_file),
                 "postprocessing": str(post_file),
             },
             code_paths=[str(Path(liverseg.__file__).parent)],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from liverseg.evaluation.plots import overlay, overlay_slices
 from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import EvaluateParams, as_flat_dict, load_section
+from liverseg.run_link import read_train_run
 
 METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
 
@@ -60,11 +60,7 @@ def evaluate(
 
     test_ids = load_splits(prepared)["test"]
     pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
-    seg = Segmenter.load(
-        model_dir,
-        post=PostProcessing(cfg.threshold, cfg.largest_component, cfg.fill_holes),
-        batch_size=cfg.batch_size,
-    )
+    seg = Segmenter.load(model_dir, post=PostProcessing.from_params(cfg), batch_size=cfg.batch_size)
     metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as tmp:
@@ -132,11 +128,12 @@ HEADLINE = ("test_dice_mean", "test_dice_std", "test_hd95_mm_mean", "test_assd_m
 
 
 def log_to_mlflow(
-    result: dict[str, Any], out: Path, cfg: EvaluateParams, train_run: Path, raw: Path
+    result: dict[str, Any], out: Path, cfg: EvaluateParams, link: dict[str, str], raw: Path
 ) -> str:
-    """An ``evaluate`` run nested under the training parent run (if known), with the test
-    data as its input and the overlays as images; the headline test figures also go onto the
-    parent run so that the ``cv`` row of the runs table shows them."""
+    """An ``evaluate`` run nested under the training parent run of ``link`` (the train stage's
+    ``run.json``), with the test data as its input and the overlays as images; the headline
+    test figures also go onto the parent run so that the ``cv`` row of the runs table shows
+    them."""
     import mlflow
     from mlflow.entities import Metric
     from PIL import Image
@@ -150,7 +147,6 @@ def log_to_mlflow(
         log_params_flat,
     )
 
-    link = json.loads(train_run.read_text()) if train_run.exists() else {}
     exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
     cases = [r["case"] for r in result["per_patient"]]
     tags = {
@@ -163,11 +159,10 @@ def log_to_mlflow(
             "under Model metrics > images and in the artifacts."
         ),
     }
-    parent_id = link.get("parent_run_id")
-    if parent_id:
-        # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
-        tags["mlflow.parentRunId"] = parent_id
-        tags["train_final_run_id"] = link.get("final_run_id", "")
+    parent_id = link["parent_run_id"]
+    # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
+    tags["mlflow.parentRunId"] = parent_id
+    tags["train_final_run_id"] = link.get("final_run_id", "")
     with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
         log_params_flat(as_flat_dict(cfg))
         log_dataset(raw, dvc_out_hash(raw), context="test")
@@ -183,11 +178,10 @@ def log_to_mlflow(
             with Image.open(png) as im:
                 mlflow.log_image(im.convert("RGB"), key=f"overlay_{case}", step=int(z))
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
-        if parent_id:
-            now = int(time.time() * 1000)
-            mlflow.MlflowClient().log_batch(
-                parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
-            )
+        now = int(time.time() * 1000)
+        mlflow.MlflowClient().log_batch(
+            parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
+        )
         return str(run.info.run_id)
 
 
@@ -202,8 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     cfg: EvaluateParams = load_section("evaluate", args.params)
+    link = read_train_run(args.train_run)  # before the model runs, not after
     result = evaluate(args.raw, args.prepared, args.model_dir, args.out, cfg)
-    run_id = log_to_mlflow(result, args.out, cfg, args.train_run, args.raw)
+    run_id = log_to_mlflow(result, args.out, cfg, link, args.raw)
     print(
         f"evaluate: {result['n_patients']} test patients: Dice {result['dice_mean']:.4f} ± "
         f"{result['dice_std']:.4f}, HD95 {result['hd95_mm_mean']:.1f} mm (MLflow run {run_id})"

@@ -38,8 +38,9 @@ def main(args: argparse.Namespace) -> None:
     cfg: TrainParams = load_section("train", args.params)
     lr, batch_size, source = tuned_values(cfg, args.tuned)
 
+    from liverseg.model_dir import save_model_dir
     from liverseg.training.curves import write_curves_csv
-    from liverseg.training.run import save_model_dir, train
+    from liverseg.training.run import train
 
     out = train(args.prepared, cfg, learning_rate=lr, batch_size=batch_size, hparams_source=source)
     save_model_dir(args.model_dir, out.model, out.window, out.image_size)

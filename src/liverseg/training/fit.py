@@ -42,6 +42,9 @@ EPOCH_METRICS = ("loss", "dice", "iou")
 # of the loop's overhead), and the epoch's pooled Dice does not depend on the batching.
 VALIDATION_BATCH_SIZE = 32
 
+# steps_per_execution for one execution per epoch: an upper bound on any epoch's step count.
+ONE_EXECUTION_PER_EPOCH = 1 << 20
+
 # Progress lines go to this logger (the CLI sends it to stderr).
 log = logging.getLogger("liverseg.progress")
 
@@ -146,6 +149,18 @@ class FitResult:
     seconds: float = 0.0
 
 
+def _seeded_unet(image_size: int, spec: ModelSpec, seed: int) -> keras.Model:
+    """A freshly initialised U-Net of ``spec`` (seeded), its layers in ``spec.precision``;
+    Keras' global dtype policy is restored afterwards."""
+    keras.utils.set_random_seed(seed)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(spec.precision)
+    try:
+        return build_unet(image_size, spec.model, seed=seed)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def compile_unet(
     image_size: int,
     spec: ModelSpec,
@@ -162,11 +177,10 @@ def compile_unet(
     ``steps_per_execution``: training steps per call into TensorFlow (callbacks then see
     batches in groups of that size; epoch-level callbacks are unaffected).
     """
-    keras.utils.set_random_seed(seed)
+    model = _seeded_unet(image_size, spec, seed)
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(spec.precision)
     try:
-        model = build_unet(image_size, spec.model, seed=seed)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
             loss=get_loss(spec.loss),
@@ -177,6 +191,64 @@ def compile_unet(
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return model
+
+
+# Compiled U-Nets of this process, one per (image size, spec, steps per execution, jit), for
+# reuse by later fits (see _compiled_unet).
+_COMPILED: dict[tuple[Any, ...], keras.Model] = {}
+
+
+def _compiled_unet(
+    image_size: int,
+    spec: ModelSpec,
+    learning_rate: float,
+    seed: int,
+    *,
+    steps_per_execution: int,
+    jit_compile: bool,
+) -> keras.Model:
+    """A compiled U-Net in exactly the state :func:`compile_unet` gives, reused if possible.
+
+    Keras traces a model's training and validation steps on its first epoch: on the default
+    U-Net that costs about 10 CPU s, more than two epochs (benchmarks/README.md), once per new
+    model, i.e. per fold and per tuning trial. A model compiled earlier in this process with
+    the same architecture, loss, precision and execution settings is reused instead, its
+    traced steps with it: every variable (weights, BatchNorm statistics, dropout seed states)
+    is set to those of a newly built seeded model, and the optimizer's state to a new
+    optimizer's (zero moments and step count, this fit's learning rate). Training is then the
+    same as on a new model (tests/test_fit.py checks the histories are equal).
+    """
+    key = (image_size, spec, steps_per_execution, jit_compile)
+    model = _COMPILED.get(key)
+    if model is None:
+        model = compile_unet(
+            image_size,
+            spec,
+            learning_rate,
+            seed,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+        )
+        _COMPILED[key] = model
+        return model
+    _copy_variables(_seeded_unet(image_size, spec, seed), model)
+    for var in model.optimizer.variables:
+        var.assign(keras.ops.zeros(var.shape, var.dtype))
+    model.optimizer.learning_rate = learning_rate
+    return model
+
+
+def _copy_variables(src: keras.Model, dst: keras.Model) -> None:
+    """Every variable of ``src`` (weights, BatchNorm statistics, seed states) into ``dst``."""
+    for target, value in zip(dst.variables, src.variables, strict=True):
+        target.assign(value)
+
+
+def detached_copy(model: keras.Model, image_size: int, spec: ModelSpec) -> keras.Model:
+    """A new, uncompiled U-Net with ``model``'s variables (``model`` may be reused later)."""
+    copy = _seeded_unet(image_size, spec, 0)
+    _copy_variables(model, copy)
+    return copy
 
 
 def fit(
@@ -208,17 +280,30 @@ def fit(
     """
     image_size = int(train[0].shape[1])
     steps = math.ceil(int(train[0].shape[0]) / batch_size)
-    with distributed.scope(distribute, batch_size):  # batch_size is the global batch
-        model = compile_unet(
+    if distribute == "none":
+        # One execution per epoch: Keras' loop over the steps of an execution ends when the
+        # epoch's batches do, so one bound serves every data size (and lets folds and trials
+        # of different sizes reuse one compiled model).
+        model = _compiled_unet(
             image_size,
             spec,
             learning_rate,
             seed,
-            steps_per_execution=distributed.steps_per_execution(
-                distribute, steps_per_execution or steps
-            ),
+            steps_per_execution=steps_per_execution or ONE_EXECUTION_PER_EPOCH,
             jit_compile=jit_compile,
         )
+    else:
+        with distributed.scope(distribute, batch_size):  # batch_size is the global batch
+            model = compile_unet(
+                image_size,
+                spec,
+                learning_rate,
+                seed,
+                steps_per_execution=distributed.steps_per_execution(
+                    distribute, steps_per_execution or steps
+                ),
+                jit_compile=jit_compile,
+            )
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=spec.augment, seed=seed
     )
@@ -255,6 +340,8 @@ def fit(
                 cb.flush()
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    if distribute == "none":
+        model = detached_copy(model, image_size, spec)
     result = FitResult(model=model, history=history, seconds=seconds)
     if val is not None and history.get("val_dice"):
         best = int(np.argmax(history["val_dice"]))

@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 
-from liverseg.fsutil import atomic_dir, read_stage_json, write_json
+from liverseg.fsutil import read_stage_json
 from liverseg.params import TrainParams
 
 
@@ -89,12 +89,3 @@ def train(
             "tracking_uri": mlflow.get_tracking_uri(),
         },
     )
-
-
-def save_model_dir(folder: Path, model: keras.Model, window: list[float], image_size: int) -> None:
-    """Write the model folder that :class:`liverseg.inference.Segmenter` loads
-    (``model.keras``, ``preprocessing.json``), all or nothing. (Kept apart so that one
-    ``save_model_dir`` in ``inference.py``, beside the loader, can replace it.)"""
-    with atomic_dir(folder) as tmp:
-        model.save(tmp / "model.keras")
-        write_json(tmp / "preprocessing.json", {"window": window, "image_size": image_size})

@@ -1,0 +1,75 @@
+"""The model folder (the train stage's ``models/``): one writer, one reader.
+
+A model folder holds ``model.keras`` (the Keras model, custom objects from
+:mod:`liverseg.model.keras_metrics`) and ``preprocessing.json`` (``{"window": [low, high],
+"image_size": n}``: the HU window and the slice size the network was trained on). The train
+stage writes it with :func:`save_model_dir`; :meth:`liverseg.inference.Segmenter.from_dir` and
+the served model read it with :func:`load_model_dir`. Kept apart from ``inference.py`` so that
+the train stage, which writes the folder, does not depend on the inference code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from liverseg.errors import DataError
+from liverseg.fsutil import atomic_dir, read_stage_json, write_json
+
+MODEL_FILE = "model.keras"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def save_model_dir(folder: Path, model: Any, window: Sequence[float], image_size: int) -> Path:
+    """Write ``folder`` (``model.keras`` and ``preprocessing.json``) atomically: it appears
+    whole or is left as it was."""
+    with atomic_dir(Path(folder)) as tmp:
+        model.save(tmp / MODEL_FILE)
+        write_json(tmp / PREPROCESSING_FILE, {"window": list(window), "image_size": image_size})
+    return Path(folder)
+
+
+def check_model_dir(folder: Path) -> tuple[Path, Path]:
+    """``(model file, preprocessing file)`` of a model folder (or of the model file in one),
+    or a DataError naming the path and what is missing."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: not found (expected a train stage model folder)")
+    model_file = folder / MODEL_FILE if folder.is_dir() else folder
+    prep_file = model_file.parent / PREPROCESSING_FILE
+    missing = [f.name for f in (model_file, prep_file) if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{model_file.parent}: no {' and no '.join(missing)} (expected a train stage model "
+            "folder)"
+        )
+    return model_file, prep_file
+
+
+def read_preprocessing(path: Path) -> tuple[tuple[float, float], int]:
+    """``(window_hu, image_size)`` from a model folder's ``preprocessing.json``."""
+    prep = read_stage_json(Path(path), "train")
+    try:
+        low, high = prep["window"]
+        return (float(low), float(high)), int(prep["image_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a {PREPROCESSING_FILE} of the train stage ({exc})") from exc
+
+
+def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int]:
+    """``(keras model, window_hu, image_size)`` of a model folder (or of its model file); a
+    missing or broken folder is a DataError naming the path."""
+    model_file, prep_file = check_model_dir(folder)
+    window_hu, image_size = read_preprocessing(prep_file)
+    # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
+    import keras
+
+    from liverseg.model.keras_metrics import CUSTOM_OBJECTS
+
+    try:
+        model = keras.models.load_model(model_file, custom_objects=CUSTOM_OBJECTS, compile=False)
+    except Exception as exc:  # Keras raises many types for a file that is not a model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{model_file}: not a loadable Keras model ({first})") from exc
+    return model, window_hu, image_size
