@@ -74,9 +74,7 @@ def test_a_reused_compiled_model_trains_like_a_new_one() -> None:
     fit_module._COMPILED.clear()
     first = _fit()  # compiles (and traces) a new model
     # another fit in between: other data, seed, learning rate and batch size
-    fit(
-        _arrays(13, 5), _arrays(5, 6), TINY, learning_rate=3e-2, batch_size=8, epochs=1, seed=1
-    )
+    fit(_arrays(13, 5), _arrays(5, 6), TINY, learning_rate=3e-2, batch_size=8, epochs=1, seed=1)
     assert len(fit_module._COMPILED) == 1  # ... which reused it
     again = _fit()  # reused again, reset to a new model's state
     assert again.history == first.history
