@@ -108,13 +108,13 @@ def one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained model folder as the train stage writes it (model.keras + json)."""
+    from liverseg.model_dir import save_model_dir
     from liverseg.params import ModelParams, TrainParams
     from liverseg.training.fit import compile_unet
 
-    folder = tmp_path_factory.mktemp("model")
+    folder = tmp_path_factory.mktemp("model") / "model"
     cfg = TrainParams(model=ModelParams(depth=1, base_filters=2))
-    compile_unet(16, cfg.spec, 1e-3, seed=0).save(folder / "model.keras")
-    write_json(folder / "preprocessing.json", {"window": [-100, 400], "image_size": 16})
+    save_model_dir(folder, compile_unet(16, cfg.spec, 1e-3, seed=0), [-100, 400], 16)
     return folder
 
 

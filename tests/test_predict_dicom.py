@@ -40,13 +40,10 @@ def threshold_net(level: float):
 
 
 def ensemble_dir(folder: Path, levels: tuple[float, ...] = LEVELS) -> Path:
+    from liverseg.model_dir import save_model_dir
     from liverseg.training.crossval import ensemble
 
-    folder.mkdir(parents=True)
-    ensemble([threshold_net(v) for v in levels]).save(folder / "model.keras")
-    (folder / "preprocessing.json").write_text(
-        json.dumps({"window": list(WINDOW), "image_size": 32})
-    )
+    save_model_dir(folder, ensemble([threshold_net(v) for v in levels]), list(WINDOW), 32)
     return folder
 
 
