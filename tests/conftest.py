@@ -154,3 +154,16 @@ def mlflow_store(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[MlflowStore]
     """A private MLflow store for one test, in ``tmp_path/mlruns``."""
     with mlflow_store_at(tmp_path / "mlruns", empty_mlflow_db) as store:
         yield store
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prepare stage's output for 5 phantom patients of 32x32x10: 1 test patient, 2 folds."""
+    from liverseg.data.phantom import write_phantom
+    from liverseg.params import PhantomParams, PrepareParams
+    from liverseg.stages.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prep")
+    write_phantom(root / "raw", PhantomParams(n_cases=5, size=32, n_slices=10, seed=1))
+    prepare(root / "raw", root / "prepared", PrepareParams(image_size=32, n_test=1, k_folds=2))
+    return root / "prepared"

@@ -14,12 +14,9 @@ import pytest
 import yaml
 
 from conftest import MlflowStore
-from liverseg.data.phantom import write_phantom
 from liverseg.errors import DataError
 from liverseg.inference import Segmenter
-from liverseg.params import PhantomParams, PrepareParams
 from liverseg.stages import train as train_stage
-from liverseg.stages.prepare import prepare
 
 TRAIN = {
     "model": {"depth": 2, "base_filters": 4},
@@ -29,14 +26,6 @@ TRAIN = {
     "seed": 3,
     "experiment": "stage-test",
 }
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("prep")
-    write_phantom(root / "raw", PhantomParams(n_cases=5, size=32, n_slices=10, seed=1))
-    prepare(root / "raw", root / "prepared", PrepareParams(image_size=32, n_test=1, k_folds=2))
-    return root / "prepared"
 
 
 def _args(tmp_path: Path, prepared: Path, tuned: Path | None) -> argparse.Namespace:
@@ -52,7 +41,7 @@ def _args(tmp_path: Path, prepared: Path, tuned: Path | None) -> argparse.Namesp
 
 
 def test_train_stage_writes_model_reports_and_finished_runs(
-    prepared: Path,
+    tiny_prepared: Path,
     mlflow_store: MlflowStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -60,7 +49,7 @@ def test_train_stage_writes_model_reports_and_finished_runs(
     monkeypatch.chdir(tmp_path)  # no dvc.lock and no git here: the data hash is the content's
     tuned = tmp_path / "best_params.json"
     tuned.write_text(json.dumps({"learning_rate": 0.003, "batch_size": 4}))
-    args = _args(tmp_path, prepared, tuned)
+    args = _args(tmp_path, tiny_prepared, tuned)
     train_stage.main(args)
 
     # models/: what inference loads, with the prepare stage's preprocessing
@@ -100,9 +89,9 @@ def test_train_stage_writes_model_reports_and_finished_runs(
 
 
 def test_a_missing_tuning_result_stops_before_anything_is_written(
-    prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
+    tiny_prepared: Path, mlflow_store: MlflowStore, tmp_path: Path
 ) -> None:
-    args = _args(tmp_path, prepared, tmp_path / "nowhere" / "best_params.json")
+    args = _args(tmp_path, tiny_prepared, tmp_path / "nowhere" / "best_params.json")
     with pytest.raises(DataError, match="nowhere/best_params.json: not found"):
         train_stage.main(args)
     assert not args.model_dir.exists() and not args.reports.exists()

@@ -9,22 +9,12 @@ import mlflow
 import pytest
 
 from conftest import MlflowStore
-from liverseg.data.phantom import write_phantom
-from liverseg.params import ModelParams, PhantomParams, PrepareParams, TrainParams
-from liverseg.stages.prepare import prepare
+from liverseg.params import ModelParams, TrainParams
 from liverseg.training import crossval
 
 TINY_TRAIN = TrainParams(
     model=ModelParams(depth=2, base_filters=4), epochs=2, patience=2, batch_size=8, seed=3
 )
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("prep")
-    write_phantom(root / "raw", PhantomParams(n_cases=5, size=32, n_slices=10, seed=1))
-    prepare(root / "raw", root / "prepared", PrepareParams(image_size=32, n_test=1, k_folds=2))
-    return root / "prepared"
 
 
 @pytest.fixture()
@@ -37,9 +27,9 @@ def _runs(exp_id: str):
     return mlflow.search_runs(experiment_ids=[exp_id], output_format="pandas")
 
 
-def test_cross_validation_records(prepared: Path, store: str) -> None:
+def test_cross_validation_records(tiny_prepared: Path, store: str) -> None:
     res = crossval.cross_validate(
-        prepared,
+        tiny_prepared,
         TINY_TRAIN,
         learning_rate=1e-3,
         batch_size=8,
@@ -75,7 +65,7 @@ def test_cross_validation_records(prepared: Path, store: str) -> None:
 
 
 def test_error_ends_runs_failed(
-    prepared: Path, store: str, monkeypatch: pytest.MonkeyPatch
+    tiny_prepared: Path, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_fit = crossval.fit
     calls = {"n": 0}
@@ -89,7 +79,7 @@ def test_error_ends_runs_failed(
     monkeypatch.setattr(crossval, "fit", failing_fit)
     with pytest.raises(RuntimeError, match="injected failure"):
         crossval.cross_validate(
-            prepared,
+            tiny_prepared,
             replace(TINY_TRAIN, epochs=1),
             learning_rate=1e-3,
             batch_size=8,
