@@ -1,0 +1,178 @@
+"""The evaluate stage's work: the Segmenter on every held-out test patient, 3-D metrics in mm,
+the per-scan quality report, overlays, and the MLflow run under the training run.
+
+See :mod:`liverseg.stages.evaluate` for what it writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverseg.data.layout import find_nifti_pairs
+from liverseg.data.splits import load_splits
+from liverseg.data.volumes import load_case
+from liverseg.evaluation.metrics import nsd_key, volume_metrics
+from liverseg.evaluation.plots import overlay, overlay_slices
+from liverseg.evaluation.quality import quality_report
+from liverseg.fsutil import atomic_dir, write_json
+from liverseg.params import EvaluateParams, as_flat_dict
+
+METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
+
+
+def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spearman's rank correlation of the ensemble agreement with the per-patient Dice.
+
+    ``rho`` and ``p`` are None when it is undefined: fewer than 3 patients with an agreement
+    (a single model has none), or a constant agreement or Dice.
+    """
+    from scipy.stats import spearmanr
+
+    pairs = [(r["agreement"], r["dice"]) for r in rows if r["agreement"] is not None]
+    out: dict[str, Any] = {"n": len(pairs), "rho": None, "p": None}
+    if len(pairs) < 3:
+        return out
+    a, d = np.array(pairs, dtype=float).T
+    if np.ptp(a) == 0 or np.ptp(d) == 0:
+        return out
+    res = spearmanr(a, d)
+    out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
+    return out
+
+
+def evaluate(
+    raw: Path, prepared: Path, model_dir: Path, out: Path, cfg: EvaluateParams
+) -> dict[str, Any]:
+    """Segment the test patients listed in ``prepared/splits.json``; write ``out``."""
+    from liverseg.inference import PostProcessing, Segmenter
+
+    test_ids = load_splits(prepared)["test"]
+    pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
+    seg = Segmenter.load(model_dir, post=PostProcessing.from_params(cfg), batch_size=cfg.batch_size)
+    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
+    rows: list[dict[str, Any]] = []
+    with atomic_dir(out) as tmp:
+        for cid in test_ids:
+            case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
+            t0 = time.perf_counter()
+            net = seg.predict_ras(case.image.data, members=True)
+            pred = seg.postprocess(net.mask)
+            seconds = time.perf_counter() - t0
+            m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
+            q = quality_report(
+                pred,
+                case.image.data,
+                case.image.spacing,
+                member_masks=net.members,
+                limits=cfg.quality,
+            )
+            vox_ml = case.image.voxel_volume_ml
+            row = {
+                "case": cid,
+                **{k: float(m[k]) for k in metrics},
+                "volume_true_ml": float(case.mask.data.sum() * vox_ml),
+                "volume_pred_ml": float(pred.sum() * vox_ml),
+                "agreement": q["agreement"],
+                "review": q["review"],
+                "review_reasons": "; ".join(q["reasons"]),
+                "seconds": round(seconds, 3),
+            }
+            rows.append(row)
+            for z in overlay_slices(
+                case.mask.data.astype(bool), pred.astype(bool), cfg.overlays_per_patient
+            ):
+                overlay(
+                    case.image.data[:, :, z],
+                    case.mask.data[:, :, z],
+                    pred[:, :, z],
+                    tmp / "overlays" / f"{cid}_z{z:03d}.png",
+                    title=f"{cid} z={z}  Dice(3D)={row['dice']:.3f}",
+                )
+            print(
+                f"evaluate: {cid}: Dice {row['dice']:.4f} HD95 {row['hd95_mm']:.1f} mm", flush=True
+            )
+        summary: dict[str, Any] = {}
+        for k in metrics:
+            vals = np.array([r[k] for r in rows], dtype=float)
+            summary[f"{k}_mean"] = float(vals.mean())
+            summary[f"{k}_std"] = float(vals.std())
+        result = {
+            **summary,
+            "n_patients": len(rows),
+            "n_review": sum(bool(r["review"]) for r in rows),
+            "agreement_vs_dice": agreement_vs_dice(rows),
+            "per_patient": rows,
+        }
+        write_json(tmp / "metrics.json", result)
+        with open(tmp / "per_patient.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return result
+
+
+# The figures a user sorts the `cv` runs by: copied onto the training parent run.
+HEADLINE = ("test_dice_mean", "test_dice_std", "test_hd95_mm_mean", "test_assd_mm_mean")
+
+
+def log_to_mlflow(
+    result: dict[str, Any], out: Path, cfg: EvaluateParams, link: dict[str, str], raw: Path
+) -> str:
+    """An ``evaluate`` run nested under the training parent run of ``link`` (the train stage's
+    ``run.json``), with the test data as its input and the overlays as images; the headline
+    test figures also go onto the parent run so that the ``cv`` row of the runs table shows
+    them."""
+    import mlflow
+    from mlflow.entities import Metric
+    from PIL import Image
+
+    from liverseg.training.tracking import (
+        NOTE_TAG,
+        dvc_out_hash,
+        ensure_experiment,
+        git_commit,
+        log_dataset,
+        log_params_flat,
+    )
+
+    exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
+    cases = [r["case"] for r in result["per_patient"]]
+    tags = {
+        "kind": "evaluate",
+        "git_commit": git_commit(),
+        NOTE_TAG: (
+            f"3-D test metrics of the final model on the {len(cases)} held-out patients "
+            f"({', '.join(cases)}): Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
+            f"HD95 {result['hd95_mm_mean']:.1f} mm. Overlays (green truth, red prediction) "
+            "under Model metrics > images and in the artifacts."
+        ),
+    }
+    parent_id = link["parent_run_id"]
+    # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
+    tags["mlflow.parentRunId"] = parent_id
+    tags["train_final_run_id"] = link.get("final_run_id", "")
+    with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
+        log_params_flat(as_flat_dict(cfg))
+        log_dataset(raw, dvc_out_hash(raw), context="test")
+        test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+        mlflow.log_metrics(test)
+        for r in result["per_patient"]:
+            mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        if result["agreement_vs_dice"]["rho"] is not None:
+            mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
+        for png in sorted((out / "overlays").glob("*.png")):
+            # <case>_z<k>.png: one image key per patient, its steps the slice indices
+            case, z = png.stem.rsplit("_z", 1)
+            with Image.open(png) as im:
+                mlflow.log_image(im.convert("RGB"), key=f"overlay_{case}", step=int(z))
+        mlflow.log_artifacts(str(out), artifact_path="evaluate")
+        now = int(time.time() * 1000)
+        mlflow.MlflowClient().log_batch(
+            parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
+        )
+        return str(run.info.run_id)
