@@ -7,12 +7,7 @@ import pytest
 
 from liverseg.errors import DataError
 from liverseg.evaluation.metrics import nsd_key, surface_dice, volume_metrics
-
-
-def box(shape: tuple[int, ...], lo: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    mask[tuple(slice(a, a + s) for a, s in zip(lo, size, strict=True))] = True
-    return mask
+from test_volume_metrics import box, shifted_cubes
 
 
 # Cube T of side 10 vs P, the same cube shifted s voxels along an axis of 2 mm spacing (the two
@@ -41,12 +36,7 @@ def box(shape: tuple[int, ...], lo: tuple[int, ...], size: tuple[int, ...]) -> n
 def test_shifted_cube_nsd_anisotropic(
     shift: int, tolerance: float, expected: float, axis: int
 ) -> None:
-    spacing = [1.0, 1.0, 1.0]
-    spacing[axis] = 2.0
-    lo = [2, 2, 2]
-    truth = box((16, 16, 16), tuple(lo), (10, 10, 10))
-    lo[axis] += shift
-    pred = box((16, 16, 16), tuple(lo), (10, 10, 10))
+    pred, truth, spacing = shifted_cubes(axis, shift)
     assert surface_dice(pred, truth, spacing, tolerance) == pytest.approx(expected)
     assert surface_dice(truth, pred, spacing, tolerance) == pytest.approx(expected)
     got = volume_metrics(pred, truth, spacing, nsd_tolerances_mm=[tolerance])

@@ -28,6 +28,17 @@ def box(shape: tuple[int, ...], lo: tuple[int, ...], size: tuple[int, ...]) -> n
     return mask
 
 
+def shifted_cubes(axis: int, shift: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(P, T, spacing): cube T of side 10 in a 16^3 grid, P the same cube shifted ``shift``
+    voxels along ``axis``, whose spacing is 2 mm (the two other axes 1 mm)."""
+    spacing = [1.0, 1.0, 1.0]
+    spacing[axis] = 2.0
+    lo = [2, 2, 2]
+    truth = box((16, 16, 16), tuple(lo), (10, 10, 10))
+    lo[axis] += shift
+    return box((16, 16, 16), tuple(lo), (10, 10, 10)), truth, spacing
+
+
 def ball(shape: tuple[int, int, int], radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
     """Voxels whose centre lies within ``radius_mm`` of the array's central voxel."""
     grid = np.indices(shape).astype(float)
@@ -170,12 +181,7 @@ def test_single_voxels_distance_uses_spacing_per_axis(
 def test_shifted_cube_surface_distances(
     shift: int, exp_assd: float, exp_hd95: float, axis: int
 ) -> None:
-    spacing = [1.0, 1.0, 1.0]
-    spacing[axis] = 2.0
-    lo = [2, 2, 2]
-    truth = box((16, 16, 16), tuple(lo), (10, 10, 10))
-    lo[axis] += shift
-    pred = box((16, 16, 16), tuple(lo), (10, 10, 10))
+    pred, truth, spacing = shifted_cubes(axis, shift)
     p2t, t2p = surface_distances(pred, truth, spacing)
     assert (p2t.size, t2p.size) == (488, 488)
     assert p2t.max() == pytest.approx(shift * 2.0)
