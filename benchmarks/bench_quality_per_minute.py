@@ -73,7 +73,7 @@ def schedule(args: argparse.Namespace) -> None:
         if kind == "cosine":
             rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps * epochs)
         # a new model per run: a compiled model's optimizer keeps its kind of learning rate
-        fit_module._COMPILED.clear()
+        fit_module.forget_compiled_models()
         t0, c0 = time.perf_counter(), time.process_time()
         res = fit_module.fit(
             train,

@@ -71,7 +71,7 @@ def test_one_execution_runs_a_whole_epoch_with_the_same_result() -> None:
 
 
 def test_a_reused_compiled_model_trains_like_a_new_one() -> None:
-    fit_module._COMPILED.clear()
+    fit_module.forget_compiled_models()
     first = _fit()  # compiles (and traces) a new model
     # another fit in between: other data, seed, learning rate and batch size
     fit(_arrays(13, 5), _arrays(5, 6), TINY, learning_rate=3e-2, batch_size=8, epochs=1, seed=1)

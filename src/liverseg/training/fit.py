@@ -193,9 +193,14 @@ def compile_unet(
     return model
 
 
-# Compiled U-Nets of this process, one per (image size, spec, steps per execution, jit), for
-# reuse by later fits (see _compiled_unet).
+# Compiled U-Nets of this process, one per (image size, architecture, loss, precision, steps per
+# execution, jit), for reuse by later fits (see _compiled_unet).
 _COMPILED: dict[tuple[Any, ...], keras.Model] = {}
+
+
+def forget_compiled_models() -> None:
+    """Drop the compiled U-Nets kept for reuse: the next fit compiles (and traces) anew."""
+    _COMPILED.clear()
 
 
 def _compiled_unet(
@@ -218,7 +223,8 @@ def _compiled_unet(
     optimizer's (zero moments and step count, this fit's learning rate). Training is then the
     same as on a new model (tests/test_fit.py checks the histories are equal).
     """
-    key = (image_size, spec, steps_per_execution, jit_compile)
+    # The augmentation acts on the data, not the model: not part of the key.
+    key = (image_size, spec.model, spec.loss, spec.precision, steps_per_execution, jit_compile)
     model = _COMPILED.get(key)
     if model is None:
         model = compile_unet(

@@ -258,8 +258,9 @@ def make_objective(
                 loggers.append(logger)
                 with section(stop, interruptible=True):
                     train_xy, val_xy = fold_data(fold)
-                    # Drop the previous trial's or fold's graph and free its memory (this
-                    # also runs the garbage collector, so Optuna's gc_after_trial is off).
+                    # Free what the previous trial or fold left (fit's compiled model, which
+                    # it reuses, stays); this also runs the garbage collector, so Optuna's
+                    # gc_after_trial is off.
                     keras.backend.clear_session(free_memory=True)
                     res = fit(
                         train_xy,
