@@ -17,6 +17,7 @@ from __future__ import annotations
 import keras
 
 from liverseg.errors import ParamsError
+from liverseg.model.layers import FusedBatchNorm
 from liverseg.params import ModelParams
 
 KERNEL_SIZE = 3
@@ -60,7 +61,7 @@ def _conv_block(
             # momentum 0.9, not Keras' 0.99: with a few dozen steps per epoch the moving
             # statistics must follow the weights within an epoch, or validation (which uses
             # them) lags training by several epochs and swings from epoch to epoch.
-            x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{i}")(x)
+            x = FusedBatchNorm(momentum=BN_MOMENTUM, name=f"{prefix}_bn{i}")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu{i}")(x)
     return x
 
