@@ -430,9 +430,31 @@ TRAIN = (
 
 
 @pytest.mark.slow
+def set_train_param(repo: Path, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def processes_named(prefix: str) -> list[int]:
+    """PIDs of this machine's live processes whose name starts with ``prefix``."""
+    pids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        state = text.rsplit(")", 1)[1].split()[0]
+        if name.startswith(prefix) and state != "Z":
+            pids.append(int(stat_file.parent.name))
+    return pids
+
+
 def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
+    set_train_param(repo, "parallel_folds", 1)  # one fold after the other, in the stage's process
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
     client = MlflowClient(f"sqlite:///{db}")
@@ -478,6 +500,76 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
     # one fold-0 run for the three invocations (the tiny repository's own train made another)
     assert [r.info.run_id for r in same if r.info.run_id not in runs_before] == [fold0.info.run_id]
     assert fold0.data.tags["resumed_from_parent"] != parent
+
+
+@pytest.mark.slow
+def test_parallel_folds_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> None:
+    """Folds in worker processes (params.yaml's ``auto``): a killed stage takes its workers
+    with it and their fold runs end KILLED; SIGTERM stops them cleanly; a worker's error
+    names the fold and the file; then a rerun trains to the end."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    db = repo / "mlruns" / "mlflow.db"
+    model_before = (repo / "models" / "model.keras").read_bytes()
+    assert load_section("train", repo / "params.yaml").parallel_folds == "auto"
+
+    # 1. SIGKILL the stage while its two fold workers train: the workers get SIGTERM from
+    # the kernel (parent death) and end their fold runs KILLED; only the dead stage's own
+    # cv run stays RUNNING (the next command ends it)
+    proc = start(repo, *TRAIN)
+    wait_for_run(db, "fold-0", proc)
+    wait_for_run(db, "fold-1", proc)
+    assert len(processes_named("liverseg-fold")) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while processes_named("liverseg-fold") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_named("liverseg-fold") == []
+    assert running(db) == [("cv", "RUNNING")]
+    assert (repo / "models" / "model.keras").read_bytes() == model_before
+
+    # 2. SIGTERM: the stage stops its workers, every run ends KILLED, exit 143, one line
+    proc = start(repo, *TRAIN)
+    wait_for_run(db, "fold-0", proc)
+    wait_for_run(db, "fold-1", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("liverseg train: interrupted by SIGTERM;") and "KILLED" in last
+    assert "Traceback" not in err
+    assert running(db) == []
+    assert processes_named("liverseg-fold") == []
+    assert (repo / "models" / "model.keras").read_bytes() == model_before
+
+    # 3. a worker's error: a corrupt prepared case (every fold trains or validates on it)
+    # fails the folds with the file named, no run stays RUNNING and the old outputs stay
+    splits = json.loads((repo / "data" / "prepared" / "splits.json").read_text())
+    victim = repo / "data" / "prepared" / "cases" / f"{splits['folds'][1][0]}.npz"
+    saved = victim.read_bytes()
+    victim.write_bytes(b"not an npz file")
+    res = subprocess.run(
+        [sys.executable, "-m", "liverseg.cli", *TRAIN],
+        cwd=repo,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("liverseg train: error: fold 0: ") and victim.name in last
+    assert "; fold 1: " in last and "Traceback" not in res.stderr
+    assert running(db) == []
+    assert (repo / "models" / "model.keras").read_bytes() == model_before
+    victim.write_bytes(saved)
+
+    # 4. rerun to the end: both folds trained by workers, no RUNNING run, a new model
+    res = run([sys.executable, "-m", "liverseg.cli", *TRAIN], repo)
+    assert "in 2 processes of" in res.stdout
+    assert running(db) == []
+    metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import MlflowStore
 from liverseg.params import ModelParams, TrainParams
-from liverseg.training import crossval
+from liverseg.training import crossval, folds
 
 TINY_TRAIN = TrainParams(
     model=ModelParams(depth=2, base_filters=4), epochs=2, patience=2, batch_size=8, seed=3
@@ -67,7 +67,7 @@ def test_cross_validation_records(tiny_prepared: Path, store: str) -> None:
 def test_error_ends_runs_failed(
     tiny_prepared: Path, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_fit = crossval.fit
+    real_fit = folds.fit
     calls = {"n": 0}
 
     def failing_fit(*args, **kwargs):
@@ -76,7 +76,7 @@ def test_error_ends_runs_failed(
             raise RuntimeError("injected failure in fold 1")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(crossval, "fit", failing_fit)
+    monkeypatch.setattr(folds, "fit", failing_fit)
     with pytest.raises(RuntimeError, match="injected failure"):
         crossval.cross_validate(
             tiny_prepared,

@@ -194,6 +194,7 @@ class TrainParams:
     final: str = "ensemble"
     precision: str = "float32"
     distribute: str = "none"
+    parallel_folds: str | int = 1
     augment: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 42
     experiment: str = "liverseg"
@@ -212,6 +213,16 @@ class TrainParams:
         )
         _require(
             self.distribute in ("none", "mirrored"), "train.distribute", "must be none or mirrored"
+        )
+        _require(
+            self.parallel_folds == "auto"
+            or (
+                isinstance(self.parallel_folds, int)
+                and not isinstance(self.parallel_folds, bool)
+                and self.parallel_folds >= 1
+            ),
+            "train.parallel_folds",
+            f"must be auto or an integer >= 1, got {self.parallel_folds!r}",
         )
         _require(bool(self.experiment), "train.experiment", "must be a name")
 
@@ -313,7 +324,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return tuple(
             _coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
         )
-    if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
+    if origin in (typing.Union, types.UnionType):  # checked by the dataclass' __post_init__
         return value
     if tp is bool:
         _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")

@@ -25,14 +25,15 @@ from liverseg.training import resume
 from liverseg.training.curves import curves_figure
 from liverseg.training.dataset import load_prepared
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
-from liverseg.training.tracking import (
-    NOTE_TAG,
-    log_dataset,
-    log_params_flat,
-    tensorflow_distribution,
+from liverseg.training.folds import (
+    FoldJob,
+    FoldOutcome,
+    fold_processes,
+    log_keras_model,
+    run_folds,
+    threads_per_process,
 )
-
-KERAS_PIP = [f"keras=={keras.__version__}"]
+from liverseg.training.tracking import NOTE_TAG, log_dataset, log_params_flat
 
 
 @dataclass
@@ -44,21 +45,6 @@ class TrainResult:
     final_model: keras.Model
     summary: dict[str, Any]
     histories: dict[str, dict[str, list[float]]]
-
-
-def _log_keras_model(model: keras.Model) -> None:
-    import tensorflow as tf
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    # Slices of any size: (N, H, W, 1) windowed CT in [0, 1] -> (N, H, W, 1) probabilities.
-    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))])
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=ModelSignature(inputs=spec, outputs=spec),
-        pip_requirements=[f"{tensorflow_distribution()}=={tf.__version__}", *KERAS_PIP],
-    )
 
 
 def ensemble(models: list[keras.Model]) -> keras.Model:
@@ -118,88 +104,47 @@ def cross_validate(
         log_params_flat(params)
         mlflow.set_tags({"test_cases": ",".join(splits["test"]), "stage": "train"})
         log_dataset(prepared, data_digest, context="training")
+        job = FoldJob(
+            prepared=prepared,
+            cfg=cfg,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            experiment_id=experiment_id,
+            parent_run_id=parent.info.run_id,
+            tags=tags,
+            data_digest=data_digest,
+            params=params,
+            what=what,
+            k=k,
+        )
+        processes = fold_processes(cfg.parallel_folds, k)
+        mlflow.log_params(
+            {
+                "fold_processes": processes,
+                "fold_threads": threads_per_process(processes) if processes > 1 else "default",
+            }
+        )
+        outcomes: dict[int, FoldOutcome] = {}
+        pending: list[int] = []
         for fold in range(k):
             train_ids, val_ids = fold_cases(splits, fold)
             key = resume.fold_key(tags.get("data_sha256", ""), params, fold, train_ids, val_ids)
             reused = resume.reuse_fold(
                 experiment_id, key, parent.info.run_id, load_model=cfg.final == "ensemble"
             )
-            if reused is not None:  # a finished fold of an interrupted train
-                print(f"train: fold {fold}: reused finished run {reused.run_id}", flush=True)
-                fold_rows.append(reused.row)
-                histories[f"fold-{fold}"] = reused.history
-                if cfg.final == "ensemble":
-                    fold_models.append(reused.model)
+            if reused is None:
+                pending.append(fold)
                 continue
-            train = load_prepared(prepared, train_ids)
-            val = load_prepared(prepared, val_ids)
-            with mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=f"fold-{fold}",
-                nested=True,
-                tags=tags,
-                description=(
-                    f"Fold {fold} of {k}: trained on patients {', '.join(train_ids)}, "
-                    f"validated on {', '.join(val_ids)}; {what}."
-                ),
-            ) as run:
-                log_dataset(prepared, data_digest, context="training")
-                mlflow.log_params(
-                    {"fold": fold, "learning_rate": learning_rate, "batch_size": batch_size}
-                )
-                mlflow.set_tags(
-                    {
-                        "val_cases": ",".join(val_ids),
-                        "train_cases": ",".join(train_ids),
-                        "kind": "fold",
-                        resume.FOLD_KEY_TAG: key,
-                    }
-                )
-                res = fit(
-                    train,
-                    val,
-                    cfg.spec,
-                    learning_rate=learning_rate,
-                    batch_size=batch_size,
-                    epochs=cfg.epochs,
-                    seed=cfg.seed + fold,
-                    patience=cfg.patience,
-                    distribute=cfg.distribute,
-                    callbacks=[MlflowEpochLogger(run.info.run_id)],
-                    progress=f"train: fold-{fold}",
-                )
-                assert res.best_epoch is not None
-                row: dict[str, Any] = {
-                    "fold": fold,
-                    "val_cases": val_ids,
-                    "best_epoch": res.best_epoch + 1,
-                    "best_val_dice": res.best["val_dice"],
-                    "best_val_iou": res.best["val_iou"],
-                    "n_train_slices": int(train[0].shape[0]),
-                    "n_val_slices": int(val[0].shape[0]),
-                    "seconds": round(res.seconds, 1),
-                }
-                mlflow.log_metrics(
-                    {
-                        "best_val_dice": row["best_val_dice"],
-                        "best_val_iou": row["best_val_iou"],
-                        "best_epoch": row["best_epoch"],
-                        "train_seconds": res.seconds,
-                    }
-                )
-                _log_keras_model(res.model)
-                resume.save_fold(row, res.history)
-            print(
-                f"train: fold {fold}: best val Dice {row['best_val_dice']:.4f} at epoch "
-                f"{row['best_epoch']} ({res.seconds:.0f} s, val {','.join(val_ids)})",
-                flush=True,
-            )
-            fold_rows.append(row)
-            histories[f"fold-{fold}"] = res.history
+            # a finished fold of an interrupted train
+            print(f"train: fold {fold}: reused finished run {reused.run_id}", flush=True)
+            outcomes[fold] = FoldOutcome(reused.run_id, reused.row, reused.history, reused.model)
+        outcomes.update(run_folds(job, pending, processes))
+        for fold in range(k):
+            out = outcomes[fold]
+            fold_rows.append(out.row)
+            histories[f"fold-{fold}"] = out.history
             if cfg.final == "ensemble":
-                fold_models.append(res.model)
-            else:
-                keras.backend.clear_session(free_memory=True)
+                fold_models.append(out.model)
 
         dice = np.array([r["best_val_dice"] for r in fold_rows])
         iou = np.array([r["best_val_iou"] for r in fold_rows])
@@ -250,7 +195,7 @@ def cross_validate(
                 model = res_final.model
                 final_hist = res_final.history
                 mlflow.log_metric("train_seconds", time.perf_counter() - t0)
-            _log_keras_model(model)
+            log_keras_model(model)
         image_size = int(json.loads((prepared / "meta.json").read_text())["params"]["image_size"])
         cost = {
             "model_gflops": count_flops(model, image_size) / 1e9,
