@@ -519,13 +519,13 @@ def test_parallel_folds_faults_end_every_run(tiny_repo: Path, tmp_path: Path) ->
     proc = start(repo, *TRAIN)
     wait_for_run(db, "fold-0", proc)
     wait_for_run(db, "fold-1", proc)
-    assert len(processes_named("liverseg-fold")) == 2
+    assert len(processes_named("liverseg-worker")) == 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 60
-    while processes_named("liverseg-fold") and time.monotonic() < deadline:
+    while processes_named("liverseg-worker") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_named("liverseg-fold") == []
+    assert processes_named("liverseg-worker") == []
     assert running(db) == [("cv", "RUNNING")]
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
@@ -540,7 +540,7 @@ def test_parallel_folds_faults_end_every_run(tiny_repo: Path, tmp_path: Path) ->
     assert last.startswith("liverseg train: interrupted by SIGTERM;") and "KILLED" in last
     assert "Traceback" not in err
     assert running(db) == []
-    assert processes_named("liverseg-fold") == []
+    assert processes_named("liverseg-worker") == []
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
     # 3. a worker's error: a corrupt prepared case (every fold trains or validates on it)

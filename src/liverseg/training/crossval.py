@@ -25,15 +25,9 @@ from liverseg.training import resume
 from liverseg.training.curves import curves_figure
 from liverseg.training.dataset import load_prepared
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
-from liverseg.training.folds import (
-    FoldJob,
-    FoldOutcome,
-    fold_processes,
-    log_keras_model,
-    run_folds,
-    threads_per_process,
-)
+from liverseg.training.folds import FoldJob, FoldOutcome, log_keras_model, run_folds
 from liverseg.training.tracking import NOTE_TAG, log_dataset, log_params_flat
+from liverseg.workers import processes_for, threads_per_process
 
 
 @dataclass
@@ -117,7 +111,7 @@ def cross_validate(
             what=what,
             k=k,
         )
-        processes = fold_processes(cfg.parallel_folds, k)
+        processes = processes_for(cfg.parallel_folds, k)
         mlflow.log_params(
             {
                 "fold_processes": processes,

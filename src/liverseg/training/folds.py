@@ -3,34 +3,20 @@
 :func:`train_fold` trains fold ``k`` and records it as the child run ``fold-k`` of the ``cv``
 run (per-epoch metrics, ``fold.json``, the model). :func:`run_folds` trains the folds still to
 do: one after the other in this process (``train.parallel_folds: 1``, TensorFlow's own thread
-count), or all at once in worker processes, each with ``max(1, cores // processes)`` CPU
-threads (``auto``: one process per fold without a GPU, on one on a GPU).
-
-Why processes: the default U-Net is narrow, so TensorFlow's second thread adds little to one
-training process (its ops are too small to split well), while two processes keep two cores
-busy (measured in ``benchmarks/bench_train.py``, figures in benchmarks/README.md). Threads of
-one process would share Python's lock and Keras' global state; processes share nothing but
-the MLflow store, through which the ``cv`` run's process collects each fold's run and model.
+count), or at once in worker processes (:mod:`liverseg.workers`: why processes, and what
+happens on faults), each with ``max(1, cores // processes)`` CPU threads (``auto``: one
+process per fold without a GPU, one process on a GPU). The stage's process then loads the
+fold models from their runs.
 
 What a fold computes depends on its thread count (the order of floating-point sums), not on
-which process trains it or when, so a configuration gives the same models on every run; and
-the finished fold runs of an interrupted ``train`` are reused as before
-(:mod:`liverseg.training.resume`). Faults: a worker that fails ends its fold run FAILED and
-the ``train`` fails naming the fold; an interrupt (SIGINT/SIGTERM) stops every worker, whose
-fold runs end KILLED; a worker whose parent is killed gets SIGTERM (Linux) and does the same.
+which process trains it or when, so a configuration gives the same models on every run; the
+finished fold runs of an interrupted ``train`` are reused as before
+(:mod:`liverseg.training.resume`). A worker's error fails the ``train`` naming the fold.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import multiprocessing
-import os
-import signal
-import sys
-import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +26,7 @@ from liverseg.data.splits import fold_cases, load_splits
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams
 from liverseg.training.fit import MlflowEpochLogger, fit
-
-WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its fold run KILLED
+from liverseg.workers import run_workers, threads_per_process
 
 
 class FoldError(LiversegError):
@@ -175,72 +160,13 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
 
 
 # ------------------------------------------------------------------------------ worker processes
-def fold_processes(setting: str | int, k: int) -> int:
-    """How many processes train folds at once: ``train.parallel_folds`` (``auto``: ``k`` on a
-    CPU, 1 when TensorFlow sees a GPU: one process holds it)."""
-    if setting != "auto":
-        return int(setting)
-    import tensorflow as tf
+def _fold_in_worker(job: FoldJob, fold: int) -> tuple[str, dict[str, Any], dict[str, list[float]]]:
+    """A worker's fold: the run id, summary row and history (the stage loads the model)."""
+    from liverseg.training.setup import keras_session
 
-    return 1 if tf.config.list_physical_devices("GPU") else k
-
-
-def threads_per_process(processes: int) -> int:
-    """CPU threads of each fold process: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // processes)
-
-
-WORKER_NAME = b"liverseg-fold"  # the worker's name in ps and top (at most 15 bytes)
-
-
-def _name_and_tie_to_parent() -> None:
-    """Linux: name this process :data:`WORKER_NAME` and have the kernel send it SIGTERM when
-    its parent dies (so a killed stage leaves no orphan training). Elsewhere: nothing."""
-    pr_set_pdeathsig, pr_set_name = 1, 15
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(pr_set_name, ctypes.c_char_p(WORKER_NAME))
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker(job: FoldJob, folds: list[int], threads: int, progress: bool, conn: Connection) -> None:
-    """A worker process: train ``folds`` one after the other, send each outcome (no model: the
-    parent loads it from the fold run) and end with exit status 0, 128 + signal or 1."""
-    _name_and_tie_to_parent()
-    from liverseg import runguard
-
-    previous = runguard.install()
-    try:
-        if progress:
-            from liverseg.cli import show_progress
-
-            show_progress()
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-        from liverseg.training.setup import keras_session
-
-        keras_session(job.cfg.precision, job.cfg.seed)
-        fold = folds[0]
-        for fold in folds:
-            out = train_fold(job, fold)
-            conn.send(("done", fold, out.run_id, out.row, out.history))
-    except KeyboardInterrupt as exc:
-        runguard.hold()
-        runguard.end_own_runs("KILLED")
-        signum = exc.signum if isinstance(exc, runguard.Interrupted) else signal.SIGINT
-        sys.exit(128 + signum)
-    except BaseException as exc:  # the fold's ``with`` block has ended its run FAILED
-        from liverseg.cli import error_line
-
-        message = error_line(exc) if isinstance(exc, Exception) else None
-        conn.send(("error", fold, message or "".join(traceback.format_exception(exc)).strip()))
-        sys.exit(1)
-    finally:
-        runguard.restore(previous)
+    keras_session(job.cfg.precision, job.cfg.seed)
+    out = train_fold(job, fold)
+    return out.run_id, out.row, out.history
 
 
 def _load_fold_model(run_id: str) -> Any:
@@ -255,20 +181,9 @@ def _load_fold_model(run_id: str) -> Any:
     )
 
 
-def _stop(procs: list[multiprocessing.process.BaseProcess]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()  # SIGTERM: the worker ends its fold run KILLED
-    for p in procs:
-        p.join(WORKER_STOP_TIMEOUT_S)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
 def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldOutcome]:
     """Train ``folds``: in this process when ``processes`` is 1, else in ``min(processes,
-    len(folds))`` worker processes (fold ``i`` of the list goes to worker ``i % n``)."""
+    len(folds))`` worker processes (:func:`liverseg.workers.run_workers`)."""
     load_model = job.cfg.final == "ensemble"
     if processes <= 1 or not folds:
         outcomes = {}
@@ -282,55 +197,13 @@ def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldO
             outcomes[fold] = out
         return outcomes
 
-    n = min(processes, len(folds))
-    threads = threads_per_process(processes)
-    progress = bool(logging.getLogger("liverseg").handlers)
-    ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads do not survive it
-    procs, conns, owner = [], [], {}
-    results: dict[int, tuple[str, dict[str, Any], dict[str, list[float]]]] = {}
-    errors: dict[int, str] = {}
-    try:
-        for i in range(n):
-            mine = folds[i::n]
-            parent_end, child_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(
-                target=_worker,
-                args=(job, mine, threads, progress, child_end),
-            )
-            p.start()
-            child_end.close()
-            procs.append(p)
-            conns.append(parent_end)
-            owner[parent_end] = mine
-        print(
-            f"train: folds {', '.join(map(str, folds))} in {n} processes of {threads} CPU "
-            f"thread(s) each (train.parallel_folds: {job.cfg.parallel_folds})",
-            flush=True,
-        )
-        open_conns = list(conns)
-        while open_conns:
-            for conn in wait(open_conns):
-                try:
-                    msg = conn.recv()
-                except EOFError:  # the worker has exited
-                    open_conns.remove(conn)
-                    continue
-                if msg[0] == "done":
-                    _, fold, run_id, row, history = msg
-                    results[fold] = (run_id, row, history)
-                else:
-                    errors[msg[1]] = msg[2]
-        for p in procs:
-            p.join()
-    except BaseException:
-        _stop(procs)
-        raise
-    for p, conn in zip(procs, conns, strict=True):
-        missing = [f for f in owner[conn] if f not in results]
-        missing = [f for f in missing if f not in errors]
-        if p.exitcode and missing:
-            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}"
-            errors[missing[0]] = f"its worker process {p.pid} ended with {how}"
+    n, threads = min(processes, len(folds)), threads_per_process(processes)
+    print(
+        f"train: folds {', '.join(map(str, folds))} in {n} processes of {threads} CPU "
+        f"thread(s) each (train.parallel_folds: {job.cfg.parallel_folds})",
+        flush=True,
+    )
+    results, errors = run_workers(_fold_in_worker, job, folds, processes, threads)
     if errors:
         raise FoldError("; ".join(f"fold {fold}: {text}" for fold, text in sorted(errors.items())))
     return {
