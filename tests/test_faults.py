@@ -454,7 +454,7 @@ def processes_named(prefix: str) -> list[int]:
 def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    set_train_param(repo, "parallel_folds", 1)  # one fold after the other, in the stage's process
+    set_train_param(repo, "processes", 1)  # one fold after the other, in the stage's process
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
     client = MlflowClient(f"sqlite:///{db}")
@@ -503,7 +503,7 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_parallel_folds_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> None:
+def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> None:
     """Folds in worker processes (params.yaml's ``auto``): a killed stage takes its workers
     with it and their fold runs end KILLED; SIGTERM stops them cleanly; a worker's error
     names the fold and the file; then a rerun trains to the end."""
@@ -511,7 +511,7 @@ def test_parallel_folds_faults_end_every_run(tiny_repo: Path, tmp_path: Path) ->
     shutil.copytree(tiny_repo, repo, symlinks=True)
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
-    assert load_section("train", repo / "params.yaml").parallel_folds == "auto"
+    assert load_section("train", repo / "params.yaml").processes == "auto"
 
     # 1. SIGKILL the stage while its two fold workers train: the workers get SIGTERM from
     # the kernel (parent death) and end their fold runs KILLED; only the dead stage's own

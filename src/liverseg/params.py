@@ -64,6 +64,12 @@ class IrcadParams:
         _require(self.max_unpacked_gb > 0, "ingest.ircad.max_unpacked_gb", "must be > 0")
 
 
+def _require_processes(value: object, key: str) -> None:
+    """``auto`` or a positive integer (how many worker processes train at once)."""
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    _require(ok, key, f"must be auto or an integer >= 1, got {value!r}")
+
+
 def _is_hex(s: str) -> bool:
     try:
         int(s, 16)
@@ -122,6 +128,8 @@ class TuneParams:
     lr_max: float = 1e-2
     batch_sizes: tuple[int, ...] = (4, 8, 16)
     pruner_warmup_epochs: int = 1
+    generation_size: int = 1
+    processes: str | int = 1
     seed: int = 42
     storage: str = "sqlite:///optuna/optuna.db"
 
@@ -138,6 +146,8 @@ class TuneParams:
             "must list positive batch sizes",
         )
         _require(self.pruner_warmup_epochs >= 0, "tune.pruner_warmup_epochs", "must be >= 0")
+        _require(self.generation_size >= 1, "tune.generation_size", "must be >= 1")
+        _require_processes(self.processes, "tune.processes")
         _require(bool(self.storage), "tune.storage", "must be a storage URL")
 
 
@@ -194,7 +204,7 @@ class TrainParams:
     final: str = "ensemble"
     precision: str = "float32"
     distribute: str = "none"
-    parallel_folds: str | int = 1
+    processes: str | int = 1
     augment: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 42
     experiment: str = "liverseg"
@@ -214,16 +224,7 @@ class TrainParams:
         _require(
             self.distribute in ("none", "mirrored"), "train.distribute", "must be none or mirrored"
         )
-        _require(
-            self.parallel_folds == "auto"
-            or (
-                isinstance(self.parallel_folds, int)
-                and not isinstance(self.parallel_folds, bool)
-                and self.parallel_folds >= 1
-            ),
-            "train.parallel_folds",
-            f"must be auto or an integer >= 1, got {self.parallel_folds!r}",
-        )
+        _require_processes(self.processes, "train.processes")
         _require(bool(self.experiment), "train.experiment", "must be a name")
 
     @property

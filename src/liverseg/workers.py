@@ -34,13 +34,22 @@ WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 
 
 
 def processes_for(setting: str | int, items: int) -> int:
-    """Processes for ``items`` independent trainings: ``setting`` as an integer, or for
-    ``auto`` one per item on a CPU and 1 when TensorFlow sees a GPU (one process holds it)."""
+    """Processes for ``items`` independent trainings: ``setting`` as an integer, or ``auto``:
+    1 when TensorFlow sees a GPU (one process holds it); else one per item, or one per core
+    when there are at least two items per core (each process then trains several items with
+    one compiled model: Keras traces its training step once per process, not per item)."""
     if setting != "auto":
         return int(setting)
-    import tensorflow as tf
+    from liverseg.training.tracking import tensorflow_distribution
 
-    return 1 if tf.config.list_physical_devices("GPU") else items
+    # tensorflow-cpu sees no GPU: no need to import TensorFlow (seconds) to ask it.
+    if tensorflow_distribution() != "tensorflow-cpu":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            return 1
+    cores = os.cpu_count() or 1
+    return items if items < 2 * cores else cores
 
 
 def threads_per_process(processes: int) -> int:

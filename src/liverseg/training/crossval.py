@@ -111,7 +111,7 @@ def cross_validate(
             what=what,
             k=k,
         )
-        processes = processes_for(cfg.parallel_folds, k)
+        processes = processes_for(cfg.processes, k)
         mlflow.log_params(
             {
                 "fold_processes": processes,

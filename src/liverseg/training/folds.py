@@ -2,7 +2,7 @@
 
 :func:`train_fold` trains fold ``k`` and records it as the child run ``fold-k`` of the ``cv``
 run (per-epoch metrics, ``fold.json``, the model). :func:`run_folds` trains the folds still to
-do: one after the other in this process (``train.parallel_folds: 1``, TensorFlow's own thread
+do: one after the other in this process (``train.processes: 1``, TensorFlow's own thread
 count), or at once in worker processes (:mod:`liverseg.workers`: why processes, and what
 happens on faults), each with ``max(1, cores // processes)`` CPU threads (``auto``: one
 process per fold without a GPU, one process on a GPU). The stage's process then loads the
@@ -200,7 +200,7 @@ def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldO
     n, threads = min(processes, len(folds)), threads_per_process(processes)
     print(
         f"train: folds {', '.join(map(str, folds))} in {n} processes of {threads} CPU "
-        f"thread(s) each (train.parallel_folds: {job.cfg.parallel_folds})",
+        f"thread(s) each (train.processes: {job.cfg.processes})",
         flush=True,
     )
     results, errors = run_workers(_fold_in_worker, job, folds, processes, threads)

@@ -134,6 +134,11 @@ def run_study(
         git_commit,
         log_dataset,
     )
+    from liverseg.tuning.generations import (
+        TrialJob,
+        generation_processes,
+        optimize_in_generations,
+    )
     from liverseg.tuning.objective import make_objective
     from liverseg.tuning.report import summarize, write_report
     from liverseg.tuning.stop import StopSignal
@@ -190,16 +195,25 @@ def run_study(
                     procs.append(
                         subprocess.Popen(_worker_command(prepared, workers, index + i, parent_id))
                     )
-                keras_session(train.precision, tune.seed)
-                objective = make_objective(
-                    prepared,
-                    tune,
-                    train,
-                    experiment_id=exp_id,
-                    parent_run_id=parent_id,
-                    stop=stop,
-                )
-                ran = optimize(study, objective, tune, stop)
+                generations = workers.count == 1 and not workers.only
+                objective = None
+                if not generations or generation_processes(tune) == 1:
+                    # (worker processes set up their own Keras: this one need not import it)
+                    keras_session(train.precision, tune.seed)
+                    objective = make_objective(
+                        prepared,
+                        tune,
+                        train,
+                        experiment_id=exp_id,
+                        parent_run_id=parent_id,
+                        stop=stop,
+                    )
+                if generations:
+                    job = TrialJob(prepared, tune, train, url, name, exp_id, parent_id)
+                    ran = optimize_in_generations(study, tune, job, objective, stop)
+                else:  # --workers/--worker-only: trials as the processes come for them
+                    assert objective is not None
+                    ran = optimize(study, objective, tune, stop)
                 codes = [p.wait() for p in procs]
             except BaseException:
                 _stop(procs)

@@ -91,6 +91,20 @@ def sampler_seed(seed: int, worker_index: int, n_existing: int) -> int:
     return int(np.random.SeedSequence([seed, worker_index, n_existing]).generate_state(1)[0])
 
 
+def study_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
+    """The median pruner with ``tune.pruner_warmup_epochs`` warm-up steps, which compares a
+    trial of a generation only with earlier generations' trials
+    (:class:`liverseg.tuning.generations.EarlierGenerationsPruner`)."""
+    from liverseg.tuning.generations import EarlierGenerationsPruner
+
+    return EarlierGenerationsPruner(
+        optuna.pruners.MedianPruner(
+            n_startup_trials=MEDIAN_PRUNER_STARTUP_TRIALS,
+            n_warmup_steps=tune.pruner_warmup_epochs,
+        )
+    )
+
+
 def create_study(
     storage: optuna.storages.BaseStorage,
     name: str,
@@ -102,14 +116,11 @@ def create_study(
 ) -> optuna.Study:
     """Create or load (``load_if_exists``) the maximising study ``name`` in ``storage``.
 
-    ``pruner`` defaults to the median pruner with ``tune.pruner_warmup_epochs`` warm-up steps;
+    ``pruner`` defaults to :func:`study_pruner`;
     ``inputs`` (:func:`study_inputs`) is stored as a study attribute the first time.
     """
     if pruner is None:
-        pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=MEDIAN_PRUNER_STARTUP_TRIALS,
-            n_warmup_steps=tune.pruner_warmup_epochs,
-        )
+        pruner = study_pruner(tune)
     try:
         study_id = storage.get_study_id_from_name(name)
         n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
