@@ -758,7 +758,7 @@ def test_real_training_study_and_forced_prune(
         prepared, tune, TINY_TRAIN, experiment_id=exp_id, parent_run_id=parent
     )
     study = create_study(storage, "real", tune)
-    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    assert isinstance(study.pruner.inner, optuna.pruners.MedianPruner)
     optimize(study, objective, tune)
     assert count_finished(study) == 2
     assert study.trials[0].state == TrialState.COMPLETE  # nothing to compare with yet

@@ -1,0 +1,82 @@
+"""The study in generations (liverseg.tuning.generations): what a generation's trials see, and
+the same study however its trials are spread over worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from conftest import MlflowStore
+from liverseg import workers
+from liverseg.params import TuneParams
+from liverseg.tuning.generations import GENERATION_ATTR, EarlierGenerationsPruner
+from liverseg.tuning.run import Workers, run_study
+from liverseg.tuning.study import study_pruner
+from test_tune import TINY_TRAIN, tiny_tune, write_prepared
+
+X = {"x": FloatDistribution(0.0, 1.0)}
+
+
+def finished(value: float, first: int) -> optuna.trial.FrozenTrial:
+    return create_trial(
+        value=value,
+        params={"x": value},
+        distributions=X,
+        intermediate_values={0: value},
+        user_attrs={GENERATION_ATTR: first},
+    )
+
+
+def test_a_trial_is_pruned_against_earlier_generations_only() -> None:
+    pruner = study_pruner(TuneParams(pruner_warmup_epochs=0))
+    assert isinstance(pruner, EarlierGenerationsPruner)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (0.4, 0.9):  # generation 0: trials 0 and 1
+        study.add_trial(finished(value, first=0))
+    study.add_trial(finished(0.1, first=2))  # generation 2 (trials 2, 3): trial 2 done first
+    trial = study.ask()
+    assert trial.number == 3
+    trial.report(0.5, 0)
+    # Whatever finished first in its own generation is not compared: median(0.4, 0.9) = 0.65.
+    trial.set_user_attr(GENERATION_ATTR, 2)
+    assert trial.should_prune()
+    # A trial outside generations (``--workers``) sees the whole study: median 0.4 < 0.5.
+    other = study.ask()
+    other.report(0.5, 0)
+    assert not other.should_prune()
+
+
+@pytest.mark.slow
+def test_the_study_is_the_same_in_two_or_three_worker_processes(
+    tmp_path: Path, mlflow_store: MlflowStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two generations of three trials (the second pruned against the first), run by three
+    workers (one trial each) and by two (one of them runs two trials, one compiled model):
+    the same trials, values and states."""
+    prepared = write_prepared(tmp_path / "prepared")
+    # One CPU thread per worker in both runs whatever this machine has (a thread count
+    # changes the order of floating-point sums, and so the values).
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    studies = []
+    for processes in (3, 2):
+        tune = tiny_tune(n_trials=6, generation_size=3, processes=processes, epochs=2)
+        url = f"sqlite:///{tmp_path}/study-{processes}.db"
+        run_study(
+            prepared,
+            tune,
+            TINY_TRAIN,
+            url=url,
+            out=tmp_path / f"report-{processes}",
+            workers=Workers(params=tmp_path / "params.yaml"),
+        )
+        (summary,) = optuna.study.get_all_study_summaries(url)
+        studies.append(optuna.load_study(study_name=summary.study_name, storage=url).trials)
+    three, two = ([(t.params, t.state, t.intermediate_values, t.value) for t in s] for s in studies)
+    assert len(three) == 6
+    assert three == two
+    assert {t.user_attrs[GENERATION_ATTR] for t in studies[0]} == {0, 3}
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in studies[0])
