@@ -573,11 +573,19 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_killed_tune_trial_is_failed_and_rerun(tiny_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, "auto"])
+def test_killed_tune_trial_is_failed_and_rerun(
+    tiny_repo: Path, tmp_path: Path, processes: int | str
+) -> None:
+    """SIGKILL of ``tune`` while a trial trains: in the stage's process (``processes: 1``) the
+    trial stays RUNNING and the next run fails it as a dead process'; in a worker (``auto``)
+    the worker gets SIGTERM from the kernel and fails the trial itself. Either way the next
+    run ends the dead process' MLflow runs, reruns the trial and keeps the finished ones."""
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tune"]["n_trials"] += 1  # one trial more than the finished study has
+    params["tune"]["processes"] = processes
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     optuna_db = repo / "optuna" / "optuna.db"
     mlflow_db = repo / "mlruns" / "mlflow.db"
@@ -605,11 +613,22 @@ def test_killed_tune_trial_is_failed_and_rerun(tiny_repo: Path, tmp_path: Path) 
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    (killed,) = trials("RUNNING")
-    assert running(mlflow_db)  # the trial and its study run
+    if processes == 1:
+        (killed,) = trials("RUNNING")
+        assert running(mlflow_db)  # the trial and its study run
+    else:
+        deadline = time.monotonic() + 60
+        while processes_named("liverseg-worker") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_named("liverseg-worker") == []
+        assert trials("RUNNING") == []
+        (killed,) = trials("FAIL")
+        # the worker ended its trial's run KILLED; the dead stage's study run is left
+        assert [name.startswith("study-") for name, _ in running(mlflow_db)] == [True]
 
     res = run([sys.executable, "-m", "liverseg.cli", *cmd], repo)
-    assert f"trial(s) {killed} of a dead process marked FAIL" in res.stdout
+    if processes == 1:
+        assert f"trial(s) {killed} of a dead process marked FAIL" in res.stdout
     assert "stale RUNNING MLflow run(s) of dead process" in res.stderr
     assert trials("RUNNING") == [] and running(mlflow_db) == []
     assert trials("FAIL") == [killed]
