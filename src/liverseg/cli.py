@@ -80,6 +80,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # MLflow draws a progress bar per artifact download (train loads every fold model from its
+    # run): in a stage's log that is noise between the per-epoch lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(
         os.environ.get("MLFLOW_TRACKING_URI"), dict(os.environ)
     )
