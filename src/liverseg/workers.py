@@ -27,7 +27,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its MLflow runs KILLED
 WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 bytes)
@@ -153,15 +153,19 @@ def run_workers(
             child_end.close()
             procs.append(p)
             owner[parent_end] = mine
-        open_conns = list(owner)
+        open_conns: list[Connection] = list(owner)
         while open_conns:
-            for conn in wait(open_conns):
+            for ready in wait(open_conns):
+                conn = cast(Connection, ready)  # wait() returns what it was given
                 try:
                     kind, item, value = conn.recv()
                 except EOFError:  # the worker has exited
-                    open_conns.remove(conn)  # type: ignore[arg-type]
+                    open_conns.remove(conn)
                     continue
-                (results if kind == "done" else errors)[item] = value
+                if kind == "done":
+                    results[item] = value
+                else:
+                    errors[item] = str(value)
         for p in procs:
             p.join()
     except BaseException:
