@@ -5,6 +5,7 @@
 set -euo pipefail
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db}
 python benchmarks/bench_train.py --levers --growth --gpu-slices 16 --epochs 3
+python benchmarks/bench_processes.py
 python benchmarks/bench_prepare.py --repeat 3
 python benchmarks/bench_predict.py --repeat 2
 python benchmarks/bench_serving.py --model-uri "models:/liver-unet@champion"
