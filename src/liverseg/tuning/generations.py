@@ -83,6 +83,8 @@ def run_trial(study: optuna.Study, objective: Any, number: int) -> str:
     Errors other than a diverging or out-of-memory trial are raised after the FAIL."""
     import tensorflow as tf
 
+    # Optuna has no public way to reopen an asked trial by number in another process; its
+    # storage API maps (study, number) to the trial id that optuna.Trial takes.
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     trial = optuna.Trial(study, trial_id)
     try:
