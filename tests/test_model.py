@@ -321,3 +321,50 @@ def _flat_metrics(model: keras.Model) -> list[object]:
 def test_custom_objects_use_saved_names(key: str, obj: object) -> None:
     assert CUSTOM_OBJECTS[key] is obj
     assert keras.saving.get_registered_object(key) is obj
+
+
+# ------------------------------------------------------------------------------ FusedBatchNorm
+def test_fused_batch_norm_matches_keras_batch_normalization(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from liverseg.model.layers import FusedBatchNorm
+
+    x = tf.constant(np.random.default_rng(0).normal(2, 3, (4, 12, 12, 5)).astype("float32"))
+    ours, keras_bn = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (ours, keras_bn):
+        layer.build(x.shape)
+        layer.gamma.assign(np.arange(1, 6, dtype="float32"))
+    n = 4 * 12 * 12  # values per channel: the fused kernel folds in the unbiased variance
+    for _ in range(2):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y_ours, y_keras = ours(x, training=True), keras_bn(x, training=True)
+            loss_ours, loss_keras = tf.reduce_sum(y_ours**3), tf.reduce_sum(y_keras**3)
+        np.testing.assert_allclose(y_ours, y_keras, atol=1e-5)
+        for ours_var, keras_var in (
+            (x, x),
+            (ours.gamma, keras_bn.gamma),
+            (ours.beta, keras_bn.beta),
+        ):
+            g_ours, g_keras = (
+                tape.gradient(loss_ours, ours_var),
+                tape.gradient(loss_keras, keras_var),
+            )
+            np.testing.assert_allclose(
+                g_ours, g_keras, rtol=1e-4, atol=1e-4 * np.abs(g_keras).max()
+            )
+        np.testing.assert_allclose(ours.moving_mean, keras_bn.moving_mean, atol=1e-6)
+    # after two steps of momentum 0.9 the moving variance holds 0.19 of the batch variance
+    ratio = ours.moving_variance.numpy() / keras_bn.moving_variance.numpy()
+    assert np.all(ratio > 1) and np.all(ratio < 1 + 1 / (n - 1))
+    np.testing.assert_allclose(
+        ours(x, training=False), keras_bn(x, training=False), rtol=2e-3, atol=2e-3
+    )
+
+    # a model with it saves and loads (registered), and the loaded layer is ours
+    inp = keras.Input((12, 12, 5))
+    model = keras.Model(inp, ours(inp))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.layers[-1], FusedBatchNorm)
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)

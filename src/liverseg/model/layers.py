@@ -45,28 +45,21 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
-        if training and self.trainable:
-            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs,
-                self.gamma,
-                self.beta,
-                mean=self.moving_mean,
-                variance=self.moving_variance,
-                epsilon=self.epsilon,
-                is_training=True,
-                exponential_avg_factor=1.0 - self.momentum,
-            )
-            # With exponential_avg_factor the kernel returns the updated moving statistics.
-            self.moving_mean.assign(mean)
-            self.moving_variance.assign(variance)
-            return y
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        training = bool(training and self.trainable)
+        # Training: with exponential_avg_factor the kernel returns the updated moving
+        # statistics. Inference: it normalises with them.
+        extra = {"exponential_avg_factor": 1.0 - self.momentum} if training else {}
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             inputs,
             self.gamma,
             self.beta,
             mean=self.moving_mean,
             variance=self.moving_variance,
             epsilon=self.epsilon,
-            is_training=False,
+            is_training=training,
+            **extra,
         )
+        if training:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
         return y
