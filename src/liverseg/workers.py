@@ -29,7 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
-WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its MLflow runs KILLED
+WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its trial or fold and MLflow runs
 WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 bytes)
 
 

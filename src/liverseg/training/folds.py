@@ -25,6 +25,7 @@ import numpy as np
 from liverseg.data.splits import fold_cases, load_splits
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams
+from liverseg.training import resume
 from liverseg.training.fit import MlflowEpochLogger, fit
 from liverseg.workers import run_workers, threads_per_process
 
@@ -85,7 +86,6 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
     """Train fold ``fold`` as the child run ``fold-<fold>`` of ``job.parent_run_id``."""
     import mlflow
 
-    from liverseg.training import resume
     from liverseg.training.dataset import load_prepared
     from liverseg.training.tracking import log_dataset
 
@@ -169,18 +169,6 @@ def _fold_in_worker(job: FoldJob, fold: int) -> tuple[str, dict[str, Any], dict[
     return out.run_id, out.row, out.history
 
 
-def _load_fold_model(run_id: str) -> Any:
-    import mlflow
-
-    from liverseg.model.keras_metrics import CUSTOM_OBJECTS
-
-    return mlflow.keras.load_model(
-        f"runs:/{run_id}/model",
-        custom_objects=CUSTOM_OBJECTS,
-        load_model_kwargs={"compile": False},
-    )
-
-
 def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldOutcome]:
     """Train ``folds``: in this process when ``processes`` is 1, else in ``min(processes,
     len(folds))`` worker processes (:func:`liverseg.workers.run_workers`)."""
@@ -207,6 +195,8 @@ def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldO
     if errors:
         raise FoldError("; ".join(f"fold {fold}: {text}" for fold, text in sorted(errors.items())))
     return {
-        fold: FoldOutcome(run_id, row, history, _load_fold_model(run_id) if load_model else None)
+        fold: FoldOutcome(
+            run_id, row, history, resume.load_fold_model(run_id) if load_model else None
+        )
         for fold, (run_id, row, history) in sorted(results.items())
     }

@@ -65,6 +65,17 @@ def save_fold(row: dict[str, Any], history: dict[str, list[float]]) -> None:
     mlflow.log_dict({"row": row, "history": history}, FOLD_FILE)
 
 
+def load_fold_model(run_id: str) -> Any:
+    """The Keras model of fold run ``run_id`` (uncompiled)."""
+    from liverseg.model.keras_metrics import CUSTOM_OBJECTS
+
+    return mlflow.keras.load_model(
+        f"runs:/{run_id}/model",
+        custom_objects=CUSTOM_OBJECTS,
+        load_model_kwargs={"compile": False},
+    )
+
+
 @dataclass
 class ReusedFold:
     run_id: str
@@ -91,15 +102,7 @@ def reuse_fold(
             continue
         run_id = run.info.run_id
         saved = mlflow.artifacts.load_dict(f"runs:/{run_id}/{FOLD_FILE}")
-        model = None
-        if load_model:
-            from liverseg.model.keras_metrics import CUSTOM_OBJECTS
-
-            model = mlflow.keras.load_model(
-                f"runs:/{run_id}/model",
-                custom_objects=CUSTOM_OBJECTS,
-                load_model_kwargs={"compile": False},
-            )
+        model = load_fold_model(run_id) if load_model else None
         client.set_tag(run_id, RESUMED_TAG, parent)
         client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, new_parent)
         return ReusedFold(run_id, parent, saved["row"], saved["history"], model)

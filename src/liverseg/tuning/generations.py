@@ -30,7 +30,12 @@ from optuna.trial import FrozenTrial, TrialState
 from liverseg import runguard
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams, TuneParams
-from liverseg.tuning.objective import PARAM_BATCH, PARAM_LR, TrialDiverged, end_stale_trial_run
+from liverseg.tuning.objective import (
+    PARAM_BATCH,
+    PARAM_LR,
+    end_stale_trial_run,
+    search_space_failures,
+)
 from liverseg.tuning.stop import StopSignal, section
 
 # Trial user attribute: the number of the first trial of the trial's generation.
@@ -80,9 +85,8 @@ def search_space(tune: TuneParams) -> dict[str, optuna.distributions.BaseDistrib
 
 def run_trial(study: optuna.Study, objective: Any, number: int) -> str:
     """Run the asked trial ``number`` with ``objective`` and tell its state; its state name.
-    Errors other than a diverging or out-of-memory trial are raised after the FAIL."""
-    import tensorflow as tf
-
+    Errors other than :func:`~liverseg.tuning.objective.search_space_failures` are raised
+    after the FAIL."""
     # Optuna has no public way to reopen an asked trial by number in another process; its
     # storage API maps (study, number) to the trial id that optuna.Trial takes.
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
@@ -92,7 +96,7 @@ def run_trial(study: optuna.Study, objective: Any, number: int) -> str:
     except optuna.TrialPruned:
         study.tell(number, state=TrialState.PRUNED)
         return TrialState.PRUNED.name
-    except (TrialDiverged, tf.errors.ResourceExhaustedError) as exc:
+    except search_space_failures() as exc:
         study.tell(number, state=TrialState.FAIL)
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tune: trial {number} FAIL: {why}", flush=True)

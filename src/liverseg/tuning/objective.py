@@ -69,6 +69,14 @@ class TrialDiverged(Exception):
     """
 
 
+def search_space_failures() -> tuple[type[Exception], ...]:
+    """Trial errors that are results about the search space (a diverging or out-of-memory
+    configuration): the trial is recorded FAIL and the study goes on. Imports TensorFlow."""
+    import tensorflow as tf
+
+    return (TrialDiverged, tf.errors.ResourceExhaustedError)
+
+
 class TrialReporter:
     """Reports each epoch's ``val_dice`` to the trial (pruning) and keeps the trial's value
     so far for MLflow; the epoch's metrics themselves are logged by the fold's

@@ -17,8 +17,7 @@ from typing import Any
 from liverseg.data.splits import load_splits
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
 from liverseg.runguard import Interrupted
-
-WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first records its trial FAIL and ends its runs
+from liverseg.workers import WORKER_STOP_TIMEOUT_S
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 from liverseg import runguard
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
-from liverseg.tuning.objective import PARAM_BATCH, PARAM_LR, TrialDiverged, end_stale_trial_run
+from liverseg.tuning.objective import (
+    PARAM_BATCH,
+    PARAM_LR,
+    end_stale_trial_run,
+    search_space_failures,
+)
 from liverseg.tuning.stop import StopSignal, section
 
 # Bump when the objective's definition changes (what is measured, not its inputs): a new
@@ -183,8 +188,6 @@ def optimize(
     remaining = tune.n_trials - count_finished(study)
     if remaining <= 0:
         return 0
-    import tensorflow as tf
-
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
         optuna.study.MaxTrialsCallback(tune.n_trials, states=FINISHED_STATES)
     ]
@@ -204,7 +207,7 @@ def optimize(
             timeout=tune.timeout_s,
             # A diverging or out-of-memory configuration is a result about the search space:
             # record it FAIL and go on. Anything else is a bug and stops the study.
-            catch=(TrialDiverged, tf.errors.ResourceExhaustedError),
+            catch=search_space_failures(),
             callbacks=callbacks,
         )
     return started
