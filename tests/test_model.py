@@ -12,6 +12,7 @@ import pytest
 from liverseg.errors import ParamsError
 from liverseg.model.keras_metrics import CUSTOM_OBJECTS, DiceCoefficient, IoU
 from liverseg.model.losses import dice_bce_loss, dice_loss, get_loss
+from liverseg.model.optimizers import FusedAdam
 from liverseg.model.unet import build_unet, count_flops
 from liverseg.params import ModelParams
 
@@ -278,7 +279,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     y = (x > 0.5).astype(np.float32)
     model = build_unet(16, _tiny(batch_norm=True, dropout=0.1), seed=0)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=FusedAdam(1e-3),
         loss=get_loss("dice_bce"),
         metrics=[DiceCoefficient(threshold=0.4), IoU()],
     )
@@ -287,6 +288,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     model.save(path)
 
     loaded = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+    assert isinstance(loaded.optimizer, FusedAdam)
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(1e-3)
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
     )
@@ -316,6 +319,7 @@ def _flat_metrics(model: keras.Model) -> list[object]:
         ("liverseg>dice_bce_loss", dice_bce_loss),
         ("liverseg>DiceCoefficient", DiceCoefficient),
         ("liverseg>IoU", IoU),
+        ("liverseg>FusedAdam", FusedAdam),
     ],
 )
 def test_custom_objects_use_saved_names(key: str, obj: object) -> None:
@@ -368,3 +372,69 @@ def test_fused_batch_norm_matches_keras_batch_normalization(tmp_path: Path) -> N
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.layers[-1], FusedBatchNorm)
     np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ FusedAdam
+def _adam_steps(
+    opt: keras.optimizers.Optimizer, grads: list[np.ndarray], *, compiled: bool
+) -> tuple[list[keras.Variable], list[str]]:
+    """Variables after ``opt`` applied each of ``grads`` (one step each) to fixed start values,
+    and the op types of one traced step."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    variables = [
+        keras.Variable(rng.normal(size=shape).astype(np.float32))
+        for shape in ((3, 3, 1, 4), (4,), (2, 2, 4, 8))
+    ]
+    opt.build(variables)
+
+    def step(gs: list[tf.Tensor]) -> None:
+        opt.apply(gs, variables)
+
+    fn = tf.function(step) if compiled else step
+    for g in grads:
+        fn([tf.constant(x) for x in g])
+    graph = tf.function(step).get_concrete_function([tf.constant(x) for x in grads[0]]).graph
+    return variables, [op.type for op in graph.get_operations()]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_adam_matches_keras_adam(compiled: bool) -> None:
+    rng = np.random.default_rng(0)
+    shapes = ((3, 3, 1, 4), (4,), (2, 2, 4, 8))
+    # gradients of varying scale and sign over 6 steps (bias correction matters early on)
+    grads = [
+        [rng.normal(scale=10.0 ** rng.integers(-3, 2), size=s).astype(np.float32) for s in shapes]
+        for _ in range(6)
+    ]
+    ours, ops_ours = _adam_steps(FusedAdam(learning_rate=0.01), grads, compiled=compiled)
+    theirs, ops_theirs = _adam_steps(
+        keras.optimizers.Adam(learning_rate=0.01), grads, compiled=compiled
+    )
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    # one fused kernel per variable, none of Keras' element-wise update ops
+    assert ops_ours.count("ResourceApplyAdam") == len(shapes)
+    assert "ResourceApplyAdam" not in ops_theirs
+    assert len(ops_ours) < len(ops_theirs) / 2
+
+
+def test_fused_adam_falls_back_to_keras_for_amsgrad() -> None:
+    rng = np.random.default_rng(0)
+    grads = [
+        [rng.normal(size=s).astype(np.float32) for s in ((3, 3, 1, 4), (4,), (2, 2, 4, 8))]
+        for _ in range(3)
+    ]
+    ours, ops_ours = _adam_steps(FusedAdam(0.01, amsgrad=True), grads, compiled=True)
+    theirs, _ = _adam_steps(keras.optimizers.Adam(0.01, amsgrad=True), grads, compiled=True)
+    assert "ResourceApplyAdam" not in ops_ours
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_fused_adam_config_round_trip() -> None:
+    opt = FusedAdam(learning_rate=0.004, beta_1=0.8, epsilon=1e-6)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(opt))
+    assert type(restored) is FusedAdam
+    assert restored.get_config() == opt.get_config()

@@ -20,6 +20,7 @@ from keras import ops
 
 from liverseg.model.layers import FusedBatchNorm
 from liverseg.model.losses import dice_bce_loss, dice_loss
+from liverseg.model.optimizers import FusedAdam
 
 TRUE_THRESHOLD = 0.5  # masks are 0/1; this only guards against interpolated values
 
@@ -88,5 +89,5 @@ class IoU(_OverlapMetric):
 # too, so loading also works without custom_objects once it has been imported.
 CUSTOM_OBJECTS: dict[str, Any] = {
     keras.saving.get_registered_name(obj): obj
-    for obj in (dice_loss, dice_bce_loss, DiceCoefficient, IoU, FusedBatchNorm)
+    for obj in (dice_loss, dice_bce_loss, DiceCoefficient, IoU, FusedBatchNorm, FusedAdam)
 }

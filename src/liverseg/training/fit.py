@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
+from liverseg.model.optimizers import FusedAdam
 from liverseg.model.unet import build_unet
 from liverseg.params import ModelSpec
 from liverseg.training import distribute as distributed
@@ -182,7 +183,7 @@ def compile_unet(
     keras.mixed_precision.set_global_policy(spec.precision)
     try:
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            optimizer=FusedAdam(learning_rate=learning_rate),
             loss=get_loss(spec.loss),
             metrics=[DiceCoefficient(name="dice"), IoU(name="iou")],
             steps_per_execution=steps_per_execution,
