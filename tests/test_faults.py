@@ -741,3 +741,70 @@ def test_server_refuses_the_header_bomb_and_a_hung_up_client_leaves_one_line(
     assert "Traceback" not in log, log[-3000:]
     status, _ = post(server.url, volume_body(bomb))
     assert status == 400  # still serving
+
+
+# ------------------------------------------------------------------------ exit without teardown
+_EXIT_SCRIPT = """
+import atexit, concurrent.futures, sys, threading, time
+from pathlib import Path
+from liverseg import runguard
+
+out = Path(sys.argv[1])
+class Marker:
+    def __del__(self):  # runs in the interpreter's teardown, which os._exit skips
+        (out / "teardown").write_text("ran")
+marker = Marker()
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
+# a pool left running (as MLflow's artifact repositories leave theirs): its queued work is done
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(lambda: (time.sleep(0.3), (out / "pool").write_text("ran")))
+sys.stdout.write("no newline, still buffered")
+if sys.argv[2] == "fast":
+    runguard.exit_without_teardown(3)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("how", ["fast", "normal"])
+def test_exit_without_teardown_does_what_an_exit_does_but_the_teardown(
+    tmp_path: Path, how: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "no newline, still buffered"
+    # the non-daemon thread and the pool's work were waited for, the atexit handlers ran ...
+    assert (tmp_path / "thread").read_text() == "ran"
+    assert (tmp_path / "pool").read_text() == "ran"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    # ... and only the teardown (the destruction of module objects) was skipped
+    assert (tmp_path / "teardown").exists() == (how == "normal")
+
+
+def test_a_deferred_interrupt_is_raised_once_at_the_next_safe_point() -> None:
+    """A signal that came while TensorFlow ran (retry_outside_tensorflow deferred it) is
+    raised by raise_pending (training calls it at each epoch's end), once: its retries stop."""
+    runguard.raise_pending()  # nothing pending: nothing raised
+    previous = runguard.install()
+    try:
+        runguard._raise_interrupted(signal.SIGTERM, _frame_in_tensorflow())
+        with pytest.raises(runguard.Interrupted) as info:
+            runguard.raise_pending()
+        assert info.value.signum == signal.SIGTERM
+        runguard.raise_pending()  # raised once only
+        time.sleep(0.3)  # the 50 ms retry found nothing pending: no signal, no Interrupted
+    finally:
+        runguard.restore(previous)
+
+
+def _frame_in_tensorflow() -> object:
+    """A frame whose code lives in a ``tensorflow`` package folder (what the deferral tests)."""
+    code = compile("import sys; frame = sys._getframe()", "/x/tensorflow/python/f.py", "exec")
+    scope: dict[str, object] = {}
+    exec(code, scope)
+    return scope["frame"]

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(
         os.environ.get("MLFLOW_TRACKING_URI"), dict(os.environ)
     )
+    # Run as the program (the console script, ``python -m``): the process ends here, without
+    # the interpreter's teardown (runguard.exit_without_teardown). Called with argv (tests):
+    # returns the exit status.
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
@@ -94,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"liverseg {args.command}"
     previous = runguard.install()
     try:
-        return _run(args, prog, debug)
+        code = _run(args, prog, debug)
     finally:
         runguard.restore(previous)
+    if as_program:
+        runguard.exit_without_teardown(code)
+    return code
 
 
 def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:

@@ -13,6 +13,10 @@
   RUNNING runs whose process provably no longer exists on this host (KILLED) and says so.
   The start time guards against a recycled PID; runs of other hosts are left alone (nothing
   here can prove those dead).
+* **Exit**: :func:`exit_without_teardown` ends a stage's process (and a worker) once its
+  atexit handlers have run (MLflow's queues, multiprocessing's finalizers, logging), without
+  the interpreter's teardown of every module and object, which takes about 1.5 s once
+  TensorFlow is loaded (benchmarks/README.md): time a pipeline of six stages would wait.
 
 Module-level imports are kept to the standard library: MLflow loads this module as a plugin
 in every process that imports it.
@@ -20,6 +24,8 @@ in every process that imports it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -53,11 +59,30 @@ class Interrupted(KeyboardInterrupt):
 _interrupted_at_ms: int | None = None
 
 
+# The signal whose Interrupted is deferred (retry_outside_tensorflow), until it is raised.
+_pending_signal: int | None = None
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    global _pending_signal
     note_interrupt()
     if retry_outside_tensorflow(signum, frame):
+        _pending_signal = signum
         return
+    _pending_signal = None
     raise Interrupted(signum)
+
+
+def raise_pending() -> None:
+    """Raise the :class:`Interrupted` of a signal deferred by :func:`retry_outside_tensorflow`,
+    if there is one (and stop its retries). For points where stopping is safe and that the
+    retries may not hit: training calls it at each epoch's end, so that a stage or worker
+    stops there at the latest, even when it spends nearly all its time in TensorFlow and the
+    stores (a short tuning trial could otherwise end before a retry landed)."""
+    global _pending_signal
+    signum, _pending_signal = _pending_signal, None
+    if signum is not None:
+        raise Interrupted(signum)
 
 
 # Code an exception must not be raised in the middle of: TensorFlow's Python (which its C++
@@ -84,12 +109,17 @@ def retry_outside_tensorflow(signum: int, frame: Any) -> bool:
     retries end where it lands outside."""
     if not _in_tensorflow(frame):
         return False
-    main = threading.main_thread().ident
-    assert main is not None
-    timer = threading.Timer(0.05, signal.pthread_kill, (main, signum))
+    timer = threading.Timer(0.05, _retry, (signum,))
     timer.daemon = True
     timer.start()
     return True
+
+
+def _retry(signum: int) -> None:
+    """Send ``signum`` to the main thread again, unless its Interrupted has been raised."""
+    main = threading.main_thread().ident
+    if _pending_signal == signum and main is not None:
+        signal.pthread_kill(main, signum)
 
 
 def note_interrupt() -> None:
@@ -287,3 +317,22 @@ def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
     log = logging.getLogger(logger)
     if not any(isinstance(f, ClientDisconnectFilter) for f in log.filters):
         log.addFilter(ClientDisconnectFilter())
+
+
+def exit_without_teardown(code: int) -> None:
+    """End this process with exit status ``code`` as ``sys.exit`` would, minus the teardown.
+
+    What a normal exit does first is done here too: non-daemon threads are joined, the atexit
+    handlers run (MLflow's asynchronous logging queues drain, multiprocessing's finalizers,
+    ``logging.shutdown``), the standard streams are flushed. Then ``os._exit`` skips the
+    destruction of modules and objects (TensorFlow's among them), which writes nothing.
+    """
+    # What the interpreter calls first on exit (and multiprocessing before a forked child's
+    # os._exit): stops concurrent.futures' pools after their queued work, joins the threads.
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # closed, or a broken pipe: nothing more can be said
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

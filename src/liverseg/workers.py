@@ -95,6 +95,9 @@ def _entry(
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         for item in items:
             conn.send(("done", item, target(payload, item)))
+        conn.close()
+        # the stage waits for this exit: no interpreter teardown (seconds with TensorFlow)
+        runguard.exit_without_teardown(0)
     except KeyboardInterrupt as exc:
         runguard.hold()
         runguard.end_own_runs("KILLED")
@@ -105,7 +108,8 @@ def _entry(
 
         message = error_line(exc) if isinstance(exc, Exception) else None
         conn.send(("error", item, message or "".join(traceback.format_exception(exc)).strip()))
-        sys.exit(1)
+        conn.close()
+        runguard.exit_without_teardown(1)
     finally:
         runguard.restore(previous)
 

@@ -169,7 +169,11 @@ def log_to_mlflow(
             # <case>_z<k>.png: one image key per patient, its steps the slice indices
             case, z = png.stem.rsplit("_z", 1)
             with Image.open(png) as im:
-                mlflow.log_image(im.convert("RGB"), key=f"overlay_{case}", step=int(z))
+                # synchronous: MLflow's asynchronous artifact queue would hold the exit for a
+                # second (its thread polls once a second) to upload 18 small files
+                mlflow.log_image(
+                    im.convert("RGB"), key=f"overlay_{case}", step=int(z), synchronous=True
+                )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         now = int(time.time() * 1000)
         mlflow.MlflowClient().log_batch(

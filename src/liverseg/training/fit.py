@@ -27,6 +27,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from liverseg import runguard
 from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
 from liverseg.model.optimizers import FusedAdam
@@ -137,6 +138,15 @@ class EpochProgress(keras.callbacks.Callback):
                 parts.append(f"{key} {float(logs[key]):.4f}")
         parts.append(f"{time.perf_counter() - self._t0:.1f} s")
         log.info("  ".join(parts))
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """At each epoch's end (after the callbacks before it logged the epoch), raise the
+    interrupt (SIGINT/SIGTERM) that came while TensorFlow ran, if one is pending
+    (:func:`liverseg.runguard.raise_pending`)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        runguard.raise_pending()
 
 
 @dataclass
@@ -334,6 +344,7 @@ def fit(
                 restore_best_weights=True,
             )
         )
+    cbs.append(StopOnInterrupt())
     t0 = time.perf_counter()
     try:
         # The dataset shuffles itself (seeded); Keras must not try to.

@@ -93,7 +93,8 @@ def _log_plot_images(folder: Path) -> None:
 
     for png in sorted(folder.glob("*.png")):
         with Image.open(png) as im:
-            mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0)
+            # synchronous: see liverseg.evaluation.run.log_to_mlflow
+            mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0, synchronous=True)
 
 
 def _study_description(name: str, tune: TuneParams, summary: dict[str, Any]) -> str:
