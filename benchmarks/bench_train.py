@@ -15,8 +15,10 @@ compare CPU seconds (they hardly depend on the others' load), not wall seconds.
 Configurations: ``default`` (params.yaml's train section on the default phantom, fold 0, at
 ``prepare.image_size``) and ``gpu`` (the README's GPU profile: base 32, depth 5, batch 16, on
 phantom slices prepared at 256x256; ``--gpu-slices`` of them, time per epoch scales with the
-slice count, see ``--growth``). The first epoch (tracing) is not timed; the fastest of the
-others is reported (the machine may be shared: the minimum is the least disturbed figure).
+slice count, see ``--growth``; a quarter as many validation slices, the share of the profile's
+5 folds, each validating on the patients of one fold and training on four). The first epoch
+(tracing) is not timed; the fastest of the others is reported (the machine may be shared: the
+minimum is the least disturbed figure).
 
 ``--levers`` times the project loop on the default configuration with one thing changed at
 a time (steps per execution, MLflow logging, validation, augmentation, jit_compile,
@@ -42,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# prepare.k_folds of the README's GPU profile (dvc exp run -n ircad-gpu): validation slices are
+# a quarter of the training slices there
+GPU_PROFILE_K_FOLDS = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,7 +221,7 @@ def configs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     if "gpu" in args.configs:
         tr, va = phantom_fold(work, 256, args.params)
         n = min(args.gpu_slices, tr[0].shape[0])
-        nv = min(max(n // 2, 1), va[0].shape[0])
+        nv = min(max(n // (GPU_PROFILE_K_FOLDS - 1), 1), va[0].shape[0])
         gpu_cfg = dataclasses.replace(
             train_cfg,
             model=ModelParams(depth=5, base_filters=32, dropout=0.1, batch_norm=True),
