@@ -70,6 +70,20 @@ def test_one_execution_runs_a_whole_epoch_with_the_same_result() -> None:
         np.testing.assert_allclose(default.history[key], one_step.history[key], rtol=1e-4)
 
 
+def test_the_training_step_is_traced_once_per_compiled_model() -> None:
+    """compile_unet builds the optimizer's slots: a first step that created them would be
+    traced twice by tf.function (once more without creating them)."""
+    import tensorflow as tf
+
+    model = fit_module.compile_unet(16, TINY, 1e-2, 0, steps_per_execution=64)
+    traces = []
+    step = model.train_step
+    model.train_step = lambda data: (traces.append(1), step(data))[1]  # type: ignore[method-assign]
+    ds = tf.data.Dataset.from_tensor_slices(_arrays(10, 0)).batch(4)
+    model.fit(ds, epochs=2, verbose=0)
+    assert len(traces) == 1
+
+
 def test_a_reused_compiled_model_trains_like_a_new_one() -> None:
     fit_module.forget_compiled_models()
     first = _fit()  # compiles (and traces) a new model
