@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(args, prog, debug)
     finally:
         runguard.restore(previous)
-    if as_program:
+    # Under a profiler, debugger or coverage tool: a normal exit, after which it writes out.
+    if as_program and sys.getprofile() is None and sys.gettrace() is None:
         runguard.exit_without_teardown(code)
     return code
 
