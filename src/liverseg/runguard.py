@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 HOST_TAG = "liverseg.host"
 PID_TAG = "liverseg.pid"
@@ -319,7 +319,7 @@ def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
         log.addFilter(ClientDisconnectFilter())
 
 
-def exit_without_teardown(code: int) -> None:
+def exit_without_teardown(code: int) -> NoReturn:
     """End this process with exit status ``code`` as ``sys.exit`` would, minus the teardown.
 
     What a normal exit does first is done here too: non-daemon threads are joined, the atexit

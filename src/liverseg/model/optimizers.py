@@ -3,8 +3,8 @@
 :class:`FusedAdam` is Keras' ``Adam`` (same variables, arguments, saved config and update rule)
 applied with TensorFlow's fused kernel (``ResourceApplyAdam``): one kernel per variable and
 step instead of Keras 3's chain of about a dozen element-wise ops. On the default U-Net (64
-variables) that chain cost 8 % of a training step on one CPU thread and 3.6 CPU s of tracing
-per compiled model (``benchmarks/bench_processes.py``).
+variables) that chain cost 8 % of a training step on one CPU thread, and 2.5 to 3.6 CPU s of
+tracing per compiled model (``benchmarks/bench_processes.py``, benchmarks/README.md).
 """
 
 from __future__ import annotations
