@@ -4,7 +4,8 @@
 applied with TensorFlow's fused kernel (``ResourceApplyAdam``): one kernel per variable and
 step instead of Keras 3's chain of about a dozen element-wise ops. On the default U-Net (64
 variables) that chain cost 8 % of a training step on one CPU thread, and 2.5 to 3.6 CPU s of
-tracing per compiled model (``benchmarks/bench_processes.py``, benchmarks/README.md).
+tracing per compiled model while the first step was traced twice (before ``compile_unet``
+built the optimizer up front; ``benchmarks/bench_processes.py``, benchmarks/README.md).
 """
 
 from __future__ import annotations
