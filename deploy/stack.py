@@ -267,8 +267,18 @@ def start_s3(folder: Path, port: int, env: dict[str, str]) -> int:
     return proc.pid
 
 
+# How long the server trusts a credential it has checked (MLflow's auth_cache_ttl_seconds; its
+# default, 0, checks the password hash on every request). A check is one PBKDF2 hash: 0.33 s of
+# the server's CPU per request here, which made logging a metric take 336 ms; with the cache,
+# 20 ms (benchmarks/README.md, "The team stack"). The server runs one worker, which drops an entry
+# as soon as that user's password is changed or the user deleted through its API; a change made
+# in the database directly reaches it only after this many seconds.
+AUTH_CACHE_TTL_S = 60
+
+
 def write_auth_config(folder: Path, pg_port: int) -> Path:
-    """MLflow's basic-auth settings: users in PostgreSQL, new users may only read."""
+    """MLflow's basic-auth settings: users in PostgreSQL, new users may only read, checked
+    credentials trusted for ``AUTH_CACHE_TTL_S``."""
     path = folder / "basic_auth.ini"
     path.write_text(
         "[mlflow]\n"
@@ -276,6 +286,7 @@ def write_auth_config(folder: Path, pg_port: int) -> Path:
         f"database_uri = postgresql+psycopg2://{PG_ROLE}@{HOST}:{pg_port}/mlflow_auth\n"
         "admin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
     )
     return path
 
