@@ -55,6 +55,23 @@ def test_second_repro_does_nothing(tiny_repo: Path) -> None:
     assert "up to date" in status, status
 
 
+def test_bytecode_caches_are_not_dependencies(tiny_repo: Path) -> None:
+    """A ``__pycache__`` in a source folder that stages depend on (written by any import of the
+    code, rewritten when a source file is touched) leaves the pipeline up to date."""
+    cache = tiny_repo / "src/liverseg/model/__pycache__"
+    existed = cache.exists()
+    pyc = cache / "unet.cpython-399.pyc"
+    cache.mkdir(exist_ok=True)
+    try:
+        pyc.write_bytes(b"bytecode")
+        status = run(["dvc", "status"], tiny_repo).stdout
+        assert "up to date" in status, status
+    finally:
+        pyc.unlink(missing_ok=True)
+        if not existed:
+            cache.rmdir()
+
+
 def test_changed_prepare_param_does_not_rerun_ingest(tiny_repo: Path) -> None:
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["prepare"]["liver_free_fraction"] = 0.5
