@@ -3,7 +3,8 @@
 For each model configuration, seconds per epoch and slices per second of
 
 * ``project``: :func:`liverseg.training.fit.fit` as the ``train`` stage runs it (augmentation,
-  validation every epoch, early stopping, per-epoch MLflow logging to a throwaway SQLite store);
+  validation every epoch on every ``train.val_stride``-th validation slice, early stopping,
+  per-epoch MLflow logging to a throwaway SQLite store);
 * ``bare``: the same compiled model in Keras' loop over pre-batched tensors cached in memory,
   one execution per epoch, no augmentation, validation, callbacks or logging;
 * ``floor``: the training FLOPs (3 x the forward convolutions' FLOPs per slice, backward being
@@ -182,6 +183,7 @@ def project_seconds(
     from liverseg.training.fit import MlflowEpochLogger, fit
 
     synchronous = fit_kwargs.pop("synchronous_logging", False)
+    fit_kwargs.setdefault("val_stride", cfg.val_stride)
     policy = keras.mixed_precision.global_policy()
     if "precision" in fit_kwargs:
         keras.mixed_precision.set_global_policy(fit_kwargs.pop("precision"))
@@ -298,6 +300,7 @@ def levers_table(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         ),
         ("now: 1 execution/epoch, asynchronous logging, validation batch 32", cfg, va, {}),
         ("now, synchronous logging", cfg, va, {"synchronous_logging": True}),
+        ("now, validation on every slice (val_stride 1)", cfg, va, {"val_stride": 1}),
         ("now, no validation", cfg, None, {}),
         ("now, no augmentation", no_aug, va, {}),
         ("now, jit_compile", cfg, va, {"jit_compile": True}),

@@ -169,3 +169,43 @@ def test_tensorflow_comes_from_exactly_one_extra() -> None:
     assert tf_reqs(extras["gpu"]) == [f"tensorflow[and-cuda]=={tf.__version__}"]
     assert all(tf_reqs(v) == [] for k, v in extras.items() if k not in ("cpu", "gpu"))
     assert importlib.metadata.version(tensorflow_distribution()) == tf.__version__
+
+
+def _evaluate(model: keras.Model, images: np.ndarray, masks: np.ndarray) -> float:
+    """Validation Dice of ``model`` (uncompiled, as fit returns it) on these slices."""
+    from liverseg.model.keras_metrics import DiceCoefficient
+
+    metric = DiceCoefficient(name="dice")
+    metric.update_state(masks, model.predict(images, batch_size=32, verbose=0))
+    return float(metric.result())
+
+
+def test_val_stride_validates_every_kth_slice_and_reports_the_best_on_all() -> None:
+    """Each epoch validates on val[::2]; ``best`` is the best epoch's model on all of val.
+    The odd slices are made unlike the even ones (their masks are the squares' complement),
+    so that the two Dice figures cannot agree by chance."""
+    even_x, even_y = _arrays(6, 1)
+    odd_x, odd_y = even_x.copy(), 1.0 - even_y
+    val_x = np.stack([even_x, odd_x], axis=1).reshape(12, 16, 16, 1)
+    val_y = np.stack([even_y, odd_y], axis=1).reshape(12, 16, 16, 1)
+    res = fit(
+        _arrays(10, 0),
+        (val_x, val_y),
+        TINY,
+        learning_rate=1e-2,
+        batch_size=4,
+        epochs=3,
+        seed=7,
+        val_stride=2,
+    )
+    assert res.best_epoch is not None
+    per_epoch = res.history["val_dice"][res.best_epoch]
+    assert per_epoch == pytest.approx(_evaluate(res.model, even_x, even_y), abs=1e-4)
+    assert res.best["val_dice"] == pytest.approx(_evaluate(res.model, val_x, val_y), abs=1e-4)
+    assert abs(res.best["val_dice"] - per_epoch) > 0.01
+    assert set(res.best) == {"val_loss", "val_dice", "val_iou"}
+
+
+def test_val_stride_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="val_stride must be >= 1"):
+        _fit(val_stride=0)

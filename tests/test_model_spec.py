@@ -45,6 +45,14 @@ def test_study_name_is_unchanged() -> None:
     assert study_name("0" * 64, TuneParams(), TrainParams()) == "liverseg-e61dc76cace2"
 
 
+def test_a_validation_stride_makes_another_study() -> None:
+    """A trial's value depends on which validation slices each epoch sees."""
+    names = {study_name("0" * 64, TuneParams(), TrainParams(val_stride=k)) for k in (1, 2, 3)}
+    assert len(names) == 3
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]["params"]
+    assert "train.val_stride" in listed
+
+
 def test_the_model_takes_the_spec_precision_and_leaves_the_global_policy() -> None:
     before = keras.mixed_precision.global_policy().name
     spec = ModelSpec(model=ModelParams(depth=1, base_filters=2), precision="mixed_bfloat16")

@@ -34,6 +34,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
         ("train", {"model": {"filters": 9}}, r"train\.model\.filters: unknown key"),
         ("train", {"epochs": "ten"}, r"train\.epochs: must be an integer"),
         ("train", {"use_tuned": "yes"}, r"train\.use_tuned: must be true or false"),
+        ("train", {"val_stride": 0}, r"train\.val_stride: must be >= 1"),
         ("tune", {"lr_min": 0.1, "lr_max": 0.01}, r"tune\.lr_min"),
         ("ingest", {"dataset": "lits"}, r"ingest\.dataset"),
         ("ingest", {"ircad": {"sha256": "abc"}}, r"ingest\.ircad\.sha256"),

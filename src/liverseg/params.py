@@ -201,6 +201,7 @@ class TrainParams:
     use_tuned: bool = True
     epochs: int = 14
     patience: int = 4
+    val_stride: int = 1
     final: str = "ensemble"
     precision: str = "float32"
     distribute: str = "none"
@@ -215,6 +216,7 @@ class TrainParams:
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.patience >= 1, "train.patience", "must be >= 1")
+        _require(self.val_stride >= 1, "train.val_stride", "must be >= 1")
         _require(self.final in ("retrain", "ensemble"), "train.final", "must be retrain|ensemble")
         _require(
             self.precision in ("float32", "mixed_bfloat16"),

@@ -287,9 +287,16 @@ def fit(
     progress: str | None = None,
     steps_per_execution: int | None = None,
     jit_compile: bool = False,
+    val_stride: int = 1,
 ) -> FitResult:
     """Train a new U-Net of ``spec`` on ``train``; with ``val``, keep the weights of the best
     epoch by validation Dice (early stopping after ``patience`` epochs without improvement).
+
+    ``val_stride``: each epoch validates on every ``val_stride``-th slice of ``val`` (what
+    early stopping, the best epoch and the history's ``val_*`` see); ``best`` is then the best
+    epoch's model evaluated on all of ``val``. Neighbouring slices of a scan are nearly alike,
+    so a stride of 2 halves validation's cost and chose the same epochs on the default data
+    (benchmarks/README.md, "Validation").
 
     Everything else is an argument: the optimiser's ``learning_rate``, the global
     ``batch_size``, ``epochs``, the ``seed`` of weights and batches, and ``distribute``
@@ -332,9 +339,11 @@ def fit(
     cbs = list(callbacks or [])
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
+    if val_stride < 1:
+        raise ValueError(f"fit: val_stride must be >= 1, got {val_stride}")
     if val is not None:
         val_ds = make_dataset(
-            *val,
+            *(part[::val_stride] for part in val),
             batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
             training=False,
             augment=None,
@@ -360,6 +369,18 @@ def fit(
         for cb in cbs:
             if isinstance(cb, MlflowEpochLogger):
                 cb.flush()
+    all_val: dict[str, float] | None = None
+    if val is not None and val_stride > 1 and hist.history.get("val_dice"):
+        # the best epoch's weights (EarlyStopping restored them) on every validation slice
+        full = make_dataset(
+            *val,
+            batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
+            training=False,
+            augment=None,
+            seed=seed,
+        )
+        logs = model.evaluate(full, verbose=0, return_dict=True)
+        all_val = {f"val_{k}": float(v) for k, v in logs.items()}
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     if distribute == "none":
@@ -368,5 +389,5 @@ def fit(
     if val is not None and history.get("val_dice"):
         best = int(np.argmax(history["val_dice"]))
         result.best_epoch = best
-        result.best = {k: history[k][best] for k in history if k.startswith("val_")}
+        result.best = all_val or {k: history[k][best] for k in history if k.startswith("val_")}
     return result

@@ -128,6 +128,7 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
             patience=cfg.patience,
             distribute=cfg.distribute,
             callbacks=[MlflowEpochLogger(run.info.run_id)],
+            val_stride=cfg.val_stride,
             progress=f"train: fold-{fold}",
         )
         assert res.best_epoch is not None

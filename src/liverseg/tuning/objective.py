@@ -282,6 +282,7 @@ def make_objective(
                         distribute=train.distribute,
                         callbacks=[logger, keras_callback(reporter, stop)],
                         progress=f"tune: trial {trial.number} fold-{fold}",
+                        val_stride=train.val_stride,
                     )
                 if reporter.pruned_step is not None:
                     raise optuna.TrialPruned(

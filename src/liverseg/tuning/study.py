@@ -58,7 +58,7 @@ def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[s
     which trials stop early, not what a finished trial measures), and the train section's own
     learning rate, batch size, epochs and patience (tuning replaces or does not use them).
     """
-    return {
+    inputs: dict[str, Any] = {
         "objective_version": OBJECTIVE_VERSION,
         "data_sha256": data_hash,
         "search_space": {
@@ -75,6 +75,12 @@ def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[s
             "precision": train.precision,
         },
     }
+    # A trial's value is its best epoch's Dice on every val_stride-th validation slice. Only a
+    # stride above 1 enters the name: studies made before the stride existed (every slice)
+    # keep theirs and resume.
+    if train.val_stride != 1:
+        inputs["val_stride"] = train.val_stride
+    return inputs
 
 
 def study_name(data_hash: str, tune: TuneParams, train: TrainParams) -> str:
