@@ -137,9 +137,18 @@ def scripted_fit(curve: Curve, calls: list[dict[str, Any]]) -> Callable[..., Any
         distribute: str = "none",
         callbacks: list[Any] | None = None,
         progress: str | None = None,
+        val_stride: int = 1,
     ) -> Any:
         fold = {n: f for f, n in VAL_SLICES.items()}[val[0].shape[0]]
-        calls.append({"fold": fold, "seed": seed, "patience": patience, "epochs": epochs})
+        calls.append(
+            {
+                "fold": fold,
+                "seed": seed,
+                "patience": patience,
+                "epochs": epochs,
+                "stride": val_stride,
+            }
+        )
         # the objective labels each fold's progress lines with its trial and fold
         assert progress is not None and progress.startswith("tune: trial ")
         assert progress.endswith(f" fold-{fold}")
@@ -172,6 +181,7 @@ def run_scripted(
     enqueue: list[dict[str, Any]] | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     stop: StopSignal | None = None,
+    train: TrainParams = TINY_TRAIN,
 ) -> tuple[optuna.Study, str, list[dict[str, Any]]]:
     """Optimise a study with the scripted fit; returns (study, parent run id, fit calls)."""
     calls: list[dict[str, Any]] = []
@@ -186,7 +196,7 @@ def run_scripted(
     exp_id = ensure_experiment(EXPERIMENT)
     parent = MlflowClient().create_run(exp_id, run_name="study-test").info.run_id
     objective = make_objective(
-        prepared, tune, TINY_TRAIN, experiment_id=exp_id, parent_run_id=parent, stop=stop
+        prepared, tune, train, experiment_id=exp_id, parent_run_id=parent, stop=stop
     )
     optimize(study, objective, tune, stop)
     return study, parent, calls
@@ -407,18 +417,19 @@ def test_objective_reports_every_fold_epoch_and_averages_best_dice(
         tune,
         lambda lr, bs, fold: curves[fold],
         storage_url=f"sqlite:///{tmp_path}/o.db",
+        train=dataclasses.replace(TINY_TRAIN, val_stride=3),
     )
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE
     assert trial.value == pytest.approx(0.75)
     assert trial.intermediate_values == pytest.approx({0: 0.5, 1: 0.6, 2: 0.9, 3: 0.7})
-    # Same seeded start per fold for every trial, and no early stopping.
+    # Same seeded start per fold for every trial, no early stopping, train's validation stride.
     # A fresh Keras session before each fold's training (so between trials too).
     assert calls == [
         {"clear_session": {"free_memory": True}},
-        {"fold": 0, "seed": 5, "patience": None, "epochs": 2},
+        {"fold": 0, "seed": 5, "patience": None, "epochs": 2, "stride": 3},
         {"clear_session": {"free_memory": True}},
-        {"fold": 1, "seed": 6, "patience": None, "epochs": 2},
+        {"fold": 1, "seed": 6, "patience": None, "epochs": 2, "stride": 3},
     ]
     run = trial_runs(parent)[0]
     assert run.info.run_name == "trial-0"

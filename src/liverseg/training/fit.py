@@ -296,7 +296,7 @@ def fit(
     early stopping, the best epoch and the history's ``val_*`` see); ``best`` is then the best
     epoch's model evaluated on all of ``val``. Neighbouring slices of a scan are nearly alike,
     so a stride of 2 halves validation's cost and chose the same epochs on the default data
-    (benchmarks/README.md, "Validation").
+    (benchmarks/README.md, "Validation on every second slice").
 
     Everything else is an argument: the optimiser's ``learning_rate``, the global
     ``batch_size``, ``epochs``, the ``seed`` of weights and batches, and ``distribute``
@@ -306,6 +306,8 @@ def fit(
     ``liverseg.progress`` logger. ``steps_per_execution``: default, one execution per epoch.
     Validation batches hold ``max(batch_size, VALIDATION_BATCH_SIZE)`` slices.
     """
+    if val_stride < 1:
+        raise ValueError(f"fit: val_stride must be >= 1, got {val_stride}")
     image_size = int(train[0].shape[1])
     steps = math.ceil(int(train[0].shape[0]) / batch_size)
     if distribute == "none":
@@ -339,8 +341,6 @@ def fit(
     cbs = list(callbacks or [])
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
-    if val_stride < 1:
-        raise ValueError(f"fit: val_stride must be >= 1, got {val_stride}")
     if val is not None:
         val_ds = make_dataset(
             *(part[::val_stride] for part in val),
