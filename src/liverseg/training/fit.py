@@ -341,14 +341,19 @@ def fit(
     cbs = list(callbacks or [])
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
-    if val is not None:
-        val_ds = make_dataset(
-            *(part[::val_stride] for part in val),
+
+    def validation_dataset(images: np.ndarray, masks: np.ndarray) -> Any:
+        return make_dataset(
+            images,
+            masks,
             batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
             training=False,
             augment=None,
             seed=seed,
         )
+
+    if val is not None:
+        val_ds = validation_dataset(val[0][::val_stride], val[1][::val_stride])
         cbs.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_dice",
@@ -372,14 +377,7 @@ def fit(
     all_val: dict[str, float] | None = None
     if val is not None and val_stride > 1 and hist.history.get("val_dice"):
         # the best epoch's weights (EarlyStopping restored them) on every validation slice
-        full = make_dataset(
-            *val,
-            batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
-            training=False,
-            augment=None,
-            seed=seed,
-        )
-        logs = model.evaluate(full, verbose=0, return_dict=True)
+        logs = model.evaluate(validation_dataset(*val), verbose=0, return_dict=True)
         all_val = {f"val_{k}": float(v) for k, v in logs.items()}
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
