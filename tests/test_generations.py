@@ -13,8 +13,14 @@ from optuna.trial import TrialState, create_trial
 from conftest import MlflowStore
 from liverseg import workers
 from liverseg.params import TuneParams
-from liverseg.tuning.generations import GENERATION_ATTR, EarlierGenerationsPruner
+from liverseg.tuning.generations import (
+    GENERATION_ATTR,
+    EarlierGenerationsPruner,
+    TrialJob,
+    optimize_in_generations,
+)
 from liverseg.tuning.run import Workers, run_study
+from liverseg.tuning.stop import StopSignal
 from liverseg.tuning.study import study_pruner
 from test_tune import TINY_TRAIN, tiny_tune, write_prepared
 
@@ -48,6 +54,27 @@ def test_a_trial_is_pruned_against_earlier_generations_only() -> None:
     other = study.ask()
     other.report(0.5, 0)
     assert not other.should_prune()
+
+
+def test_a_stop_requested_between_trials_is_raised_not_taken_for_the_end(
+    tmp_path: Path,
+) -> None:
+    """A signal deferred while a trial's result was stored (SQLAlchemy's code: only
+    ``requested`` is set) stops the study with the interrupt that the stage reports (exit 143,
+    "run the same command again"), not as a study that ended: CI saw tune exit 0 after one of
+    50 trials."""
+    tune = tiny_tune(n_trials=50, generation_size=1, processes=1)
+    job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
+    study = optuna.create_study(direction="maximize")
+    stop = StopSignal()
+
+    def objective(trial: optuna.Trial) -> float:
+        stop.requested = True  # what the handler does when the signal lands in the store
+        return 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize_in_generations(study, tune, job, objective, stop)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
 
 @pytest.mark.slow

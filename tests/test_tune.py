@@ -543,6 +543,23 @@ def test_stop_signal_waits_for_the_end_of_a_critical_section() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_stop_deferred_out_of_tensorflow_is_raised_once_outside() -> None:
+    """A signal that lands in TensorFlow's or the store's code is sent again until it lands
+    outside, where it stops (before, the retries of a study's stop never fired: only
+    ``requested`` was set, and a study could run on or end as if finished)."""
+    from test_faults import _frame_in_tensorflow
+
+    stop = StopSignal()
+    reached = False
+    with stop.installed():
+        with pytest.raises(KeyboardInterrupt):
+            stop.handler(signal.SIGTERM, _frame_in_tensorflow())  # deferred: no raise here
+            reached = True
+            time.sleep(2.0)  # a retry lands here, outside TensorFlow
+        assert reached and stop.requested
+        time.sleep(0.3)  # raised: no retry is left to interrupt what follows
+
+
 @pytest.mark.parametrize("where", ["training", "run creation"])
 def test_sigterm_fails_the_trial_and_kills_its_run(
     prepared: Path,

@@ -64,12 +64,9 @@ _pending_signal: int | None = None
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    global _pending_signal
     note_interrupt()
     if retry_outside_tensorflow(signum, frame):
-        _pending_signal = signum
         return
-    _pending_signal = None
     raise Interrupted(signum)
 
 
@@ -83,6 +80,12 @@ def raise_pending() -> None:
     signum, _pending_signal = _pending_signal, None
     if signum is not None:
         raise Interrupted(signum)
+
+
+def forget_pending() -> None:
+    """Stop the retries of a deferred signal (its stop is being raised another way)."""
+    global _pending_signal
+    _pending_signal = None
 
 
 # Code an exception must not be raised in the middle of: TensorFlow's Python (which its C++
@@ -105,10 +108,14 @@ def _in_tensorflow(frame: Any) -> bool:
 
 def retry_outside_tensorflow(signum: int, frame: Any) -> bool:
     """When the signal came while TensorFlow's Python code or a tracking-store transaction
-    runs (see ``_DEFER_IN``), send it again to the main thread in 50 ms and return True; the
-    retries end where it lands outside."""
+    runs (see ``_DEFER_IN``), mark it pending, send it again to the main thread in 50 ms and
+    return True; the retries end where it lands outside (or when :func:`raise_pending` or
+    :func:`forget_pending` took it). Else nothing is pending any more; returns False."""
+    global _pending_signal
     if not _in_tensorflow(frame):
+        _pending_signal = None
         return False
+    _pending_signal = signum
     timer = threading.Timer(0.05, _retry, (signum,))
     timer.daemon = True
     timer.start()

@@ -208,8 +208,8 @@ def optimize_in_generations(
         started += size
         if errors:
             raise TrialError("; ".join(f"trial {n}: {text}" for n, text in sorted(errors.items())))
-        if stop is not None and stop.requested:
-            break
+        if stop is not None:
+            stop.raise_if_requested()  # a stop ends no study as if it were finished
     return started
 
 

@@ -37,6 +37,7 @@ class StopSignal:
 
     def raise_if_requested(self) -> None:
         if self.requested:
+            runguard.forget_pending()
             raise runguard.Interrupted(self.signum)
 
     @contextlib.contextmanager
