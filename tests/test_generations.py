@@ -77,6 +77,29 @@ def test_a_stop_requested_between_trials_is_raised_not_taken_for_the_end(
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
 
+def test_a_stop_while_a_generation_is_asked_fails_its_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal while the generation's trials are asked (a critical section: it only sets
+    ``requested``) is raised after it; the asked trials end FAIL, none RUNNING (before, they
+    stayed RUNNING until a later run found their process dead)."""
+    tune = tiny_tune(n_trials=50, generation_size=2, processes=1)
+    job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
+    study = optuna.create_study(direction="maximize")
+    stop = StopSignal()
+    ask = optuna.Study.ask
+
+    def ask_then_signal(self: optuna.Study, *a: object, **k: object) -> optuna.Trial:
+        trial = ask(self, *a, **k)
+        stop.requested = True
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_in_generations(study, tune, job, lambda t: pytest.fail("a trial ran"), stop)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
 @pytest.mark.slow
 def test_the_study_is_the_same_in_two_or_three_worker_processes(
     tmp_path: Path, mlflow_store: MlflowStore, monkeypatch: pytest.MonkeyPatch

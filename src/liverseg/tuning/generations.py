@@ -178,18 +178,24 @@ def optimize_in_generations(
             print(f"tune: tune.timeout_s ({tune.timeout_s:g} s) passed; no new generation")
             break
         size = min(tune.generation_size, remaining)
-        with section(stop, interruptible=False), warnings.catch_warnings():
-            # Optuna warns that an RDB storage's heartbeat is meant for Study.optimize: the
-            # asked trials' liveness is their process tag (tuning.study.fail_dead_trials).
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trials = [study.ask(space) for _ in range(size)]
-            for t in trials:
-                t.set_user_attr(GENERATION_ATTR, trials[0].number)
-                # Until a worker takes it: whoever finds it RUNNING after a SIGKILL can fail it.
-                t.set_user_attr("process", runguard.process_tags())
-        numbers = [t.number for t in trials]
+        numbers: list[int] = []
         errors: dict[int, str] = {}
         try:
+            # A stop requested in here is raised on leaving it: by then every asked trial is
+            # in ``numbers``, which the ``finally`` fails (none is left RUNNING).
+            with section(stop, interruptible=False), warnings.catch_warnings():
+                # Optuna warns that an RDB storage's heartbeat is meant for Study.optimize:
+                # the asked trials' liveness is their process tag (study.fail_dead_trials).
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trials = []
+                for _ in range(size):
+                    trials.append(study.ask(space))
+                    numbers.append(trials[-1].number)
+                for t in trials:
+                    t.set_user_attr(GENERATION_ATTR, numbers[0])
+                    # Until a worker takes it: whoever finds it RUNNING after a SIGKILL can
+                    # fail it.
+                    t.set_user_attr("process", runguard.process_tags())
             if processes <= 1:
                 if objective is None:
                     raise ValueError("optimize_in_generations: no objective for this process")
