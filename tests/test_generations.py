@@ -3,6 +3,8 @@ the same study however its trials are spread over worker processes."""
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import optuna
@@ -98,6 +100,28 @@ def test_a_stop_while_a_generation_is_asked_fails_its_trials(
     with pytest.raises(KeyboardInterrupt):
         optimize_in_generations(study, tune, job, lambda t: pytest.fail("a trial ran"), stop)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_a_stop_while_a_result_is_told_keeps_the_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal that comes as a finished trial's value is told (Optuna's code, outside any
+    training) waits until the trial is stored COMPLETE, then stops the study (before, it
+    interrupted the tell and the finished trial was failed)."""
+    tune = tiny_tune(n_trials=50, generation_size=1, processes=1)
+    job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
+    study = optuna.create_study(direction="maximize")
+    stop = StopSignal()
+    tell = optuna.Study.tell
+
+    def signal_then_tell(self: optuna.Study, *a: object, **k: object) -> object:
+        stop.handler(signal.SIGTERM, sys._getframe())  # as if SIGTERM came here
+        return tell(self, *a, **k)
+
+    monkeypatch.setattr(optuna.Study, "tell", signal_then_tell)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_in_generations(study, tune, job, lambda t: 0.5, stop)
+    assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.5)]
 
 
 @pytest.mark.slow

@@ -199,8 +199,11 @@ def optimize_in_generations(
             if processes <= 1:
                 if objective is None:
                     raise ValueError("optimize_in_generations: no objective for this process")
-                for n in numbers:
-                    run_trial(study, objective, n)
+                # As in study.optimize: only a trial's training may be interrupted at once; a
+                # stop that comes while its result is told waits until the trial is stored.
+                with section(stop, interruptible=False):
+                    for n in numbers:
+                        run_trial(study, objective, n)
             else:
                 print(
                     f"tune: trials {', '.join(map(str, numbers))} in {min(processes, size)} "
