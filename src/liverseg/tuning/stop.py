@@ -18,8 +18,12 @@ class StopSignal:
     So inside :meth:`critical` sections a signal only sets :attr:`requested`; it is raised
     as ``KeyboardInterrupt`` on entering or returning to an :meth:`interruptible` section
     (e.g. the training of a trial, where the objective records the trial FAIL and its run
-    KILLED). :func:`liverseg.tuning.study.optimize` is critical except for the objective's
-    training, and stops starting trials once a stop is requested.
+    KILLED). :func:`liverseg.tuning.study.optimize` and, for trials in its own process,
+    :func:`liverseg.tuning.generations.optimize_in_generations` are critical except for the
+    objective's training; both raise a requested stop instead of starting another trial.
+
+    A signal that lands in TensorFlow's or the tracking store's code is deferred and sent
+    again until it lands outside (:func:`liverseg.runguard.retry_outside_tensorflow`).
     """
 
     def __init__(self) -> None:
