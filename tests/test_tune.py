@@ -893,7 +893,7 @@ def test_sigterm_at_any_moment_of_a_study_leaves_nothing_running(
     """SIGTERM at moments spread over the first trials (asking, training, telling, the next
     generation): every time exit 143 and the resume hint, no trial and no MLflow run left
     RUNNING, each trial's run tagged with the trial's state, no report written. Where each
-    signal lands depends on the machine; what must hold does not. (Before two fixes, 11 of 20
+    signal lands depends on the machine; what must hold does not. (Before three fixes, 11 of 20
     such runs broke it: exit 0 after a trial, or a trial left RUNNING.)"""
     for i, delay in enumerate((0.0, 0.5, 1.2, 2.0, 3.0)):
         url = f"sqlite:///{tmp_path}/optuna-{i}.db"
