@@ -178,24 +178,23 @@ def optimize_in_generations(
             print(f"tune: tune.timeout_s ({tune.timeout_s:g} s) passed; no new generation")
             break
         size = min(tune.generation_size, remaining)
-        numbers: list[int] = []
+        trials: list[optuna.Trial] = []
         errors: dict[int, str] = {}
         try:
             # A stop requested in here is raised on leaving it: by then every asked trial is
-            # in ``numbers``, which the ``finally`` fails (none is left RUNNING).
+            # in ``trials``, which the ``finally`` fails (none is left RUNNING).
             with section(stop, interruptible=False), warnings.catch_warnings():
                 # Optuna warns that an RDB storage's heartbeat is meant for Study.optimize:
                 # the asked trials' liveness is their process tag (study.fail_dead_trials).
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trials = []
                 for _ in range(size):
                     trials.append(study.ask(space))
-                    numbers.append(trials[-1].number)
                 for t in trials:
-                    t.set_user_attr(GENERATION_ATTR, numbers[0])
+                    t.set_user_attr(GENERATION_ATTR, trials[0].number)
                     # Until a worker takes it: whoever finds it RUNNING after a SIGKILL can
                     # fail it.
                     t.set_user_attr("process", runguard.process_tags())
+            numbers = [t.number for t in trials]
             if processes <= 1:
                 if objective is None:
                     raise ValueError("optimize_in_generations: no objective for this process")
@@ -213,7 +212,7 @@ def optimize_in_generations(
                 )
                 _, errors = run_workers(_trial_in_worker, job, numbers, processes, threads)
         finally:
-            _fail_unfinished(study, numbers)
+            _fail_unfinished(study, [t.number for t in trials])
         started += size
         if errors:
             raise TrialError("; ".join(f"trial {n}: {text}" for n, text in sorted(errors.items())))
