@@ -20,7 +20,10 @@ BIN = Path(sys.executable).parent
 
 # A pipeline small enough for CI: 6 phantom cases of 32x32x16, a 2-level U-Net of 4 filters.
 TINY_PARAMS = {
-    "ingest": {"phantom": {"n_cases": 6, "size": 48, "n_slices": 16, "spacing": [6.0, 6.0, 8.0]}},
+    "ingest": {
+        "dataset": "phantom",
+        "phantom": {"n_cases": 6, "size": 48, "n_slices": 16, "spacing": [6.0, 6.0, 8.0]},
+    },
     "prepare": {"image_size": 32, "n_test": 2, "k_folds": 2, "liver_free_fraction": 0.2},
     "tune": {"n_trials": 2, "epochs": 1, "batch_sizes": [8, 16], "timeout_s": 120},
     "train": {"model": {"depth": 2, "base_filters": 4}, "epochs": 2, "patience": 2},

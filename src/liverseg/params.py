@@ -47,6 +47,27 @@ class PhantomParams:
 
 
 @dataclass(frozen=True)
+class SynthParams:
+    """``ingest.synth``: synthetic CT from the label maps (liverseg.data.synth)."""
+
+    pixel_mm: tuple[float, float] = (0.5, 1.0)
+    thickness_mm: tuple[float, float] = (1.0, 5.0)
+    matrix: int = 256
+    cut_prob: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, lo_hi in (("pixel_mm", self.pixel_mm), ("thickness_mm", self.thickness_mm)):
+            _require(
+                len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+                f"ingest.synth.{key}",
+                "must be [low, high] with 0 < low <= high (mm)",
+            )
+        _require(64 <= self.matrix <= 1024, "ingest.synth.matrix", "must be in [64, 1024]")
+        _require(0.0 <= self.cut_prob <= 1.0, "ingest.synth.cut_prob", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class IrcadParams:
     source: str = ""
     sha256: str = ""
@@ -80,12 +101,14 @@ def _is_hex(s: str) -> bool:
 
 @dataclass(frozen=True)
 class IngestParams:
-    dataset: str = "phantom"
+    dataset: str = "synth"
+    synth: SynthParams = field(default_factory=SynthParams)
     phantom: PhantomParams = field(default_factory=PhantomParams)
     ircad: IrcadParams = field(default_factory=IrcadParams)
 
     def __post_init__(self) -> None:
-        _require(self.dataset in ("phantom", "ircad"), "ingest.dataset", "must be phantom or ircad")
+        datasets = ("synth", "phantom", "ircad")
+        _require(self.dataset in datasets, "ingest.dataset", f"must be one of {datasets}")
         if self.dataset == "ircad":
             _require(bool(self.ircad.source), "ingest.ircad.source", "must be set for ircad")
 
@@ -97,6 +120,7 @@ class PrepareParams:
     image_size: int = 96
     liver_free_fraction: float = 0.15
     n_test: int = 3
+    test_cases: tuple[str, ...] = ()
     k_folds: int = 3
     seed: int = 42
 
@@ -114,6 +138,11 @@ class PrepareParams:
             "must be in [0, 1]",
         )
         _require(self.n_test >= 1, "prepare.n_test", "must be >= 1")
+        _require(
+            len(self.test_cases) <= self.n_test,
+            "prepare.test_cases",
+            "must not name more cases than prepare.n_test",
+        )
         _require(self.k_folds >= 2, "prepare.k_folds", "must be >= 2")
 
 

@@ -18,11 +18,16 @@ SPLITS_FILE = "splits.json"
 
 
 def make_splits(
-    slice_counts: dict[str, int], *, n_test: int, k_folds: int, seed: int
+    slice_counts: dict[str, int],
+    *,
+    n_test: int,
+    k_folds: int,
+    seed: int,
+    test_cases: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Split case ids into ``test`` (n_test patients) and ``folds`` (k lists of patients).
 
-    The test patients are a seeded draw; the folds come from scikit-learn's ``GroupKFold``
+    The test patients are ``test_cases`` plus a seeded draw of the others; the folds come from scikit-learn's ``GroupKFold``
     (shuffled, seeded) over the slices grouped by patient, which balances the number of
     slices per fold while keeping each patient in exactly one fold.
     """
@@ -31,8 +36,13 @@ def make_splits(
         raise DataError(
             f"need at least n_test + k_folds = {n_test + k_folds} cases, have {len(cases)}"
         )
+    missing = sorted(set(test_cases) - set(cases))
+    if missing:
+        raise DataError(f"prepare.test_cases: {', '.join(missing)} not in the data set")
     rng = np.random.default_rng(seed)
-    test = sorted(rng.choice(cases, size=n_test, replace=False).tolist())
+    others = [c for c in cases if c not in test_cases]
+    drawn = rng.choice(others, size=n_test - len(test_cases), replace=False).tolist()
+    test = sorted([*test_cases, *drawn])
     rest = [c for c in cases if c not in test]
     groups = np.repeat(rest, [max(1, slice_counts[c]) for c in rest])
     gkf = GroupKFold(n_splits=k_folds, shuffle=True, random_state=seed)

@@ -126,7 +126,8 @@ def _read(path: Path) -> nib.Nifti1Image:
 def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = None) -> Volume:
     """Validate an in-memory NIfTI image and reorient it to RAS.
 
-    ``kind`` is "image" (CT in HU, float32) or "mask" (values {0, 1} or {0, 255}, uint8 0/1).
+    ``kind`` is "image" (CT in HU, float32), "mask" (values {0, 1} or {0, 255}, uint8 0/1) or
+    "labels" (integers, kept as stored).
     """
     where = str(path) if path is not None else "<in-memory NIfTI>"
     shape = img.shape
@@ -149,8 +150,12 @@ def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = No
             raise DataError(f"{where}: {n_bad} NaN or inf voxels in the CT")
     elif kind == "mask":
         data = _binary_mask(np.asarray(raw), where)
+    elif kind == "labels":  # integer labels or packed bits (liverseg.data.labelmaps), as stored
+        data = np.asarray(raw)
+        if data.dtype.kind not in "ui":
+            raise DataError(f"{where}: label volume of type {data.dtype}, expected integers")
     else:  # pragma: no cover - programming error
-        raise ValueError(f"kind must be 'image' or 'mask', not {kind!r}")
+        raise ValueError(f"kind must be 'image', 'mask' or 'labels', not {kind!r}")
     return Volume(
         data=data,
         affine=canon.affine.copy(),
@@ -326,7 +331,7 @@ def _save_like(data_ras: np.ndarray, ref: Volume, path: Path, dtype: Any, what: 
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(data, ref.source_affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
-    return _save(img, Path(path))
+    return save_nifti(img, Path(path))
 
 
 def save_pair(
@@ -340,11 +345,12 @@ def save_pair(
         img.header.set_xyzt_units("mm")
         img.set_sform(affine, code=1)
         img.set_qform(affine, code=1)
-    _save(ct_img, Path(image_path))
-    _save(mk_img, Path(mask_path))
+    save_nifti(ct_img, Path(image_path))
+    save_nifti(mk_img, Path(mask_path))
 
 
-def _save(img: nib.Nifti1Image, path: Path) -> Path:
+def save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
+    """Write ``img`` to ``path`` atomically (compressed when the name ends in .nii.gz)."""
     # The temporary name must keep the .nii.gz suffix: nibabel picks compression from it.
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     with atomic_file(path) as tmp:

@@ -54,7 +54,13 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
                 "slices_kept": int(idx.size),
                 "liver_slices": int(mask.any(axis=(1, 2)).sum()),
             }
-        splits = make_splits(counts, n_test=params.n_test, k_folds=params.k_folds, seed=params.seed)
+        splits = make_splits(
+            counts,
+            n_test=params.n_test,
+            k_folds=params.k_folds,
+            seed=params.seed,
+            test_cases=params.test_cases,
+        )
         write_json(tmp / "splits.json", splits)
         write_json(tmp / "meta.json", meta)
     return splits
