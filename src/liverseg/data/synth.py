@@ -188,10 +188,14 @@ def synthesize(
     words = {n: np.uint32(1 << b) for b, n in enumerate(lm.structures)}
     body = (small & words["skin"]) != 0 if "skin" in words else small != 0
     liver_small = (small & words["liver"]) != 0
-    pixel = _u(rng, params.pixel_mm) * 512 / params.matrix
+    (bx0, bx1), (by0, by1) = _extent(body, lm, 0, step), _extent(body, lm, 1, step)
+    # A scan's field of view is set to hold the body: the pixel is drawn from the part of the
+    # range whose 512-pixel field is at least as wide as this body.
+    lo, hi = params.pixel_mm
+    fit = max(bx1 - bx0, by1 - by0) / 512
+    pixel = rng.uniform(min(max(lo, fit), hi), max(hi, fit)) * 512 / params.matrix
     thickness = _u(rng, params.thickness_mm)
     fov = pixel * params.matrix
-    (bx0, bx1), (by0, by1) = _extent(body, lm, 0, step), _extent(body, lm, 1, step)
     (z0, z1), (l0, l1) = _extent(body, lm, 2, step), _extent(liver_small, lm, 2, step)
     if rng.random() < params.cut_prob:
         # the liver cut by the first or the last slice, as a scan of a shorter range cuts it
