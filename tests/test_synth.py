@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from scipy import ndimage as ndi
 
+from conftest import BIN, REPO, run
 from liverseg.data import synth
 from liverseg.data.labelmaps import LabelMap, load_labelmap
-from liverseg.data.layout import output_paths
+from liverseg.data.layout import find_nifti_pairs, output_paths
 from liverseg.data.synth import synthesize, write_synth
 from liverseg.data.volumes import load_case
 from liverseg.params import SynthParams
@@ -170,3 +173,36 @@ def test_write_synth_pairs_load_and_do_not_depend_on_processes(
     assert not np.array_equal(_arrays(tmp_path / "a", "e03")[2], _arrays(tmp_path / "a", "e05")[2])
     write_synth(tmp_path / "d", SynthParams(matrix=64, seed=1), maps)
     assert not np.array_equal(_arrays(tmp_path / "c", "e05")[2], _arrays(tmp_path / "d", "e05")[2])
+
+
+@pytest.mark.slow
+def test_ingest_stage_on_two_committed_label_maps(tmp_path: Path) -> None:
+    """``liverseg ingest`` of the default data set, offline, on two of the project's label maps."""
+    maps = tmp_path / "labelmaps"
+    maps.mkdir()
+    for n in (4, 18):  # two of the smallest files
+        for suffix in (".nii.gz", ".json"):
+            shutil.copy(REPO / "labelmaps" / f"ircad_e{n:02d}_labels{suffix}", maps)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": {"synth": {"matrix": 64, "cut_prob": 0.0}}}))
+    out = tmp_path / "raw"
+    proc = run(
+        [str(BIN / "liverseg"), "ingest", "--out", str(out), "--labelmaps", str(maps),
+         "--params", str(params)],
+        tmp_path,
+    )  # fmt: skip
+    assert "ingest: 2 cases (synth)" in proc.stdout
+    pairs = find_nifti_pairs(out)
+    assert [p.case_id for p in pairs] == ["e04", "e18"]
+    for p in pairs:
+        case = load_case(p.image, p.mask, case_id=p.case_id)
+        lm = load_labelmap(maps / f"ircad_{p.case_id}_labels.nii.gz")
+        assert case.image.data.shape[:2] == (64, 64)
+        liver_ml = lm.mask("liver").sum() * np.prod(lm.spacing) / 1000
+        ml = case.mask.data.sum() * np.prod(case.image.spacing) / 1000
+        assert 0.75 * liver_ml <= ml <= 1.25 * liver_ml, (p.case_id, ml, liver_ml)
+        shift = _centroid_mm(case.mask.data, case.image.affine) - _centroid_mm(
+            lm.mask("liver"), lm.affine
+        )
+        assert np.linalg.norm(shift) < 25.0, (p.case_id, shift)
+        assert np.median(case.image.data[case.mask.data == 1]) > 0  # soft tissue, not air
