@@ -97,7 +97,7 @@ def test_mask_is_the_liver_resampled(lm: LabelMap, seed: int) -> None:
     assert 0.75 * liver_ml <= ml <= 1.25 * liver_ml, (ml, liver_ml)
     # in the same place (scanner mm) up to the random rotation and deformation
     shift = _centroid_mm(mask, affine) - _centroid_mm(lm.mask("liver"), lm.affine)
-    assert np.linalg.norm(shift) < 20.0, shift
+    assert np.linalg.norm(shift) < 6.0, shift  # 2 mm at most over 50 seeds
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -204,5 +204,5 @@ def test_ingest_stage_on_two_committed_label_maps(tmp_path: Path) -> None:
         shift = _centroid_mm(case.mask.data, case.image.affine) - _centroid_mm(
             lm.mask("liver"), lm.affine
         )
-        assert np.linalg.norm(shift) < 25.0, (p.case_id, shift)
+        assert np.linalg.norm(shift) < 6.0, (p.case_id, shift)
         assert np.median(case.image.data[case.mask.data == 1]) > 0  # soft tissue, not air
