@@ -35,12 +35,16 @@ def write_series(
     description: str = "abdomen",
     shuffle_seed: int | None = 0,
     prefix: str = "slice",
+    bits: int = 16,
 ) -> list[Path]:
     """Write ``hu`` (columns, rows, slices) as a CT series in ``folder``; the files written.
 
-    Stored values are ``hu + 1024`` as uint16 with RescaleIntercept -1024. With ``shuffle_seed``
-    the file names are a random permutation of the slice order (so sorting names is wrong).
+    Stored values are ``hu + 1024`` as uint16 with RescaleIntercept -1024; with ``bits=8``,
+    ``hu`` itself as uint8 with RescaleIntercept 0 (how 3D-IRCADb-01 stores its 0/255 masks).
+    With ``shuffle_seed`` the file names are a random permutation of the slice order (so
+    sorting names is wrong).
     """
+    intercept = -1024 if bits == 16 else 0
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     row = np.asarray(row_dir, dtype=float)
@@ -87,14 +91,15 @@ def write_series(
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
+        ds.BitsAllocated = ds.BitsStored = bits
+        ds.HighBit = bits - 1
         ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
+        ds.RescaleIntercept = str(intercept)
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.KVP = "120"
-        stored = np.clip(np.rint(hu[:, :, k].T + 1024), 0, 65535).astype(np.uint16)
+        stored = np.clip(np.rint(hu[:, :, k].T - intercept), 0, 2**bits - 1)
+        stored = stored.astype(np.uint8 if bits == 8 else np.uint16)
         ds.PixelData = stored.tobytes()
         path = folder / f"{prefix}_{names[k]:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)

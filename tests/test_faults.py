@@ -291,7 +291,9 @@ def test_prepare_on_a_full_disk(tiny_raw: Path, tmp_path: Path) -> None:
 def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A phantom data set of six tiny cases, made by the real ingest stage."""
     root = tmp_path_factory.mktemp("raw")
-    params = {"ingest": {"phantom": {"n_cases": 6, "size": 32, "n_slices": 12}}}
+    params = {
+        "ingest": {"dataset": "phantom", "phantom": {"n_cases": 6, "size": 32, "n_slices": 12}}
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "liverseg.cli", "ingest", "--out", "data/raw/phantom"], root)
     return root / "data" / "raw" / "phantom"

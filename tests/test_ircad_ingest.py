@@ -72,7 +72,7 @@ def test_official_nested_archive_is_ingested(server: Server, tmp_path: Path) -> 
         ircad=IrcadParams(source=url, sha256=hashlib.sha256(body).hexdigest(), format="dicom-zip"),
     )
     out, cache = tmp_path / "data" / "raw" / "ircad", tmp_path / "cache"
-    assert ingest(params, out, cache) == ["e03", "e12"]
+    assert ingest(params, out, cache, tmp_path / "labelmaps") == ["e03", "e12"]  # unused
     pairs = find_nifti_pairs(out)
     assert [(p.case_id, p.image.name, p.mask.name) for p in pairs] == [
         ("e03", "ircad_e03_orig.nii.gz", "ircad_e03_liver.nii.gz"),
@@ -158,7 +158,7 @@ def test_budget_refusal_leaves_no_output(tmp_path: Path, nested: tuple[Path, int
         DataError,
         match=r"cache/ircad-source\.zip: 3Dircadb1\.1/MASKS_DICOM\.zip: entry .* exceeds max_bytes",
     ):
-        ingest(params, out, cache)
+        ingest(params, out, cache, tmp_path / "labelmaps")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ircad.zip"]
     assert sorted(p.name for p in cache.iterdir()) == ["ircad-source.zip"]

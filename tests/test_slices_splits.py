@@ -125,6 +125,34 @@ def test_too_few_cases() -> None:
         make_splits(_counts(4), n_test=2, k_folds=3, seed=0)
 
 
+@pytest.mark.parametrize("named", [("e01",), ("e07", "e01"), ("e01", "e02", "e03")])
+def test_named_test_cases_are_always_held_out(named: tuple[str, ...]) -> None:
+    drawn = set()
+    for seed in range(8):
+        s = make_splits(_counts(12), n_test=3, k_folds=3, seed=seed, test_cases=named)
+        assert set(named) <= set(s["test"]) and len(s["test"]) == 3
+        assert not set(named) & set(trainval_cases(s))  # never in any training
+        assert sorted(s["test"] + trainval_cases(s)) == sorted(_counts(12))
+        drawn.add(tuple(sorted(set(s["test"]) - set(named))))
+        assert s == make_splits(_counts(12), n_test=3, k_folds=3, seed=seed, test_cases=named)
+    # the rest is drawn (seeded), or nothing when all n_test are named
+    assert drawn == {()} if len(named) == 3 else len(drawn) > 1
+
+
+@pytest.mark.parametrize(
+    ("named", "match"),
+    [
+        (("e01", "e99"), "prepare.test_cases: e99 not in the data set"),
+        (("e1",), "prepare.test_cases: e1 not in the data set"),
+        (("e01", "e01"), r"prepare.test_cases: \[.e01., .e01.\]: at most 3 distinct"),
+        (("e01", "e02", "e03", "e04"), "prepare.test_cases: .*at most 3 distinct"),
+    ],
+)
+def test_bad_test_cases(named: tuple[str, ...], match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        make_splits(_counts(12), n_test=3, k_folds=3, seed=0, test_cases=named)
+
+
 def test_resize_to_stack_equals_resize_then_stack() -> None:
     from liverseg.data.slices import resize_to_stack, resize_xy, volume_to_stack
 

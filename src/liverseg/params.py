@@ -143,6 +143,11 @@ class PrepareParams:
             "prepare.test_cases",
             "must not name more cases than prepare.n_test",
         )
+        _require(
+            len(set(self.test_cases)) == len(self.test_cases),
+            "prepare.test_cases",
+            "names a case twice",
+        )
         _require(self.k_folds >= 2, "prepare.k_folds", "must be >= 2")
 
 

@@ -87,9 +87,14 @@ def load_labelmap(path: Path) -> LabelMap:
         raise DataError(f"{path}: not a label map name (ircad_eNN_labels.nii.gz)")
     sidecar = path.with_name(path.name.replace(".nii.gz", ".json"))
     try:
-        structures = tuple(json.loads(sidecar.read_text())["structures"])
-    except (OSError, ValueError, KeyError) as exc:
+        names = json.loads(sidecar.read_text())["structures"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{sidecar}: unreadable label map sidecar ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(
+            f"{sidecar}: unreadable label map sidecar (structures: not a list of names)"
+        )
+    structures = tuple(names)
     vol = load_volume(path, kind="labels")
     bits = vol.data.astype(np.uint32, copy=False)
     if int(bits.max()) >> len(structures):
@@ -108,9 +113,9 @@ def _structure_masks(masks_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray
         if not np.isin(values, (0, 1, 255)).all():
             raise DataError(f"{folder}: structure mask has values other than 0, 1 and 255")
         if affine is None:
-            affine = aff
-        elif values.shape != next(iter(masks.values())).shape or not np.allclose(aff, affine):
-            raise DataError(f"{folder}: not on the grid of the other structures")
+            affine, first = aff, folder
+        elif values.shape != masks[first.name].shape or not np.allclose(aff, affine):
+            raise DataError(f"{folder}: not on the grid of {first.name}")
         masks[folder.name] = values != 0
     if affine is None:
         raise DataError(f"{masks_dir}: no structure series")
@@ -127,7 +132,10 @@ def convert_ircad_masks(masks_zip: Path, number: int, out_dir: Path) -> Path:
         roots = [p for p in Path(tmp).rglob("MASKS_DICOM") if p.is_dir()]
         if len(roots) != 1:
             raise DataError(f"{masks_zip}: expected one MASKS_DICOM folder, found {len(roots)}")
-        masks, affine = _structure_masks(roots[0])
+        try:
+            masks, affine = _structure_masks(roots[0])
+        except DataError as exc:  # name the user's zip, not a temporary folder gone by now
+            raise DataError(str(exc).replace(tmp, str(masks_zip))) from None
     if "liver" not in masks:
         raise DataError(f"{masks_zip}: has no liver structure")
     bits = np.zeros(next(iter(masks.values())).shape, np.uint32)

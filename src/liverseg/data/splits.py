@@ -27,9 +27,9 @@ def make_splits(
 ) -> dict[str, Any]:
     """Split case ids into ``test`` (n_test patients) and ``folds`` (k lists of patients).
 
-    The test patients are ``test_cases`` plus a seeded draw of the others; the folds come from scikit-learn's ``GroupKFold``
-    (shuffled, seeded) over the slices grouped by patient, which balances the number of
-    slices per fold while keeping each patient in exactly one fold.
+    The test patients are ``test_cases`` plus a seeded draw of the others; the folds come from
+    scikit-learn's ``GroupKFold`` (shuffled, seeded) over the slices grouped by patient, which
+    balances the number of slices per fold while keeping each patient in exactly one fold.
     """
     cases = sorted(slice_counts)
     if len(cases) < n_test + k_folds:
@@ -39,6 +39,8 @@ def make_splits(
     missing = sorted(set(test_cases) - set(cases))
     if missing:
         raise DataError(f"prepare.test_cases: {', '.join(missing)} not in the data set")
+    if len(set(test_cases)) != len(test_cases) or len(test_cases) > n_test:
+        raise DataError(f"prepare.test_cases: {list(test_cases)}: at most {n_test} distinct cases")
     rng = np.random.default_rng(seed)
     others = [c for c in cases if c not in test_cases]
     drawn = rng.choice(others, size=n_test - len(test_cases), replace=False).tolist()

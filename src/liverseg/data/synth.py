@@ -202,7 +202,15 @@ def synthesize(
         cut = rng.uniform(0.03, 0.3) * (l1 - l0)
         top, bottom = (l1 - cut, z0) if rng.random() < 0.5 else (z1, l0 + cut)
     else:
-        top, bottom = min(z1, l1 + rng.uniform(0, 60)), max(z0, l0 - rng.uniform(0, 120))
+        # past the liver by more than the deformation below can move its ends (elastic
+        # <= 12 mm, scale <= 8%, tilts <= 4 degrees over its half-width, half a slice)
+        (lx0, lx1), (ly0, ly1) = (
+            _extent(liver_small, lm, 0, step),
+            _extent(liver_small, lm, 1, step),
+        )
+        pad = 12 + 0.09 * (l1 - l0) + 0.07 * (lx1 - lx0 + ly1 - ly0) / 2 + thickness / 2
+        top = min(z1, l1 + pad + rng.uniform(0, 60))
+        bottom = max(z0, l0 - pad - rng.uniform(0, 120))
     sub = int(np.clip(round(thickness / 1.6), 1, 3))  # sub-slices per slice: partial volume
     nx = ny = params.matrix
     nz = max(8, int((top - bottom) / thickness) + 1)

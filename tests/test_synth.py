@@ -1,0 +1,208 @@
+"""Synthetic CT from a label map (liverseg.data.synth), on a tiny map the tests draw themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from scipy import ndimage as ndi
+
+from conftest import BIN, REPO, run
+from liverseg.data import synth
+from liverseg.data.labelmaps import LabelMap, load_labelmap
+from liverseg.data.layout import find_nifti_pairs, output_paths
+from liverseg.data.synth import synthesize, write_synth
+from liverseg.data.volumes import load_case
+from liverseg.params import SynthParams
+
+MM = 4.0
+SHAPE = (64, 64, 40)  # 256 x 256 x 160 mm
+NAMES = ("skin", "liver", "livertumor01", "bone", "portalvein")
+PARAMS = SynthParams(matrix=64)  # the smallest matrix: a fraction of a second per case
+SEEDS = range(8)
+
+
+def tiny_map(case_id: str = "e03", liver_shift_mm: float = 0.0) -> LabelMap:
+    """A body ellipse (skin), a liver ellipsoid at the patient's right (small RAS x) in the
+    middle slices (40 mm of body above and below it), a tumour in the liver, a spine, a
+    portal vein tube."""
+    x, y, z = np.meshgrid(*(np.arange(n) * MM for n in SHAPE), indexing="ij")
+    cx, cy = SHAPE[0] * MM / 2, SHAPE[1] * MM / 2
+    body = ((x - cx) / 100) ** 2 + ((y - cy) / 80) ** 2 <= 1
+    lx, ly, lz = cx - 45 + liver_shift_mm, cy + 5, 80.0
+    liver = ((x - lx) / 45) ** 2 + ((y - ly) / 50) ** 2 + ((z - lz) / 32) ** 2 <= 1
+    tumour = (x - lx + 10) ** 2 + (y - ly) ** 2 + (z - lz) ** 2 <= 15**2
+    bone = (x - cx) ** 2 + (y - cy + 55) ** 2 <= 14**2
+    portal = ((x - lx - 15) ** 2 + (y - ly + 10) ** 2 <= 6**2) & (np.abs(z - lz) < 25)
+    bits = np.zeros(SHAPE, np.uint32)
+    for b, m in enumerate((body, liver, tumour, bone, portal)):
+        bits[m] |= np.uint32(1 << b)
+    affine = np.diag([MM, MM, MM, 1.0])
+    affine[:3, 3] = (-128.0, -128.0, -80.0)
+    return LabelMap(case_id, bits, (MM, MM, MM), affine, NAMES)
+
+
+@pytest.fixture(scope="module")
+def lm() -> LabelMap:
+    return tiny_map()
+
+
+def _run(lm: LabelMap, seed: int, **params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = SynthParams(**{"matrix": 64, **params})
+    return synthesize(lm, p, np.random.default_rng([seed, int(lm.case_id[1:])]))
+
+
+def _centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return affine[:3, :3] @ np.argwhere(mask).mean(axis=0) + affine[:3, 3]
+
+
+def test_same_seed_same_scan_other_seed_other_scan(lm: LabelMap) -> None:
+    hu, mask, affine = _run(lm, 1)
+    hu2, mask2, affine2 = _run(lm, 1)
+    np.testing.assert_array_equal(hu, hu2)
+    np.testing.assert_array_equal(mask, mask2)
+    np.testing.assert_array_equal(affine, affine2)
+    hu3, _, affine3 = _run(lm, 2)
+    assert hu3.shape != hu.shape or not np.allclose(hu3, hu)
+    assert not np.allclose(affine3, affine)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grid_within_params(lm: LabelMap, seed: int) -> None:
+    hu, mask, affine = _run(lm, seed, pixel_mm=(0.6, 0.9), thickness_mm=(2.0, 4.0))
+    assert hu.dtype == np.float32 and hu.ndim == 3
+    assert hu.shape[:2] == (64, 64) and hu.shape[2] >= 8
+    assert mask.shape == hu.shape
+    pixel = np.diag(affine)[:3]
+    # a 512-matrix pixel of 0.6-0.9 mm, written on 64 pixels over the same field of view
+    assert 0.6 * 512 / 64 <= pixel[0] == pixel[1] <= 0.9 * 512 / 64
+    assert 2.0 <= pixel[2] <= 4.0
+    np.testing.assert_array_equal(affine[:3, :3], np.diag(pixel))  # RAS-aligned
+    assert np.all(np.isfinite(hu)) and hu.min() >= -1024
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mask_is_the_liver_resampled(lm: LabelMap, seed: int) -> None:
+    _hu, mask, affine = _run(lm, seed, cut_prob=0.0)
+    assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) == {0, 1}
+    liver_ml = lm.mask("liver").sum() * MM**3 / 1000
+    ml = mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000
+    # per-axis scale is within 8%: the volume within (0.92^3, 1.08^3), plus partial volume
+    assert 0.75 * liver_ml <= ml <= 1.25 * liver_ml, (ml, liver_ml)
+    # in the same place (scanner mm) up to the random rotation and deformation
+    shift = _centroid_mm(mask, affine) - _centroid_mm(lm.mask("liver"), lm.affine)
+    assert np.linalg.norm(shift) < 6.0, shift  # 2 mm at most over 50 seeds
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cut_prob_one_cuts_the_liver(lm: LabelMap, seed: int) -> None:
+    _hu, mask, _ = _run(lm, seed, cut_prob=1.0)
+    slices = mask.any(axis=(0, 1))
+    assert slices[0] or slices[-1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cut_prob_zero_keeps_the_whole_liver(lm: LabelMap, seed: int) -> None:
+    # the map has 40 mm of body above and below its liver: room for a margin both ends
+    _hu, mask, _ = _run(lm, seed, cut_prob=0.0)
+    slices = mask.any(axis=(0, 1))
+    assert slices.any() and not slices[0] and not slices[-1], np.flatnonzero(slices)
+
+
+def test_densities(lm: LabelMap) -> None:
+    liver_lo = min(r["liver"][0] for r in synth._PHASES.values())
+    liver_hi = max(r["liver"][1] for r in synth._PHASES.values())
+    air_lo, air_hi = synth._FIXED["air"]
+    medians = []
+    for seed in SEEDS:
+        hu, mask, _ = _run(lm, seed, cut_prob=0.0)
+        # the liver away from its border (partial volume, blur) and most of it not lesion
+        medians.append(float(np.median(hu[ndi.binary_erosion(mask)])))
+        # the anterior rows of the field of view are outside the body (and above the table)
+        assert air_lo - 15 <= np.median(hu[:, -2:, :]) <= air_hi + 15
+    assert all(liver_lo - 15 <= m <= liver_hi + 15 for m in medians), medians
+    assert max(medians) - min(medians) > 40, medians  # the contrast is drawn, not fixed
+
+
+def save_map(lm: LabelMap, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ircad_{lm.case_id}_labels.nii.gz"
+    nib.save(nib.Nifti1Image(lm.bits, lm.affine), path)
+    (folder / f"ircad_{lm.case_id}_labels.json").write_text(
+        json.dumps({"structures": list(lm.structures)})
+    )
+    return path
+
+
+def _arrays(out: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    case = load_case(*output_paths(out, case_id), case_id=case_id)
+    return case.image.data, case.mask.data, case.image.affine
+
+
+def test_write_synth_pairs_load_and_do_not_depend_on_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maps = tmp_path / "maps"
+    save_map(tiny_map("e03"), maps)
+    save_map(tiny_map("e05", liver_shift_mm=12.0), maps)
+    assert load_labelmap(maps / "ircad_e05_labels.nii.gz").structures == NAMES
+    assert write_synth(tmp_path / "a", PARAMS, maps) == ["e03", "e05"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "ircad_e03_liver.nii.gz",
+        "ircad_e03_orig.nii.gz",
+        "ircad_e05_liver.nii.gz",
+        "ircad_e05_orig.nii.gz",
+    ]
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert write_synth(tmp_path / "b", PARAMS, maps) == ["e03", "e05"]
+    # a case is a function of (seed, patient) alone: alone in its folder, it comes out the same
+    (maps / "ircad_e03_labels.nii.gz").unlink()
+    assert write_synth(tmp_path / "c", PARAMS, maps) == ["e05"]
+    for case_id in ("e03", "e05"):
+        a = _arrays(tmp_path / "a", case_id)
+        for other in ("b", "c") if case_id == "e05" else ("b",):
+            for x, y in zip(a, _arrays(tmp_path / other, case_id), strict=True):
+                np.testing.assert_array_equal(x, y)
+    # two patients (or two seeds) are two scans
+    assert not np.array_equal(_arrays(tmp_path / "a", "e03")[2], _arrays(tmp_path / "a", "e05")[2])
+    write_synth(tmp_path / "d", SynthParams(matrix=64, seed=1), maps)
+    assert not np.array_equal(_arrays(tmp_path / "c", "e05")[2], _arrays(tmp_path / "d", "e05")[2])
+
+
+@pytest.mark.slow
+def test_ingest_stage_on_two_committed_label_maps(tmp_path: Path) -> None:
+    """``liverseg ingest`` of the default data set, offline, on two of the project's label maps."""
+    maps = tmp_path / "labelmaps"
+    maps.mkdir()
+    for n in (4, 18):  # two of the smallest files
+        for suffix in (".nii.gz", ".json"):
+            shutil.copy(REPO / "labelmaps" / f"ircad_e{n:02d}_labels{suffix}", maps)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": {"synth": {"matrix": 64, "cut_prob": 0.0}}}))
+    out = tmp_path / "raw"
+    proc = run(
+        [str(BIN / "liverseg"), "ingest", "--out", str(out), "--labelmaps", str(maps),
+         "--params", str(params)],
+        tmp_path,
+    )  # fmt: skip
+    assert "ingest: 2 cases (synth)" in proc.stdout
+    pairs = find_nifti_pairs(out)
+    assert [p.case_id for p in pairs] == ["e04", "e18"]
+    for p in pairs:
+        case = load_case(p.image, p.mask, case_id=p.case_id)
+        lm = load_labelmap(maps / f"ircad_{p.case_id}_labels.nii.gz")
+        assert case.image.data.shape[:2] == (64, 64)
+        liver_ml = lm.mask("liver").sum() * np.prod(lm.spacing) / 1000
+        ml = case.mask.data.sum() * np.prod(case.image.spacing) / 1000
+        assert 0.75 * liver_ml <= ml <= 1.25 * liver_ml, (p.case_id, ml, liver_ml)
+        shift = _centroid_mm(case.mask.data, case.image.affine) - _centroid_mm(
+            lm.mask("liver"), lm.affine
+        )
+        assert np.linalg.norm(shift) < 6.0, (p.case_id, shift)
+        assert np.median(case.image.data[case.mask.data == 1]) > 0  # soft tissue, not air
