@@ -332,11 +332,11 @@ def _render(
     fat = body & (depth <= fat_mm)
     hu[fat] = dens["fat"] + texture[fat] * rng.uniform(2, 10)
     for g in (*_ORDER, "other"):
-        m = groups.get(g)
-        if m is None or not m.any():
+        where = groups.get(g)
+        if where is None or not where.any():
             continue
         tex = rng.uniform(3, 25) if g in ("bone", "lung") else rng.uniform(1, 12)
-        hu[m] = dens[g] + texture[m] * tex
+        hu[where] = dens[g] + texture[where] * tex
     return hu
 
 
