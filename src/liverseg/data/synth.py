@@ -72,10 +72,12 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("fluid", r"biliarysystem|\w*kyst\w*|\w*cyst\w*"),
     ("dense", r"stones?|metal"),
     ("skin", r"skin"),
+    ("heart", r"heart"),
+    ("thorax", r"thorax"),
 )
 # Painting order: later groups cover earlier ones where structures overlap.
 _ORDER = (
-    "bone", "lung", "kidney", "spleen", "stomach", "pancreas", "adrenal", "gallbladder", "vein",
+    "heart", "bone", "lung", "kidney", "spleen", "stomach", "pancreas", "adrenal", "gallbladder", "vein",
     "artery", "liver", "portal", "fluid", "lesion", "dense",
 )  # fmt: skip
 
@@ -197,20 +199,20 @@ def synthesize(
     thickness = _u(rng, params.thickness_mm)
     fov = pixel * params.matrix
     (z0, z1), (l0, l1) = _extent(body, lm, 2, step), _extent(liver_small, lm, 2, step)
+    # Past the liver by more than the deformation below can move its ends (elastic <= 12 mm,
+    # scale <= 8%, tilts <= 4 degrees over its half-width, half a slice), and on into the
+    # chest or the pelvis, which the maps barely hold: past a map's ends only its body outline
+    # and bones go on (repeated), and the chest is filled in below (heart, lungs).
+    (lx0, lx1), (ly0, ly1) = _extent(liver_small, lm, 0, step), _extent(liver_small, lm, 1, step)
+    pad = 12 + 0.09 * (l1 - l0) + 0.07 * (lx1 - lx0 + ly1 - ly0) / 2 + thickness / 2
+    top, bottom = l1 + pad + rng.uniform(0, 80), l0 - pad - rng.uniform(0, 120)
     if rng.random() < params.cut_prob:
         # the liver cut by the first or the last slice, as a scan of a shorter range cuts it
         cut = rng.uniform(0.03, 0.3) * (l1 - l0)
-        top, bottom = (l1 - cut, z0) if rng.random() < 0.5 else (z1, l0 + cut)
-    else:
-        # past the liver by more than the deformation below can move its ends (elastic
-        # <= 12 mm, scale <= 8%, tilts <= 4 degrees over its half-width, half a slice)
-        (lx0, lx1), (ly0, ly1) = (
-            _extent(liver_small, lm, 0, step),
-            _extent(liver_small, lm, 1, step),
-        )
-        pad = 12 + 0.09 * (l1 - l0) + 0.07 * (lx1 - lx0 + ly1 - ly0) / 2 + thickness / 2
-        top = min(z1, l1 + pad + rng.uniform(0, 60))
-        bottom = max(z0, l0 - pad - rng.uniform(0, 120))
+        if rng.random() < 0.5:
+            top = l1 - cut
+        else:
+            bottom = l0 + cut
     sub = int(np.clip(round(thickness / 1.6), 1, 3))  # sub-slices per slice: partial volume
     nx = ny = params.matrix
     nz = max(8, int((top - bottom) / thickness) + 1)
@@ -256,10 +258,13 @@ def synthesize(
         vox[i] += sum(inv[i, a] * elastic[a] for a in range(3))
     # The map's first and last slices are repeated past its ends (a tilt must not cut the
     # body open); outside it in-plane is air.
+    outside = (vox[2] < -0.5) | (vox[2] > lm.bits.shape[2] - 0.5)
     np.clip(vox[2], 0, lm.bits.shape[2] - 1, out=vox[2])
     bits = ndi.map_coordinates(lm.bits, vox, order=0, mode="constant", cval=0, prefilter=False)
     del vox
+    bits[outside] &= sum((w for n, w in words.items() if n in ("skin", "bone")), np.uint32(0))
     masks = {name: (bits & w) != 0 for name, w in words.items()}
+    masks.update(_chest(masks, rng, axes))
     hu = _render(masks, rng, (pixel, pixel, dz), shape, sub)
     # Partial volume: a slice is the mean of its sub-slices; blur and noise come after.
     hu = hu.reshape(nx, ny, nz, sub).mean(axis=3)
@@ -271,6 +276,44 @@ def synthesize(
     affine = np.diag([pixel, pixel, thickness, 1.0])
     affine[:3, 3] = origin
     return hu.astype(np.float32), mask, affine
+
+
+def _chest(
+    masks: dict[str, np.ndarray], rng: np.random.Generator, axes: tuple[np.ndarray, ...]
+) -> dict[str, np.ndarray]:
+    """What lies above the liver and no map labels: the heart on the diaphragm, medial and
+    anterior, as dense as a liver in most phases, and the lungs filling the chest around it
+    above a plane near the liver's dome (as ``heart`` and ``thorax`` masks)."""
+    liver = masks["liver"]
+    body = masks.get("skin", np.ones_like(liver))
+    ks = np.flatnonzero(liver.any(axis=(0, 1)))
+    if ks.size == 0:
+        return {}
+    top = ks[-1] - rng.uniform(0.0, 0.12) * ks.size
+    labelled = np.zeros_like(liver)
+    for name, m in masks.items():
+        if name != "skin":
+            labelled |= m
+    thorax = body & ~labelled
+    thorax[:, :, : int(np.ceil(top))] = False
+    xs, ys, zs = axes
+    bx = np.flatnonzero(body.any(axis=(1, 2)))
+    by = np.flatnonzero(body.any(axis=(0, 2)))
+    cx, cy = xs[(bx[0] + bx[-1]) // 2], ys[(by[0] + by[-1]) // 2]
+    width, depth = xs[bx[-1]] - xs[bx[0]], ys[by[-1]] - ys[by[0]]
+    radii = rng.uniform((45, 35, 40), (65, 55, 60))
+    centre = (
+        cx - rng.uniform(0.0, 0.1) * width,  # towards the patient's left of the midline
+        cy + rng.uniform(0.0, 0.12) * depth,  # anterior
+        zs[ks[-1]] + rng.uniform(-0.2, 0.4) * radii[2],
+    )
+    inside = (
+        ((xs - centre[0]) / radii[0])[:, None, None] ** 2
+        + ((ys - centre[1]) / radii[1])[None, :, None] ** 2
+        + ((zs - centre[2]) / radii[2])[None, None, :] ** 2
+    ) <= 1
+    heart = inside & body & ~labelled
+    return {"heart": heart, "thorax": thorax & ~heart}
 
 
 def _render(
@@ -286,6 +329,7 @@ def _render(
     dens = {g: _u(rng, r) for g, r in _PHASES[phase].items()}
     dens.update({g: _u(rng, r) for g, r in _FIXED.items()})
     dens["lesion"] = dens["liver"] + rng.uniform(-90, 40)
+    dens["heart"] = dens["vein"] + rng.uniform(-30, 15)  # the blood pool
     dens["other"] = rng.uniform(-20, 150)
     groups: dict[str, np.ndarray] = {}
     for name, m in masks.items():
@@ -325,6 +369,8 @@ def _render(
     cls = np.digitize(mix, np.quantile(mix[::7, ::7], np.cumsum([w for _, w in _BLOBS])[:-1]))
     levels = np.array([_u(rng, r) for r, _w in _BLOBS], np.float32)
     interior = full(levels[cls]) + texture * rng.uniform(2, 12)
+    if "thorax" in groups:
+        interior[groups["thorax"]] = dens["lung"] + texture[groups["thorax"]] * 20
     hu[body] = interior[body]
     muscle = dens["muscle"] + texture * rng.uniform(2, 10)
     wall = body & (depth > fat_mm) & (depth <= fat_mm + muscle_mm)
