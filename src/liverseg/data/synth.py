@@ -77,8 +77,8 @@ _GROUPS: tuple[tuple[str, str], ...] = (
 )
 # Painting order: later groups cover earlier ones where structures overlap.
 _ORDER = (
-    "heart", "bone", "lung", "kidney", "spleen", "stomach", "pancreas", "adrenal", "gallbladder", "vein",
-    "artery", "liver", "portal", "fluid", "lesion", "dense",
+    "heart", "bone", "lung", "kidney", "spleen", "stomach", "pancreas", "adrenal", "gallbladder",
+    "vein", "artery", "liver", "portal", "fluid", "lesion", "dense",
 )  # fmt: skip
 
 # Densities (HU, uniform draws) by contrast phase; lesions are drawn relative to the liver.
@@ -198,7 +198,7 @@ def synthesize(
     pixel = rng.uniform(min(max(lo, fit), hi), max(hi, fit)) * 512 / params.matrix
     thickness = _u(rng, params.thickness_mm)
     fov = pixel * params.matrix
-    (z0, z1), (l0, l1) = _extent(body, lm, 2, step), _extent(liver_small, lm, 2, step)
+    l0, l1 = _extent(liver_small, lm, 2, step)
     # Past the liver by more than the deformation below can move its ends (elastic <= 12 mm,
     # scale <= 8%, tilts <= 4 degrees over its half-width, half a slice), and on into the
     # chest or the pelvis, which the maps barely hold: past a map's ends only its body outline
