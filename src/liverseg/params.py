@@ -108,9 +108,11 @@ def _message(exc: pydantic.ValidationError, prefix: str, names: list[str] | None
     key = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
     if err["type"] == "value_error":
         msg = str(cause)
+    elif err["type"] in _MESSAGES:
+        value = err.get("input")
+        msg = _MESSAGES[err["type"]].format(input=value, type=type(value).__name__, **ctx)
     else:
-        fmt = _MESSAGES.get(err["type"], err["msg"])
-        msg = fmt.format(input=err.get("input"), type=type(err.get("input")).__name__, **ctx)
+        msg = err["msg"]
     return f"params: {key}: {msg}"
 
 
