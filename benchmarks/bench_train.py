@@ -14,7 +14,7 @@ so each row shows the loop's overhead (project / bare) and the fraction of peak 
 Times are wall seconds and CPU seconds of this process: on a machine shared with other jobs,
 compare CPU seconds (they hardly depend on the others' load), not wall seconds.
 Configurations: ``default`` (params.yaml's train section on the default phantom, fold 0, at
-``prepare.image_size``) and ``gpu`` (the README's GPU profile: base 32, depth 5, batch 16, on
+``prepare.image_size``) and ``gpu`` (the GPU profile of docs/gpu.md: base 32, depth 5, batch 16, on
 phantom slices prepared at 256x256; ``--gpu-slices`` of them, time per epoch scales with the
 slice count, see ``--growth``; a quarter as many validation slices, the share of the profile's
 5 folds, each validating on the patients of one fold and training on four). The first epoch
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# prepare.k_folds of the README's GPU profile (dvc exp run -n ircad-gpu): validation slices are
+# prepare.k_folds of docs/gpu.md's GPU profile (dvc exp run -n ircad-gpu): validation slices are
 # a quarter of the training slices there
 GPU_PROFILE_K_FOLDS = 5
 

@@ -10,8 +10,8 @@ import pytest
 
 from liverseg.data.layout import output_paths
 from liverseg.data.volumes import save_pair
+from liverseg.evaluation.holdout import agreement_vs_dice, evaluate
 from liverseg.evaluation.metrics import volume_metrics
-from liverseg.evaluation.run import agreement_vs_dice, evaluate
 from liverseg.params import EvaluateParams, QualityParams
 from test_predict_dicom import ensemble_dir
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from liverseg.errors import DataError
-from liverseg.evaluation.postprocess import fill_holes, largest_component, postprocess
+from liverseg.postprocess import fill_holes, largest_component, postprocess
 
 
 def box(

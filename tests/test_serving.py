@@ -32,6 +32,7 @@ from liverseg.client import (
 )
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
+from liverseg.evaluation.results import read_test_metrics
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.model_dir import save_model_dir
 from liverseg.params import ModelParams, RegisterParams
@@ -42,7 +43,7 @@ from liverseg.serving import (
     slices_from_input,
     volume_from_payload,
 )
-from liverseg.stages.register import read_test_metrics, register
+from liverseg.stages.register import register
 
 MB = 1024 * 1024
 LIMIT_MB = 2  # the served model's LIVERSEG_MAX_REQUEST_MB: a 512x512 float32 slice (1 MB) fits

@@ -21,9 +21,9 @@ import numpy as np
 from liverseg.data.slices import resize_xy, window
 from liverseg.data.volumes import Volume, from_canonical
 from liverseg.errors import DataError
-from liverseg.evaluation.postprocess import fill_holes as fill_holes_fn
-from liverseg.evaluation.postprocess import postprocess
 from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
+from liverseg.postprocess import fill_holes as fill_holes_fn
+from liverseg.postprocess import postprocess
 
 if TYPE_CHECKING:
     from liverseg.params import EvaluateParams

@@ -47,27 +47,10 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg.errors import DataError
+from liverseg.postprocess import as_binary
 
 #: The pooled-distance percentile reported as HD95.
 HD_PERCENTILE = 95.0
-
-
-def as_binary(mask: np.ndarray, name: str) -> np.ndarray:
-    """Return ``mask`` as bool, refusing anything but 0/1 (``name`` goes in the message).
-
-    A probability map or a label map with other classes is refused rather than thresholded
-    silently at an arbitrary level.
-    """
-    arr = np.asarray(mask)
-    if arr.dtype == np.bool_:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise DataError(f"{name}: expected a binary mask, got dtype {arr.dtype}")
-    is_zero = arr == 0
-    if not np.all(is_zero | (arr == 1)):
-        bad = np.unique(arr[~is_zero & (arr != 1)])[:5]
-        raise DataError(f"{name}: mask is not binary: values {bad.tolist()} besides 0/1")
-    return ~is_zero
 
 
 def _validate_pair(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from liverseg.evaluation.run import evaluate, log_to_mlflow
+from liverseg.evaluation.holdout import evaluate, log_to_mlflow
 from liverseg.params import EvaluateParams, load_section
 from liverseg.run_link import read_train_run
 

@@ -9,28 +9,15 @@ there) and writes ``reports/register/register.json``.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-from liverseg.errors import DataError
-from liverseg.fsutil import atomic_dir, read_stage_json, write_json
+from liverseg.evaluation.results import read_test_metrics
+from liverseg.fsutil import atomic_dir, write_json
 from liverseg.inference import PostProcessing
 from liverseg.params import EvaluateParams, RegisterParams, load_section
 from liverseg.registry import register_model
 from liverseg.run_link import read_train_run
-
-
-def read_test_metrics(path: Path) -> dict[str, Any]:
-    """The evaluate stage's ``metrics.json``; its ``dice_mean`` must be a number in [0, 1]."""
-    path = Path(path)
-    data = read_stage_json(path, "evaluate")
-    value = data.get("dice_mean") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"{path}: dice_mean: missing or not a number (got {value!r})")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise DataError(f"{path}: dice_mean: must be in [0, 1], got {value!r}")
-    return data
 
 
 def register(

@@ -1,5 +1,8 @@
 """Clean-up of a predicted liver mask: keep the largest 3-D component, fill in-plane holes.
 
+The last step of :mod:`liverseg.inference` (the served model's too), below it and below
+:mod:`liverseg.evaluation`, which takes :func:`as_binary` from here.
+
 Array contract: masks are 3-D ``(x, y, z)`` arrays in the RAS orientation of
 :mod:`liverseg.data.volumes`, so ``mask[:, :, k]`` is axial slice ``k``; values are 0/1 (any bool,
 integer or float dtype). Every function returns a new array of the input's shape and dtype and
@@ -13,7 +16,6 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg.errors import DataError
-from liverseg.evaluation.metrics import as_binary
 
 # Full (26-neighbour) connectivity: the liver is one organ, but its thin parts (the tip of the
 # left lobe, the caudate process) cross thick CT slices obliquely, so consecutive slices of them
@@ -29,6 +31,24 @@ _COMPONENT_STRUCTURE = ndimage.generate_binary_structure(3, 3)
 # organ and is no hole, while in every axial slice it is enclosed by liver. Per-slice filling
 # matches how the reference masks are drawn (slice by slice, vessels inside the liver included).
 _AXIAL_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, np.newaxis]
+
+
+def as_binary(mask: np.ndarray, name: str) -> np.ndarray:
+    """Return ``mask`` as bool, refusing anything but 0/1 (``name`` goes in the message).
+
+    A probability map or a label map with other classes is refused rather than thresholded
+    silently at an arbitrary level.
+    """
+    arr = np.asarray(mask)
+    if arr.dtype == np.bool_:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{name}: expected a binary mask, got dtype {arr.dtype}")
+    is_zero = arr == 0
+    if not np.all(is_zero | (arr == 1)):
+        bad = np.unique(arr[~is_zero & (arr != 1)])[:5]
+        raise DataError(f"{name}: mask is not binary: values {bad.tolist()} besides 0/1")
+    return ~is_zero
 
 
 def _as_binary_3d(mask: np.ndarray) -> np.ndarray:

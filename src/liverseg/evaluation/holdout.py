@@ -1,12 +1,13 @@
-"""The evaluate stage's work: the Segmenter on every held-out test patient, 3-D metrics in mm,
-the per-scan quality report, overlays, and the MLflow run under the training run.
+"""The evaluate stage's work on the held-out test patients: the Segmenter on each, 3-D metrics
+in mm, the per-scan quality report, overlays, and the MLflow run under the training run.
 
-See :mod:`liverseg.stages.evaluate` for what it writes.
+See :mod:`liverseg.stages.evaluate` for what it writes, and :mod:`liverseg.evaluation.results`
+for the files of metrics.
 """
 
 from __future__ import annotations
 
-import csv
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,12 @@ from liverseg.data.volumes import load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
 from liverseg.evaluation.plots import overlay, overlay_slices
 from liverseg.evaluation.quality import quality_report
-from liverseg.fsutil import atomic_dir, write_json
+from liverseg.evaluation.results import write_results
+from liverseg.fsutil import atomic_dir
 from liverseg.params import EvaluateParams, as_flat_dict
+
+# Progress lines go to this logger (the CLI sends it to stderr).
+log = logging.getLogger("liverseg.progress")
 
 METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
 
@@ -93,9 +98,7 @@ def evaluate(
                     tmp / "overlays" / f"{cid}_z{z:03d}.png",
                     title=f"{cid} z={z}  Dice(3D)={row['dice']:.3f}",
                 )
-            print(
-                f"evaluate: {cid}: Dice {row['dice']:.4f} HD95 {row['hd95_mm']:.1f} mm", flush=True
-            )
+            log.info("evaluate: %s: Dice %.4f HD95 %.1f mm", cid, row["dice"], row["hd95_mm"])
         summary: dict[str, Any] = {}
         for k in metrics:
             vals = np.array([r[k] for r in rows], dtype=float)
@@ -108,11 +111,7 @@ def evaluate(
             "agreement_vs_dice": agreement_vs_dice(rows),
             "per_patient": rows,
         }
-        write_json(tmp / "metrics.json", result)
-        with open(tmp / "per_patient.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_results(tmp, result)
     return result
 
 
