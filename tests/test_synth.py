@@ -206,3 +206,39 @@ def test_ingest_stage_on_two_committed_label_maps(tmp_path: Path) -> None:
         )
         assert np.linalg.norm(shift) < 6.0, (p.case_id, shift)
         assert np.median(case.image.data[case.mask.data == 1]) > 0  # soft tissue, not air
+
+
+def test_the_chest_is_lungs_above_the_dome_and_a_heart_beside_it(lm: LabelMap) -> None:
+    masks = {n: lm.mask(n) for n in lm.structures}
+    axes = tuple(lm.affine[a, 3] + MM * np.arange(n) for a, n in enumerate(SHAPE))
+    liver, body = masks["liver"], masks["skin"]
+    top = np.flatnonzero(liver.any(axis=(0, 1)))[-1]
+    for seed in SEEDS:
+        chest = synth._chest(masks, np.random.default_rng(seed), axes)
+        heart, thorax = chest["heart"], chest["thorax"]
+        assert not (thorax & ~body).any() and not (heart & ~body).any()
+        assert not (thorax & liver).any() and not (heart & liver).any()
+        # lungs only above a plane at most 12 % of the liver's height below its dome
+        low = np.flatnonzero(thorax.any(axis=(0, 1)))[0]
+        assert top - 0.12 * (top - np.flatnonzero(liver.any(axis=(0, 1)))[0]) - 1 <= low
+        # the heart sits above the liver's centre, at or left of the midline (RAS x grows
+        # towards the patient's right)
+        assert heart.any()
+        hc, lc = np.argwhere(heart).mean(axis=0), np.argwhere(liver).mean(axis=0)
+        assert hc[2] > lc[2] and hc[0] <= SHAPE[0] / 2 + 2, (hc, lc)  # clipped by the liver
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_past_the_maps_top_only_body_and_bone_go_on(seed: int) -> None:
+    """A map whose liver reaches its last slice (as the IRCAD maps nearly do): the scan runs
+    on past it into a chest of lungs, and never repeats the liver there."""
+    full = tiny_map()
+    lm = LabelMap("e03", full.bits[:, :, :26].copy(), full.spacing, full.affine, full.structures)
+    hu, mask, affine = _run(lm, seed, cut_prob=0.0)
+    map_top_mm = full.affine[2, 3] + MM * 25
+    z_mm = affine[2, 3] + affine[2, 2] * np.arange(hu.shape[2])
+    past = z_mm > map_top_mm + affine[2, 2] + 12  # clear of the deformation's reach
+    assert past.any()
+    assert not mask[:, :, past].any()
+    chest = hu[:, :, past]
+    assert ((chest > -960) & (chest < -700)).any()  # lung inside the body, not outside air
