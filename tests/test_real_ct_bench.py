@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tool_env
+from conftest import REPO, MlflowStore, tool_env
 from liverseg.data.volumes import load_volume, save_pair
 from liverseg.evaluation.metrics import dice, hd95, surface_dice
 from liverseg.evaluation.quality import quality_report
@@ -50,9 +50,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(folder, ensemble([threshold_net(v) for v in LEVELS]), list(WINDOW), N)
 
 
-def bench(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def bench(*args: str | Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(SCRIPT), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True)
 
 
 def table_rows(stdout: str) -> dict[str, dict[str, str]]:
@@ -163,3 +163,42 @@ def test_a_mask_on_another_grid_is_a_one_line_error(model: Path, tmp_path: Path)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("real_ct: ") and "m2.nii.gz" in last and "does not match" in last
+
+
+@pytest.mark.slow
+def test_a_registry_uri_scores_like_its_folder(
+    model: Path, mlflow_store: MlflowStore, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from liverseg.inference import PostProcessing
+    from liverseg.serving import log_pyfunc
+
+    with mlflow.start_run(experiment_id=mlflow_store.experiment("t")):
+        info = log_pyfunc(model, PostProcessing(), registered_model_name="liver-unet")
+    MlflowClient().set_registered_model_alias(
+        "liver-unet", "champion", info.registered_model_version
+    )
+    hu, cube, _ = ras_volumes()
+    shifted = np.roll(cube, 1, axis=1)
+    save_pair(hu, shifted, np.diag([*SPACING, 1.0]), tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+    pair = ("--pair", tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+    params = ("--params", REPO / "params.yaml")
+    by_uri = bench(
+        "--model",
+        "models:/liver-unet@champion",
+        *params,
+        *pair,
+        cwd=tmp_path,
+        MLFLOW_TRACKING_URI=mlflow_store.uri,
+    )
+    assert by_uri.returncode == 0, by_uri.stderr[-3000:]
+    row = table_rows(by_uri.stdout)["ct"]
+    assert float(row["Dice"]) == pytest.approx(dice(cube, shifted), abs=5e-5)
+    assert float(row["agreement"]) > 0  # the registered model is the ensemble, members and all
+    by_folder = bench("--model", model, *params, *pair, cwd=tmp_path)
+    assert by_folder.returncode == 0, by_folder.stderr[-3000:]
+    assert {k: v for k, v in table_rows(by_folder.stdout)["ct"].items() if k != "s"} == {
+        k: v for k, v in row.items() if k != "s"
+    }
