@@ -10,19 +10,22 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.splits import load_splits
-from liverseg.data.volumes import load_case
+from liverseg.data.volumes import Case, load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
 from liverseg.evaluation.plots import overlay, overlay_slices
 from liverseg.evaluation.quality import quality_report
 from liverseg.evaluation.results import write_results
 from liverseg.fsutil import atomic_dir
 from liverseg.params import EvaluateParams, as_flat_dict
+
+if TYPE_CHECKING:
+    from liverseg.inference import Segmenter
 
 # Progress lines go to this logger (the CLI sends it to stderr).
 log = logging.getLogger("liverseg.progress")
@@ -50,6 +53,34 @@ def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def score_case(
+    seg: Segmenter, case: Case, cfg: EvaluateParams
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One case's row of the per-patient table (metrics, volumes, the quality report's agreement
+    and review flag, seconds) and the predicted mask (RAS, uint8 0/1) it was computed from."""
+    t0 = time.perf_counter()
+    net = seg.predict_ras(case.image.data, members=True)
+    pred = seg.postprocess(net.mask)
+    seconds = time.perf_counter() - t0
+    m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
+    q = quality_report(
+        pred, case.image.data, case.image.spacing, member_masks=net.members, limits=cfg.quality
+    )
+    vox_ml = case.image.voxel_volume_ml
+    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
+    row = {
+        "case": case.case_id,
+        **{k: float(m[k]) for k in metrics},
+        "volume_true_ml": float(case.mask.data.sum() * vox_ml),
+        "volume_pred_ml": float(pred.sum() * vox_ml),
+        "agreement": q["agreement"],
+        "review": q["review"],
+        "review_reasons": "; ".join(q["reasons"]),
+        "seconds": round(seconds, 3),
+    }
+    return row, pred
+
+
 def evaluate(
     raw: Path, prepared: Path, model_dir: Path, out: Path, cfg: EvaluateParams
 ) -> dict[str, Any]:
@@ -64,29 +95,7 @@ def evaluate(
     with atomic_dir(out) as tmp:
         for cid in test_ids:
             case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
-            t0 = time.perf_counter()
-            net = seg.predict_ras(case.image.data, members=True)
-            pred = seg.postprocess(net.mask)
-            seconds = time.perf_counter() - t0
-            m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
-            q = quality_report(
-                pred,
-                case.image.data,
-                case.image.spacing,
-                member_masks=net.members,
-                limits=cfg.quality,
-            )
-            vox_ml = case.image.voxel_volume_ml
-            row = {
-                "case": cid,
-                **{k: float(m[k]) for k in metrics},
-                "volume_true_ml": float(case.mask.data.sum() * vox_ml),
-                "volume_pred_ml": float(pred.sum() * vox_ml),
-                "agreement": q["agreement"],
-                "review": q["review"],
-                "review_reasons": "; ".join(q["reasons"]),
-                "seconds": round(seconds, 3),
-            }
+            row, pred = score_case(seg, case, cfg)
             rows.append(row)
             for z in overlay_slices(
                 case.mask.data.astype(bool), pred.astype(bool), cfg.overlays_per_patient

@@ -93,7 +93,7 @@ def _log_plot_images(folder: Path) -> None:
 
     for png in sorted(folder.glob("*.png")):
         with Image.open(png) as im:
-            # synchronous: see liverseg.evaluation.run.log_to_mlflow
+            # synchronous: see liverseg.evaluation.holdout.log_to_mlflow
             mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0, synchronous=True)
 
 

@@ -1,0 +1,204 @@
+"""``benchmarks/real_ct.py`` on pairs made here: a known ensemble of 1x1-convolution threshold
+networks (test_predict_dicom) on a CT whose liver is a cube, so the prediction is the cube and
+every figure of the table can be computed independently (or by hand)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, MlflowStore, tool_env
+from liverseg.data.volumes import load_volume, save_pair
+from liverseg.evaluation.metrics import dice, hd95, surface_dice
+from liverseg.evaluation.quality import quality_report
+from liverseg.params import QualityParams
+from test_predict_dicom import WINDOW, threshold_net
+
+SCRIPT = REPO / "benchmarks" / "real_ct.py"
+SPACING = (2.0, 2.0, 3.0)
+N = 16  # in-plane size = the model's input size: no resampling, the cube comes back exactly
+# Windowed: the cube (100 HU) 0.4, the block (20 HU) 0.24, the rest (-50 HU) 0.1. Member 0
+# (level 0.2) segments cube and block, members 1 and 2 (level 0.3) the cube; their mean is the
+# cube alone.
+LEVELS = (0.2, 0.3, 0.3)
+CUBE = (slice(8, 14), slice(5, 11), slice(3, 7))  # 6 x 6 x 4 voxels, on the patient's right
+BLOCK = (slice(1, 4), slice(1, 4), slice(3, 5))  # 3 x 3 x 2 voxels, apart from the cube
+
+
+def ras_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(CT in HU, the cube, the block), RAS (x, y, z)."""
+    hu = np.full((N, N, 10), -50.0)
+    cube, block = np.zeros(hu.shape, np.uint8), np.zeros(hu.shape, np.uint8)
+    cube[CUBE], block[BLOCK] = 1, 1
+    hu[cube == 1], hu[block == 1] = 100.0, 20.0
+    return hu, cube, block
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from liverseg.model_dir import save_model_dir
+    from liverseg.training.crossval import ensemble
+
+    folder = tmp_path_factory.mktemp("m") / "models"
+    return save_model_dir(folder, ensemble([threshold_net(v) for v in LEVELS]), list(WINDOW), N)
+
+
+def bench(*args: str | Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True)
+
+
+def table_rows(stdout: str) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [
+        dict(zip(head, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+        for ln in lines[2:]
+    ]
+    return {r["case"]: r for r in rows}
+
+
+def test_table_and_csv_against_the_metrics(model: Path, tmp_path: Path) -> None:
+    hu, cube, block = ras_volumes()
+    shifted = np.roll(cube, -1, axis=0)  # one voxel towards the left: Dice 5/6 by hand
+    affine = np.diag([*SPACING, 1.0])
+    save_pair(hu, cube, affine, tmp_path / "same_ct.nii.gz", tmp_path / "same_mask.nii.gz")
+    (tmp_path / "dir").mkdir()
+    save_pair(
+        hu,
+        shifted,
+        affine,
+        *(tmp_path / "dir" / f"ircad_e07_{r}.nii.gz" for r in ("orig", "liver")),
+    )
+    # The shifted pair again, stored L,A,S (as IRCAD's files are): the same figures.
+    las = np.diag([-SPACING[0], SPACING[1], SPACING[2], 1.0])
+    las[0, 3] = SPACING[0] * (N - 1)
+    for name, data in (("las_ct", hu.astype(np.int16)), ("las_mask", shifted)):
+        nib.save(nib.Nifti1Image(np.flip(data, 0), las), str(tmp_path / f"{name}.nii.gz"))
+    assert nib.aff2axcodes(load_volume(tmp_path / "las_ct.nii.gz").source_affine) == tuple("LAS")
+    limits = {"min_volume_ml": 1.0, "max_volume_ml": 2.0, "min_agreement": 0.97, "body_hu": -500}
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump({"evaluate": {"nsd_tolerances_mm": [1.0, 2.0], "quality": limits}})
+    )
+
+    out = bench(
+        "--model", model, "--params", params, "--csv", tmp_path / "out.csv",
+        "--pair", tmp_path / "same_ct.nii.gz", tmp_path / "same_mask.nii.gz",
+        "--pair", tmp_path / "las_ct.nii.gz", tmp_path / "las_mask.nii.gz",
+        "--dir", tmp_path / "dir", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "out.csv", newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    table = table_rows(out.stdout)
+    assert list(rows) == list(table) == ["same_ct", "las_ct", "e07"]
+
+    members = np.stack([cube | block, cube, cube]).astype(bool)
+    d = dice(cube, cube | block)
+    agreement = (2 * d + 1) / 3  # pairs (0,1), (0,2): d; (1,2): 1
+    report = quality_report(cube, hu, SPACING, member_masks=members, limits=QualityParams(**limits))
+    assert report["agreement"] == pytest.approx(agreement)
+    assert report["review"]  # the agreement, 0.961, is below 0.97
+    for case, truth in (("same_ct", cube), ("las_ct", shifted), ("e07", shifted)):
+        row, cells = rows[case], table[case]
+        expected = {
+            "dice": dice(cube, truth),
+            "hd95_mm": hd95(cube, truth, SPACING),
+            "nsd_1mm": surface_dice(cube, truth, SPACING, 1.0),
+            "nsd_2mm": surface_dice(cube, truth, SPACING, 2.0),
+            "volume_pred_ml": cube.sum() * np.prod(SPACING) / 1000,
+            "volume_true_ml": truth.sum() * np.prod(SPACING) / 1000,
+            "agreement": agreement,
+        }
+        for key, value in expected.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-9), (case, key)
+        assert float(cells["Dice"]) == pytest.approx(expected["dice"], abs=5e-5)
+        assert float(cells["HD95 mm"]) == pytest.approx(expected["hd95_mm"], abs=5e-3)
+        assert float(cells["NSD 2 mm"]) == pytest.approx(expected["nsd_2mm"], abs=5e-5)
+        assert float(cells["agreement"]) == pytest.approx(agreement, abs=5e-5)
+        assert row["review"] == "True" and cells["review"] == "yes"
+        assert row["review_reasons"] == cells["reasons"] == "; ".join(report["reasons"])
+    assert float(rows["same_ct"]["dice"]) == 1.0 and float(rows["same_ct"]["hd95_mm"]) == 0.0
+    assert float(rows["e07"]["dice"]) == pytest.approx(5 / 6)
+    assert "n 3" in out.stdout  # the rank correlation's line, over the three cases
+
+    # --tolerance replaces the params' tolerances.
+    out = bench(
+        "--model",
+        model,
+        "--params",
+        params,
+        "--tolerance",
+        "4",
+        "--dir",
+        tmp_path / "dir",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = table_rows(out.stdout)["e07"]
+    assert "NSD 1 mm" not in cells
+    assert float(cells["NSD 4 mm"]) == pytest.approx(
+        surface_dice(cube, shifted, SPACING, 4.0), abs=5e-5
+    )
+
+
+def test_a_mask_on_another_grid_is_a_one_line_error(model: Path, tmp_path: Path) -> None:
+    hu, cube, _ = ras_volumes()
+    save_pair(hu, cube, np.diag([*SPACING, 1.0]), tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+    save_pair(
+        hu[:, :, :8], cube[:, :, :8], np.eye(4), tmp_path / "c2.nii.gz", tmp_path / "m2.nii.gz"
+    )
+    out = bench(
+        "--model", model, "--params", REPO / "params.yaml",
+        "--pair", tmp_path / "ct.nii.gz", tmp_path / "m2.nii.gz", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("real_ct: ") and "m2.nii.gz" in last and "does not match" in last
+
+
+@pytest.mark.slow
+def test_a_registry_uri_scores_like_its_folder(
+    model: Path, mlflow_store: MlflowStore, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from liverseg.inference import PostProcessing
+    from liverseg.serving import log_pyfunc
+
+    with mlflow.start_run(experiment_id=mlflow_store.experiment("t")):
+        info = log_pyfunc(model, PostProcessing(), registered_model_name="liver-unet")
+    MlflowClient().set_registered_model_alias(
+        "liver-unet", "champion", info.registered_model_version
+    )
+    hu, cube, _ = ras_volumes()
+    shifted = np.roll(cube, 1, axis=1)
+    save_pair(hu, shifted, np.diag([*SPACING, 1.0]), tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+    pair = ("--pair", tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+    params = ("--params", REPO / "params.yaml")
+    by_uri = bench(
+        "--model",
+        "models:/liver-unet@champion",
+        *params,
+        *pair,
+        cwd=tmp_path,
+        MLFLOW_TRACKING_URI=mlflow_store.uri,
+    )
+    assert by_uri.returncode == 0, by_uri.stderr[-3000:]
+    row = table_rows(by_uri.stdout)["ct"]
+    assert float(row["Dice"]) == pytest.approx(dice(cube, shifted), abs=5e-5)
+    assert float(row["agreement"]) > 0  # the registered model is the ensemble, members and all
+    by_folder = bench("--model", model, *params, *pair, cwd=tmp_path)
+    assert by_folder.returncode == 0, by_folder.stderr[-3000:]
+    assert {k: v for k, v in table_rows(by_folder.stdout)["ct"].items() if k != "s"} == {
+        k: v for k, v in row.items() if k != "s"
+    }
