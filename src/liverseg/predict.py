@@ -148,12 +148,15 @@ def main(args: argparse.Namespace) -> None:
         from liverseg.data.dicomseg import write_seg
 
         assert series is not None
-        write_seg(
-            from_canonical(mask, volume),
-            series.datasets,
-            args.output,
-            model=describe_model(args.model),
-        )
+        try:
+            write_seg(
+                from_canonical(mask, volume),
+                series.datasets,
+                args.output,
+                model=describe_model(args.model),
+            )
+        except DataError as exc:
+            raise DataError(f"{args.ct}: {exc}") from exc
     else:
         save_mask_like(mask, volume, args.output)
     if args.probabilities is not None:

@@ -181,6 +181,17 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
     img.set_qform(series.affine, code=1)
     volume = volume_from_image(img, kind="image", path=where)
     headers = tuple(pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in series.paths)
+    frames = {
+        str(ds.FrameOfReferenceUID): p
+        for ds, p in zip(headers, series.paths, strict=True)
+        if "FrameOfReferenceUID" in ds
+    }
+    if len(frames) > 1:
+        a, b = list(frames.values())[:2]
+        raise DataError(
+            f"{where}: slices in different frames of reference: {a.name} and {b.name} have "
+            "different FrameOfReferenceUIDs"
+        )
     return DicomSeries(volume=volume, datasets=headers, info=info)
 
 
