@@ -23,6 +23,7 @@ unpacked folder) to the internal format.
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ __all__ = [
     "convert_dicom_tree",
     "ingest_ircad",
     "unpack_archive",
+    "unpack_folder",
 ]
 
 _CASE_DIR = re.compile(r"3Dircadb1\.(\d+)")
@@ -178,13 +180,27 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
     with atomic_dir(target) as tree:
         used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
         if inner_zips:
-            for inner in sorted(tree.rglob(_INNER_ZIPS)):
-                used += _unpack_inner(
-                    inner,
-                    f"{archive}: {inner.relative_to(tree).as_posix()}",
-                    max_bytes=max_bytes,
-                    used=used,
-                )
+            _unpack_inner_zips(tree, archive, max_bytes=max_bytes, used=used)
+
+
+def unpack_folder(folder: Path, target: Path, *, max_bytes: int) -> None:
+    """The official archive already unpacked once (``3Dircadb1.N/`` folders holding
+    ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``): copied into ``target``, where its inner zips
+    are unpacked as :func:`unpack_archive` does, within ``max_bytes``; ``folder`` is not touched.
+    """
+    with atomic_dir(target) as tree:
+        shutil.copytree(folder, tree, dirs_exist_ok=True)
+        _unpack_inner_zips(tree, folder, max_bytes=max_bytes, used=0)
+
+
+def _unpack_inner_zips(tree: Path, source: Path, *, max_bytes: int, used: int) -> None:
+    for inner in sorted(tree.rglob(_INNER_ZIPS)):
+        used += _unpack_inner(
+            inner,
+            f"{source}: {inner.relative_to(tree).as_posix()}",
+            max_bytes=max_bytes,
+            used=used,
+        )
 
 
 def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
@@ -207,7 +223,9 @@ def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
 def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
     """The IRCAD data of ``params`` (``ingest.ircad``) in the internal format in ``out_dir``.
 
-    A ``*-dir`` format is read in place; otherwise ``params.source`` (URL or local archive) is
+    A ``*-dir`` format is read in place. ``dicom-zip`` also takes a local folder holding the
+    official archive's ``3Dircadb1.N/`` folders with their inner zips (the archive unpacked once
+    by hand): see :func:`unpack_folder`. Otherwise ``params.source`` (URL or local archive) is
     fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
     unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
     ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Prints the archive's
@@ -218,6 +236,13 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
         return collect_cases(Path(params.source), layout, out_dir)
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    max_bytes = int(params.max_unpacked_gb * 1e9)
+    if layout == "dicom" and Path(params.source).is_dir():
+        if params.sha256:
+            raise DataError(f"{params.source}: ingest.ircad.sha256 checks an archive, not a folder")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            unpack_folder(Path(params.source), Path(tmp) / "unpacked", max_bytes=max_bytes)
+            return collect_cases(Path(tmp) / "unpacked", layout, out_dir)
     archive = cache / "ircad-source.zip"
     digest = fetch(params.source, archive, params.sha256)
     print(f"ingest: {params.source}\n  SHA-256 {digest}")
@@ -225,6 +250,5 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
         print("  (pin it: set ingest.ircad.sha256 in params.yaml to verify later downloads)")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        max_bytes = int(params.max_unpacked_gb * 1e9)
         unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")
         return collect_cases(unpacked, layout, out_dir)
