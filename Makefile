@@ -12,10 +12,10 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-fast lint format ui serve bench clean compare plots ui-check stack-up stack-down
+.PHONY: help venv system-deps run test test-fast lint format ui serve bench clean compare plots ui-check stack-up stack-down
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -36,10 +36,13 @@ run: $(STAMP) $(PLOTS_PAGE) ## set up and run the whole pipeline (dvc repro) on 
 	source $(BIN)/activate && dvc repro
 	source $(BIN)/activate && dvc metrics show
 
-test: $(STAMP) $(PLOTS_PAGE) ## set up and run the whole test suite (incl. the slow end-to-end tests)
+system-deps: ## install the Debian packages the tests need, if missing (sudo when not root)
+	@bash scripts/system-deps.sh
+
+test: system-deps $(STAMP) $(PLOTS_PAGE) ## set up and run the whole test suite (incl. the slow end-to-end tests)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) $(PLOTS_PAGE) ## the unit tests only (no end-to-end runs)
+test-fast: system-deps $(STAMP) $(PLOTS_PAGE) ## the unit tests only (no end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff and mypy

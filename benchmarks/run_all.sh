@@ -8,5 +8,6 @@ python benchmarks/bench_train.py --levers --growth --gpu-slices 16 --epochs 3
 python benchmarks/bench_processes.py
 python benchmarks/bench_prepare.py --repeat 3
 python benchmarks/bench_predict.py --repeat 2
+python benchmarks/bench_predict_many.py --scans 8 --rounds 2
 python benchmarks/bench_serving.py --model-uri "models:/liver-unet@champion"
 python benchmarks/bench_faults_memory.py

@@ -31,7 +31,7 @@ def write_series(
     modality: str = "CT",
     series_uid: str | None = None,
     study_uid: str = "1.2.826.0.1.3680043.8.498.1",
-    frame_uid: str = "1.2.826.0.1.3680043.8.498.2",
+    frame_uid: str | None = "1.2.826.0.1.3680043.8.498.2",
     description: str = "abdomen",
     shuffle_seed: int | None = 0,
     prefix: str = "slice",
@@ -72,7 +72,9 @@ def write_series(
         ds.PatientSex = "O"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
+        if frame_uid is not None:  # None: as the official 3D-IRCADb-01 series, which have none
+            ds.FrameOfReferenceUID = frame_uid
+            ds.PositionReferenceIndicator = ""
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.StudyID = "1"
@@ -83,7 +85,6 @@ def write_series(
         ds.InstanceNumber = k + 1
         ds.SeriesDescription = description
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PositionReferenceIndicator = ""
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * delta]
         ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]  # between rows, columns

@@ -118,6 +118,15 @@ def test_missing_geometry_is_refused(tmp_path: Path, hu: np.ndarray) -> None:
         read_ct_series(tmp_path / "ct")
 
 
+def test_slices_in_two_frames_of_reference_are_refused(tmp_path: Path, hu: np.ndarray) -> None:
+    files = write_series(tmp_path / "ct", hu)
+    ds = pydicom.dcmread(files[3])
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.99"
+    ds.save_as(files[3])
+    with pytest.raises(DataError, match="ct: slices in different frames of reference: .*slice_"):
+        read_ct_series(tmp_path / "ct")
+
+
 def test_missing_slice_is_refused(tmp_path: Path, hu: np.ndarray) -> None:
     files = write_series(tmp_path / "ct", hu, shuffle_seed=None)
     files[5].unlink()

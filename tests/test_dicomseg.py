@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 
 from dicomfake import phantom_ijk, write_series
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import build_seg, read_seg_mask, write_seg
+from liverseg.data.dicomseg import build_seg, frame_of_reference_uid, read_seg_mask, write_seg
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 
@@ -21,8 +21,16 @@ from liverseg.errors import DataError
 def dciodvfy() -> str:
     found = shutil.which("dciodvfy")
     if found is None:
-        pytest.fail("dciodvfy not installed: apt-get install dicom3tools (.ci/run does)")
+        pytest.fail("dciodvfy not installed: apt-get install dicom3tools (make test does)")
     return found
+
+
+def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
+    """dciodvfy's error lines on ``path``, and its whole report."""
+    proc = subprocess.run([dciodvfy(), str(path)], capture_output=True, text=True)
+    report = proc.stdout + proc.stderr
+    assert "Segmentation" in report  # it did recognise the IOD
+    return [line for line in report.splitlines() if line.startswith("Error")], report
 
 
 @pytest.fixture
@@ -77,11 +85,44 @@ def test_seg_passes_dciodvfy(series, tmp_path: Path) -> None:
         tmp_path / "l.dcm",
         model="m",
     )
-    proc = subprocess.run([dciodvfy(), str(out)], capture_output=True, text=True)
-    report = proc.stdout + proc.stderr
-    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    errors, report = dciodvfy_errors(out)
     assert errors == [], report
-    assert "Segmentation" in report  # it did recognise the IOD
+
+
+def test_seg_of_a_series_without_frame_of_reference(tmp_path: Path) -> None:
+    """As the official 3D-IRCADb-01 series: the SEG gets the series' derived UID, the files and
+    the headers read stay as they were, and every source instance is still referenced."""
+    files = write_series(tmp_path / "ct", phantom_ijk(), frame_uid=None, shuffle_seed=2)
+    before = [f.read_bytes() for f in files]
+    series = read_ct_series(tmp_path / "ct")
+    assert not any("FrameOfReferenceUID" in ds for ds in series.datasets)
+    vol = series.volume
+    mask_src = from_canonical(ras_mask(vol.data.shape), vol)
+    out = write_seg(mask_src, series.datasets, tmp_path / "liver.dcm", model="m")
+    np.testing.assert_array_equal(read_seg_mask(out, series.datasets), mask_src)
+
+    seg = hd.seg.segread(str(out))
+    assert seg.FrameOfReferenceUID == frame_of_reference_uid(series.info.uid)
+    again = build_seg(mask_src, series.datasets, model="m")  # the same series, the same frame
+    assert again.FrameOfReferenceUID == seg.FrameOfReferenceUID
+    assert frame_of_reference_uid("1.2.3.4") != seg.FrameOfReferenceUID
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for s in seg.ReferencedSeriesSequence
+        for item in s.ReferencedInstanceSequence
+    }
+    assert referenced == {str(ds.SOPInstanceUID) for ds in series.datasets}
+    # Each frame sits where its CT slice is: same position and orientation as the source.
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        src_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        pos = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(pos, by_uid[str(src_uid)].ImagePositionPatient)
+
+    errors, report = dciodvfy_errors(out)
+    assert errors == [], report
+    assert [f.read_bytes() for f in files] == before
+    assert not any("FrameOfReferenceUID" in ds for ds in series.datasets)
 
 
 def test_seg_of_a_wrong_shape_is_refused(series) -> None:

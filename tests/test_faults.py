@@ -179,9 +179,11 @@ def test_server_decoder_refuses_the_header_bomb(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------------- one-line errors, exit 2
 def test_predict_checks_the_output_before_the_model(tmp_path: Path) -> None:
     ct = ct_file(tmp_path / "ct.nii.gz")
-    (tmp_path / "out").mkdir()
-    code, _, err, _ = liverseg("predict", str(ct), "-o", "out", "--model", "nowhere", cwd=tmp_path)
-    assert code == 2 and one_line(err).endswith("out: is a directory, not a file")
+    (tmp_path / "out.nii.gz").mkdir()  # (-o DIR without a mask suffix: the many-scans form)
+    code, _, err, _ = liverseg(
+        "predict", str(ct), "-o", "out.nii.gz", "--model", "nowhere", cwd=tmp_path
+    )
+    assert code == 2 and one_line(err).endswith("out.nii.gz: is a directory, not a file")
     (tmp_path / "file").write_text("x")
     code, _, err, _ = liverseg(
         "predict", str(ct), "-o", "file/mask.nii.gz", "--model", "nowhere", cwd=tmp_path

@@ -17,11 +17,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverseg.data.ircad import (
-    collect_cases,
-    convert_dicom_tree,
-    read_dicom_series,
-)
+from liverseg.data.dicom import read_dicom_series
+from liverseg.data.ircad import collect_cases, convert_dicom_tree
 from liverseg.data.volumes import load_case
 from liverseg.errors import DataError
 from test_layout import nifti_pair

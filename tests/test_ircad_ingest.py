@@ -91,6 +91,30 @@ def test_official_nested_archive_is_ingested(server: Server, tmp_path: Path) -> 
     assert sorted(p.name for p in cache.iterdir()) == ["ircad-source.zip"]
 
 
+def test_official_folder_with_inner_zips_is_ingested(tmp_path: Path) -> None:
+    """``dicom-zip`` with a folder: ``3Dircadb1.N/`` holding PATIENT_DICOM.zip and
+    MASKS_DICOM.zip (the download unpacked once by hand), the folder left as it was."""
+    hu, liver = phantom_ijk(SHAPE, seed=1), liver_block(1)
+    with zipfile.ZipFile(io.BytesIO(official_archive(tmp_path / "work", {1: (hu, liver)}))) as zf:
+        zf.extractall(tmp_path / "src")
+    source = tmp_path / "src" / "3Dircadb1"
+    before = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
+    assert "3Dircadb1.1/PATIENT_DICOM.zip" in before
+    params = IngestParams(
+        dataset="ircad", ircad=IrcadParams(source=str(source), format="dicom-zip")
+    )
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert ingest(params, out, cache, tmp_path / "labelmaps") == ["e01"]
+    (pair,) = find_nifti_pairs(out)
+    np.testing.assert_array_equal(np.asarray(nib.load(pair.image).dataobj), hu.astype(np.int16))
+    np.testing.assert_array_equal(np.asarray(nib.load(pair.mask).dataobj), liver)
+    assert sorted(p.relative_to(source).as_posix() for p in source.rglob("*")) == before
+    assert list(cache.iterdir()) == []
+    pinned = IrcadParams(source=str(source), format="dicom-zip", sha256="0" * 64)
+    with pytest.raises(DataError, match="3Dircadb1: ingest.ircad.sha256 checks an archive"):
+        ingest(IngestParams(dataset="ircad", ircad=pinned), out, cache, tmp_path / "labelmaps")
+
+
 # The inner zips' contents (bytes): MASKS_DICOM.zip sorts before PATIENT_DICOM.zip.
 MASK_BYTES, CT_BYTES = 300, 500
 

@@ -85,8 +85,12 @@ def test_members_leave_the_ensemble_mask_unchanged(models: Path, tmp_path: Path)
     assert single.predict_ras(hu, members=True).members is None
 
 
-def test_predict_dicom_to_seg_and_nifti_agree(models: Path, tmp_path: Path) -> None:
-    write_series(tmp_path / "ct", ct_hu(), shuffle_seed=7)
+# None: no FrameOfReferenceUID in the CT, as in the official 3D-IRCADb-01 series.
+@pytest.mark.parametrize("frame_uid", ["1.2.826.0.1.3680043.8.498.2", None])
+def test_predict_dicom_to_seg_and_nifti_agree(
+    models: Path, tmp_path: Path, frame_uid: str | None
+) -> None:
+    write_series(tmp_path / "ct", ct_hu(), shuffle_seed=7, frame_uid=frame_uid)
     seg_out, nii_out = tmp_path / "liver.dcm", tmp_path / "liver_n.nii.gz"
     probs = tmp_path / "prob.nii.gz"
     a = predict(str(tmp_path / "ct"), "-o", str(seg_out), "--model", str(models))

@@ -1,6 +1,6 @@
 """The MLflow UI (3.17) of a tiny pipeline, driven in headless Chromium as a user clicks it.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them; nothing is
+Needs Debian's ``chromium`` and ``chromium-driver`` (``make test`` installs them; nothing is
 downloaded at test time). Checks what the pages render, following README's clicks: the
 experiment opens on the runs table once *Model training* is chosen, the ``cv`` row shows its CV
 and test Dice and its dataset, the registry shows ``@champion`` and the model card, a fold's
@@ -75,7 +75,7 @@ def ui(tiny_repo: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.fail("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+        pytest.fail("needs Debian's chromium and chromium-driver (make test installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -3,32 +3,52 @@
 Beside the mask it writes ``<mask>.quality.json``: the quality report of
 :mod:`liverseg.evaluation.quality` (liver volume, ensemble agreement, the liver cut off by the
 scan, the liver on the patient's left, and ``review`` with its reasons).
+
+Many scans in one process (TensorFlow starts and the model loads once):
+``liverseg predict IN [IN ...] -o OUT_DIR``. Each ``IN`` is a NIfTI file, a zip of a DICOM
+series, or a folder: a folder holding only plain files is one DICOM series, any other folder
+stands for its NIfTI files, zips and sub-folders (each sub-folder a series). Each scan's mask
+(``OUT_DIR/<name>.nii.gz``, or ``.dcm`` with ``--format seg``) gets its quality report beside
+it, and ``OUT_DIR/summary.csv`` has a row per scan (:data:`SUMMARY_COLUMNS`). A scan that fails
+gets its one-line error in its row and the others go on; the command then exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from liverseg.errors import DataError
+from liverseg.errors import DataError, LiversegError
+
+if TYPE_CHECKING:
+    from liverseg.inference import Segmenter
 
 FORMATS = ("nifti", "seg")
+MASK_SUFFIXES = (".nii.gz", ".nii", ".dcm")
+SUMMARY_FILE = "summary.csv"
+SUMMARY_COLUMNS = ("scan", "output", "volume_ml", "agreement", "review", "reasons", "error")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "ct",
         type=Path,
-        help="CT in HU: a NIfTI file (.nii/.nii.gz), or a DICOM series (a folder or a .zip)",
+        nargs="+",
+        help="CT in HU: a NIfTI file (.nii/.nii.gz), or a DICOM series (a folder or a .zip); "
+        "several, or a folder of them, with -o OUT_DIR",
     )
     parser.add_argument(
         "-o",
         "--output",
         type=Path,
         required=True,
-        help="mask to write: .nii.gz (NIfTI) or .dcm (DICOM SEG, for DICOM input)",
+        help="mask to write: .nii.gz (NIfTI) or .dcm (DICOM SEG, for DICOM input); or a folder "
+        "for many scans (a mask and quality report per scan, and summary.csv)",
     )
     parser.add_argument(
         "--format",
@@ -77,7 +97,7 @@ def output_format(output: Path, requested: str | None) -> str:
 def quality_path(output: Path) -> Path:
     """``liver.nii.gz`` -> ``liver.quality.json``; ``mask.dcm`` -> ``mask.quality.json``."""
     name = Path(output).name
-    for suffix in (".nii.gz", ".nii", ".dcm"):
+    for suffix in MASK_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -101,7 +121,174 @@ def describe_model(source: str) -> str:
     return f"{name} v{version}" if name else s
 
 
+def is_single(args: argparse.Namespace) -> bool:
+    """One scan to one mask file (``-o`` names a mask), else many scans to a folder."""
+    names_mask = args.output.name.lower().endswith(MASK_SUFFIXES)
+    if names_mask and len(args.ct) > 1:
+        raise DataError(f"{args.output}: {len(args.ct)} scans need an output folder (-o DIR)")
+    return names_mask
+
+
 def main(args: argparse.Namespace) -> None:
+    from liverseg.inference import PostProcessing, Segmenter
+
+    def load() -> Segmenter:
+        return Segmenter.load(
+            args.model,
+            post=PostProcessing(
+                threshold=args.threshold,
+                largest_component=not args.no_largest_component,
+                fill_holes=args.fill_holes,
+            ),
+            batch_size=args.batch_size,
+        )
+
+    if is_single(args):
+        fmt = output_format(args.output, args.format)
+        row = predict_one(
+            args.ct[0],
+            args.output,
+            fmt=fmt,
+            segmenter=load,
+            model=str(args.model),
+            series_uid=args.series,
+            probabilities=args.probabilities,
+        )
+        print(f"predict: {args.output}: liver volume {row['ml']:.1f} mL ({row['voxels']} voxels)")
+        report = row["report"]
+        verdict = (
+            "REVIEW: " + "; ".join(report["reasons"]) if report["review"] else "no flag raised"
+        )
+        print(f"predict: quality ({row['quality']}): {verdict}")
+        return
+    for option, value in (("--series", args.series), ("--probabilities", args.probabilities)):
+        if value is not None:
+            raise DataError(f"{option} applies to one scan (-o MASK), not to a folder of scans")
+    predict_many(args, load)
+
+
+def scans_of(inputs: list[Path]) -> list[Path]:
+    """The scans the inputs stand for (see the module's docstring), in the order given."""
+    scans: list[Path] = []
+    for path in inputs:
+        if not path.is_dir():
+            scans.append(path)  # a NIfTI file or a zip; a missing path fails in its own row
+            continue
+        children = sorted(c for c in path.iterdir() if not c.name.startswith("."))
+        inner = [
+            c
+            for c in children
+            if c.is_dir() or c.name.lower().endswith((".nii", ".nii.gz", ".zip"))
+        ]
+        scans.extend(inner if inner else [path])
+    return scans
+
+
+def output_names(scans: list[Path]) -> list[str]:
+    """A distinct mask name per scan: its own name without suffix; where two scans share it
+    (``3Dircadb1.1/PATIENT_DICOM``, ``3Dircadb1.2/PATIENT_DICOM``), the folder's name first."""
+
+    def stem(path: Path) -> str:
+        name = path.name
+        for suffix in (".nii.gz", ".nii", ".zip"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    names = [stem(p) for p in scans]
+    names = [
+        f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n
+        for p, n in zip(scans, names, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> None:
+    """Every scan of ``args.ct`` into the folder ``args.output``, with ``summary.csv``."""
+    from tqdm import tqdm
+
+    from liverseg.fsutil import atomic_file
+
+    fmt = args.format or "nifti"
+    out_dir: Path = args.output
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: not a folder (-o names a folder for several scans)")
+    scans = scans_of(list(args.ct))
+    if not scans:
+        raise DataError(f"{' '.join(map(str, args.ct))}: no scans found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segmenter = load()  # once, before the first scan: a broken model stops here, in one line
+    model_name = describe_model(args.model) if fmt == "seg" else None  # once, not per scan
+    suffix = ".dcm" if fmt == "seg" else ".nii.gz"
+    rows = []
+    for scan, name in tqdm(
+        list(zip(scans, output_names(scans), strict=True)), unit="scan", desc="predict"
+    ):
+        output = out_dir / (name + suffix)
+        row: dict[str, Any] = {"scan": str(scan), "output": "", "error": ""}
+        try:
+            done = predict_one(
+                scan,
+                output,
+                fmt=fmt,
+                segmenter=lambda: segmenter,
+                model=str(args.model),
+                model_name=model_name,
+                progress=False,
+            )
+        except (LiversegError, OSError) as exc:
+            row["error"] = one_line(exc)
+        except Exception as exc:  # a bug on one scan: the others still run, the row says what
+            row["error"] = f"{type(exc).__name__}: {one_line(exc)}"
+        else:
+            report = done["report"]
+            row.update(
+                output=str(output),
+                volume_ml=f"{done['ml']:.1f}",
+                agreement="" if report["agreement"] is None else f"{report['agreement']:.4f}",
+                review=report["review"],
+                reasons="; ".join(report["reasons"]),
+            )
+        rows.append(row)
+    summary = out_dir / SUMMARY_FILE
+    with atomic_file(summary) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = [r for r in rows if r["error"]]
+    flagged = sum(1 for r in rows if r.get("review") is True)
+    done_n = len(rows) - len(failed)
+    print(f"predict: {done_n} of {len(rows)} scans segmented, {flagged} for review: {summary}")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(rows)} scans failed (their errors: {summary})")
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
+
+
+def predict_one(
+    ct: Path,
+    output: Path,
+    *,
+    fmt: str,
+    segmenter: Callable[[], Segmenter],
+    model: str,
+    model_name: str | None = None,
+    series_uid: str | None = None,
+    probabilities: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment ``ct`` into ``output`` (and its quality report); ``segmenter`` is called once
+    the CT is read. ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
+    Returns the report, the liver volume in mL and voxels, and the report's path."""
     from tqdm import tqdm
 
     from liverseg.data.dicom import is_dicom_source, read_ct_series
@@ -113,34 +300,26 @@ def main(args: argparse.Namespace) -> None:
     )
     from liverseg.evaluation.quality import quality_report
     from liverseg.fsutil import check_output_path, write_json
-    from liverseg.inference import PostProcessing, Segmenter
 
-    fmt = output_format(args.output, args.format)
-    dicom = is_dicom_source(args.ct)
+    dicom = is_dicom_source(ct)
     if fmt == "seg" and not dicom:
         raise DataError(
-            f"{args.ct}: a DICOM SEG references its DICOM CT series: give the series (a folder "
+            f"{ct}: a DICOM SEG references its DICOM CT series: give the series (a folder "
             "or .zip), or write NIfTI (-o MASK.nii.gz)"
         )
-    if args.series is not None and not dicom:
-        raise DataError(f"{args.ct}: --series applies to a DICOM folder or zip, not to NIfTI")
-    for out in (args.output, args.probabilities):
+    if series_uid is not None and not dicom:
+        raise DataError(f"{ct}: --series applies to a DICOM folder or zip, not to NIfTI")
+    for out in (output, probabilities):
         if out is not None:
             check_output_path(out)  # before the model runs, not after
-    series = read_ct_series(args.ct, args.series) if dicom else None
-    volume = series.volume if series is not None else load_volume(args.ct, kind="image")
-    seg = Segmenter.load(
-        args.model,
-        post=PostProcessing(
-            threshold=args.threshold,
-            largest_component=not args.no_largest_component,
-            fill_holes=args.fill_holes,
-        ),
-        batch_size=args.batch_size,
-    )
-    with tqdm(total=volume.data.shape[2], unit="slice", desc="predict") as bar:
+    series = read_ct_series(ct, series_uid) if dicom else None
+    volume = series.volume if series is not None else load_volume(ct, kind="image")
+    seg = segmenter()
+    with tqdm(
+        total=volume.data.shape[2], unit="slice", desc="predict", disable=not progress
+    ) as bar:
         pred = seg.predict_ras(
-            volume.data, bar.update, probabilities=args.probabilities is not None, members=True
+            volume.data, bar.update, probabilities=probabilities is not None, members=True
         )
     mask = seg.postprocess(pred.mask)
     report = quality_report(mask, volume.data, volume.spacing, member_masks=pred.members)
@@ -148,30 +327,36 @@ def main(args: argparse.Namespace) -> None:
         from liverseg.data.dicomseg import write_seg
 
         assert series is not None
-        write_seg(
-            from_canonical(mask, volume),
-            series.datasets,
-            args.output,
-            model=describe_model(args.model),
-        )
+        try:
+            write_seg(
+                from_canonical(mask, volume),
+                series.datasets,
+                output,
+                model=model_name or describe_model(model),
+            )
+        except DataError as exc:
+            raise DataError(f"{ct}: {exc}") from exc
     else:
-        save_mask_like(mask, volume, args.output)
-    if args.probabilities is not None:
+        save_mask_like(mask, volume, output)
+    if probabilities is not None:
         assert pred.probabilities is not None
-        save_probabilities_like(pred.probabilities, volume, args.probabilities)
-    qpath = quality_path(args.output)
+        save_probabilities_like(pred.probabilities, volume, probabilities)
+    qpath = quality_path(output)
     write_json(
         qpath,
         {
-            "ct": str(args.ct),
+            "ct": str(ct),
             "series": series.info.uid if series is not None else None,
-            "mask": str(args.output),
+            "mask": str(output),
             "format": fmt,
-            "model": str(args.model),
+            "model": model,
             **report,
         },
     )
-    ml = float(np.count_nonzero(mask)) * volume.voxel_volume_ml
-    print(f"predict: {args.output}: liver volume {ml:.1f} mL ({int(mask.sum())} voxels)")
-    verdict = "REVIEW: " + "; ".join(report["reasons"]) if report["review"] else "no flag raised"
-    print(f"predict: quality ({qpath}): {verdict}")
+    voxels = int(np.count_nonzero(mask))
+    return {
+        "report": report,
+        "ml": voxels * volume.voxel_volume_ml,
+        "voxels": voxels,
+        "quality": qpath,
+    }

@@ -3,17 +3,23 @@
 What ``liverseg predict`` and the served model read when the CT is DICOM. Files are grouped by
 SeriesInstanceUID (found recursively; files that are not DICOM, and DICOMDIR indexes, are
 skipped); a folder holding several series is an error that lists them, unless one is chosen by
-its UID. The chosen series goes through the importer of :mod:`liverseg.data.ircad` (slices
-ordered by ImagePositionPatient along the slice normal, HU from RescaleSlope/Intercept, the
-affine from the headers, uniform spacing required) and is then checked for what a 2-D axial
-model cannot take: a modality other than CT, and a gantry tilt (slices stepping obliquely to
-their own plane, which no orthogonal grid can hold).
+its UID. The chosen series goes through :func:`series_from_files` (slices ordered by
+ImagePositionPatient along the slice normal, HU from RescaleSlope/Intercept, the affine from
+the headers, uniform spacing required; the IRCAD importer reads its folders with it too) and is
+then checked for what a 2-D axial model cannot take: a modality other than CT, and a gantry
+tilt (slices stepping obliquely to their own plane, which no orthogonal grid can hold).
 
-Array contract: :attr:`DicomSeries.volume` is the series in canonical RAS as every other
-volume of the project; its *source* grid (``Volume.source_affine``, what
-:func:`~liverseg.data.volumes.from_canonical` maps back to) is ``[i, j, k]`` = (DICOM column,
-DICOM row, slice in :attr:`DicomSeries.datasets` order). So frame ``k`` of a mask on the source
-grid is ``mask[:, :, k].T`` (rows x columns) and belongs to ``datasets[k]``.
+Array contract of :func:`read_dicom_series`: a 3-D array indexed ``[i, j, k]`` with
+``i`` = DICOM column (along the first ImageOrientationPatient cosine), ``j`` = DICOM row (along
+the second cosine) and ``k`` = slice, ordered by position along the slice normal (cross product
+of the two cosines), never by file name. The 4x4 affine maps ``(i, j, k, 1)`` to RAS+
+millimetres (DICOM patient coordinates are LPS, so x and y change sign).
+
+:attr:`DicomSeries.volume` is the series in canonical RAS as every other volume of the
+project; its *source* grid (``Volume.source_affine``, what
+:func:`~liverseg.data.volumes.from_canonical` maps back to) is that ``[i, j, k]``, with ``k``
+in :attr:`DicomSeries.datasets` order. So frame ``k`` of a mask on the source grid is
+``mask[:, :, k].T`` (rows x columns) and belongs to ``datasets[k]``.
 """
 
 from __future__ import annotations
@@ -31,13 +37,48 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from liverseg.data.download import safe_extract_zip
-from liverseg.data.ircad import SPACING_RTOL, _series_from_files
 from liverseg.data.volumes import Volume, volume_from_image
 from liverseg.errors import DataError
 
-__all__ = ["DicomSeries", "SeriesInfo", "find_series", "is_dicom_source", "read_ct_series"]
+__all__ = [
+    "DicomSeries",
+    "SeriesArrays",
+    "SeriesInfo",
+    "find_series",
+    "is_dicom_source",
+    "read_ct_series",
+    "read_dicom_series",
+    "read_series_folder",
+    "series_from_files",
+]
+
+# Consecutive slice gaps may differ from the median gap by this fraction: positions are
+# decimal strings (DS, at most 16 characters), so exact equality cannot be required, while a
+# missing slice (a gap twice the others) must still be caught.
+SPACING_RTOL = 0.01
+# Two slices closer than this along the normal are the same slice position (DS rounding is
+# orders of magnitude finer; real slice spacings are tenths of a millimetre at the least).
+DUPLICATE_POSITION_MM = 1e-3
+# Direction cosines of one series must agree to this; they must be unit and orthogonal to
+# ORTHONORMAL_ATOL (DICOM writers round them to a few decimals).
+ORIENTATION_ATOL = 1e-4
+ORTHONORMAL_ATOL = 1e-3
+
+# DICOM (LPS) to NIfTI/RAS: x and y change sign.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_REQUIRED = (
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelData",
+)
+
 
 # Largest angle (radians) between the slice step and the slice normal still taken as no tilt:
 # positions are decimal strings of at most 16 characters and direction cosines are rounded by
@@ -47,6 +88,213 @@ MAX_TILT_RAD = 1e-3
 DEFAULT_MAX_UNZIPPED_BYTES = 4 * 1024**3
 
 
+# ------------------------------------------------------------------- one series from its files
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    stored: np.ndarray  # (Columns, Rows): pixel values as stored, [i, j]
+    slope: float
+    intercept: float
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    cosines: np.ndarray  # (2, 3): row direction (i), column direction (j)
+    pixel_spacing: np.ndarray  # (row spacing, column spacing) as in the file
+    thickness: float | None
+
+
+@dataclass(frozen=True)
+class SeriesArrays:
+    """One series' voxels, as stored and in HU, with its affine (see the module's contract)."""
+
+    stored: np.ndarray  # (Columns, Rows, slices), stored values
+    hu: np.ndarray  # same shape, float32, after RescaleSlope/RescaleIntercept
+    affine: np.ndarray  # voxel -> RAS mm
+    paths: tuple[Path, ...] = ()  # the slice files in array (k) order
+
+
+def _series_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder does not exist")
+    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: no files in the DICOM series folder")
+    return files
+
+
+def _read_dataset(path: Path) -> Dataset:
+    try:
+        try:
+            return pydicom.dcmread(path)
+        except InvalidDicomError:
+            # Some exports have no 128-byte preamble + "DICM" marker: parse the bare data set.
+            ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many exception types on garbage input
+        raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: unreadable DICOM file (not DICOM, or no pixel data)")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A bare data set has no file meta; pixel decoding needs the syntax it was parsed with.
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _read_slice(path: Path) -> _Slice:
+    ds = _read_dataset(path)
+    for keyword in _REQUIRED:
+        if keyword not in ds:
+            raise DataError(f"{path}: DICOM attribute {keyword} is missing")
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoder errors come in many types
+        raise DataError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim != 2:
+        raise DataError(
+            f"{path}: expected one single-channel 2-D slice, got pixel array of shape "
+            f"{pixels.shape}"
+        )
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        cosines = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        spacing = np.array([float(v) for v in ds.PixelSpacing], dtype=np.float64)
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        thickness_raw = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+        thickness = float(thickness_raw) if thickness_raw else None
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: malformed geometry or rescale attribute ({exc})") from exc
+    if position.shape != (3,) or cosines.shape != (6,) or spacing.shape != (2,):
+        raise DataError(
+            f"{path}: ImagePositionPatient/ImageOrientationPatient/PixelSpacing need 3/6/2 "
+            f"values, got {position.size}/{cosines.size}/{spacing.size}"
+        )
+    if not (np.all(np.isfinite(position)) and np.all(np.isfinite(cosines))):
+        raise DataError(f"{path}: non-finite ImagePositionPatient or ImageOrientationPatient")
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise DataError(f"{path}: PixelSpacing {spacing.tolist()} must be two positive numbers")
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise DataError(f"{path}: invalid RescaleSlope {slope} / RescaleIntercept {intercept}")
+    return _Slice(
+        path=path,
+        stored=pixels.T,  # pixel_array is [row, column]; the contract is [column, row]
+        slope=slope,
+        intercept=intercept,
+        position=position,
+        cosines=cosines.reshape(2, 3),
+        pixel_spacing=spacing,
+        thickness=thickness,
+    )
+
+
+def read_series_folder(folder: Path, spacing_rtol: float = SPACING_RTOL) -> SeriesArrays:
+    """The series of the files directly in ``folder`` (one series, as IRCAD stores them)."""
+    return series_from_files(_series_files(Path(folder)), Path(folder), spacing_rtol)
+
+
+def series_from_files(
+    files: list[Path], folder: Path, spacing_rtol: float = SPACING_RTOL
+) -> SeriesArrays:
+    """One series from its slice files (``folder`` names it in messages)."""
+    slices = [_read_slice(p) for p in files]
+    first = slices[0]
+    for s in slices[1:]:
+        if s.stored.shape != first.stored.shape:
+            raise DataError(
+                f"{folder}: mixed slice shapes: {s.path.name} is {s.stored.shape[1]}x"
+                f"{s.stored.shape[0]} (rows x columns) but {first.path.name} is "
+                f"{first.stored.shape[1]}x{first.stored.shape[0]}"
+            )
+        if not np.allclose(s.cosines, first.cosines, atol=ORIENTATION_ATOL, rtol=0):
+            raise DataError(
+                f"{folder}: mixed ImageOrientationPatient: {s.path.name} differs from "
+                f"{first.path.name}"
+            )
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=ORIENTATION_ATOL, rtol=0):
+            raise DataError(
+                f"{folder}: mixed PixelSpacing: {s.path.name} has {s.pixel_spacing.tolist()}, "
+                f"{first.path.name} has {first.pixel_spacing.tolist()}"
+            )
+    row_dir, col_dir = first.cosines  # along i (columns) and along j (rows)
+    gram = first.cosines @ first.cosines.T
+    if not np.allclose(gram, np.eye(2), atol=ORTHONORMAL_ATOL, rtol=0):
+        raise DataError(
+            f"{first.path}: ImageOrientationPatient {first.cosines.ravel().tolist()} is not "
+            "two orthogonal unit vectors"
+        )
+    normal = np.cross(row_dir, col_dir)
+
+    positions = np.stack([s.position for s in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[n] for n in order]
+    positions, along = positions[order], along[order]
+    gaps = np.diff(along)
+    dup = np.flatnonzero(gaps < DUPLICATE_POSITION_MM)
+    if dup.size:
+        a, b = slices[dup[0]], slices[dup[0] + 1]
+        raise DataError(
+            f"{folder}: duplicate slice position {along[dup[0]]:.3f} mm along the normal: "
+            f"{a.path} and {b.path}"
+        )
+    if len(slices) > 1:
+        median = float(np.median(gaps))
+        if np.any(np.abs(gaps - median) > spacing_rtol * median):
+            shown = ", ".join(f"{g:.3f}" for g in np.unique(np.round(gaps, 3))[:6])
+            raise DataError(
+                f"{folder}: slice spacing is not uniform (gaps {shown} mm, median "
+                f"{median:.3f} mm; a missing or extra slice?)"
+            )
+        step = (positions[-1] - positions[0]) / (len(slices) - 1)
+        # Positions must lie on one line: a drifting in-plane offset (varying gantry tilt)
+        # cannot be expressed by an affine.
+        line = positions[0] + np.arange(len(slices))[:, None] * step
+        if np.max(np.linalg.norm(positions - line, axis=1)) > spacing_rtol * median:
+            raise DataError(f"{folder}: slice positions do not lie on one straight line")
+    elif first.thickness is not None and first.thickness > 0:
+        step = normal * first.thickness
+    else:
+        raise DataError(
+            f"{first.path}: single-slice series without SliceThickness: slice spacing unknown"
+        )
+
+    row_spacing, col_spacing = first.pixel_spacing  # DICOM order: between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+
+    stored = np.stack([s.stored for s in slices], axis=-1)
+    slope = np.array([s.slope for s in slices], dtype=np.float64)
+    intercept = np.array([s.intercept for s in slices], dtype=np.float64)
+    hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    return SeriesArrays(
+        stored=stored, hu=hu, affine=_LPS_TO_RAS @ lps, paths=tuple(s.path for s in slices)
+    )
+
+
+def read_dicom_series(
+    folder: Path, *, spacing_rtol: float = SPACING_RTOL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one DICOM series folder as a (columns, rows, slices) float32 HU array + RAS affine.
+
+    Slices are ordered by position along the normal because file names (``image_0`` ...
+    ``image_10``) neither sort numerically as strings nor are guaranteed to follow anatomy.
+    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
+    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
+    and slice gaps differing from their median by more than ``spacing_rtol``.
+    """
+    series = read_series_folder(Path(folder), spacing_rtol)
+    return series.hu, series.affine
+
+
+# ------------------------------------------------------------------------- series in a folder
 @dataclass(frozen=True)
 class SeriesInfo:
     """One series found in a folder: what the several-series error lists."""
@@ -170,7 +418,7 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
         )
     _check_size(info, where, max_bytes)
     try:
-        series = _series_from_files(list(info.files), where, SPACING_RTOL)
+        series = series_from_files(list(info.files), where)
     except DataError as exc:
         # Decoder messages span lines (one per plugin tried): the error stays one line.
         raise DataError(" ".join(str(exc).split())) from exc
@@ -181,6 +429,17 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
     img.set_qform(series.affine, code=1)
     volume = volume_from_image(img, kind="image", path=where)
     headers = tuple(pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in series.paths)
+    frames = {
+        str(ds.FrameOfReferenceUID): p
+        for ds, p in zip(headers, series.paths, strict=True)
+        if "FrameOfReferenceUID" in ds
+    }
+    if len(frames) > 1:
+        a, b = list(frames.values())[:2]
+        raise DataError(
+            f"{where}: slices in different frames of reference: {a.name} and {b.name} have "
+            "different FrameOfReferenceUIDs"
+        )
     return DicomSeries(volume=volume, datasets=headers, info=info)
 
 

@@ -6,6 +6,13 @@ SNOMED CT "Liver" (category "Organ"), and identifies the algorithm (name ``liver
 package version, and the model: its registered name and version when it came from the MLflow
 registry). Viewers (3D Slicer, OHIF, a PACS) then show it on its CT.
 
+A source series without FrameOfReferenceUID (the official 3D-IRCADb-01 series: their CT Image
+IOD makes it mandatory, but GDCM wrote none) gets one, derived from its SeriesInstanceUID: the
+same series always gets the same UID, as C.7.4.1.1.1 of the standard asks ("each Series shall
+have a single Frame of Reference UID"). highdicom copies it from the source into the SEG; it is
+given copies of the headers carrying it, so the files and :class:`DicomSeries` stay as read, and
+the SEG still references every source instance by its SOPInstanceUID. See docs/dicom.md.
+
 Array contract: ``mask_source`` is the mask on the series' source grid ``[i, j, k]`` =
 (column, row, slice in ``DicomSeries.datasets`` order), see :mod:`liverseg.data.dicom`;
 :func:`read_seg_mask` returns the same layout, so a round trip is the identity.
@@ -13,6 +20,7 @@ Array contract: ``mask_source`` is the mask on the series' source grid ``[i, j, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +28,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 import liverseg
 from liverseg.errors import DataError
@@ -39,6 +48,28 @@ def algorithm_identification(model: str) -> hd.AlgorithmIdentificationSequence:
         version=liverseg.__version__,
         parameters={"model": model},
     )
+
+
+def frame_of_reference_uid(series_uid: str) -> str:
+    """The Frame of Reference UID given to a series that has none: a function of its UID."""
+    return str(generate_uid(entropy_srcs=["liverseg frame of reference", str(series_uid)]))
+
+
+def with_frame_of_reference(source: Sequence[Dataset]) -> list[Dataset]:
+    """``source`` if every slice has a FrameOfReferenceUID, else copies of it where the slices
+    without one get the series' (the one other slices carry, or :func:`frame_of_reference_uid`).
+    The reader refuses a series whose slices carry different ones."""
+    if all("FrameOfReferenceUID" in ds for ds in source):
+        return list(source)
+    present = sorted({str(ds.FrameOfReferenceUID) for ds in source if "FrameOfReferenceUID" in ds})
+    uid = present[0] if present else frame_of_reference_uid(str(source[0].SeriesInstanceUID))
+    out = []
+    for ds in source:
+        ds = copy.deepcopy(ds)
+        ds.setdefault("FrameOfReferenceUID", uid)
+        ds.setdefault("PositionReferenceIndicator", "")
+        out.append(ds)
+    return out
 
 
 def build_seg(
@@ -64,21 +95,25 @@ def build_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(model),
     )
-    return hd.seg.Segmentation(
-        source_images=list(source),
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=ALGORITHM_NAME,
-        manufacturer_model_name=f"{ALGORITHM_NAME} 2D U-Net",
-        software_versions=liverseg.__version__,
-        device_serial_number="0",
-        series_description=f"{SEGMENT_LABEL} ({ALGORITHM_NAME})",
-    )
+    try:
+        return hd.seg.Segmentation(
+            source_images=with_frame_of_reference(source),
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=hd.UID(),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=ALGORITHM_NAME,
+            manufacturer_model_name=f"{ALGORITHM_NAME} 2D U-Net",
+            software_versions=liverseg.__version__,
+            device_serial_number="0",
+            series_description=f"{SEGMENT_LABEL} ({ALGORITHM_NAME})",
+        )
+    except ValueError as exc:  # what highdicom refuses in the source headers, in one line
+        reason = " ".join(str(exc).split())
+        raise DataError(f"cannot build a DICOM SEG on this series: {reason}") from exc
 
 
 def write_seg(

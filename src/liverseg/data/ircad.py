@@ -18,28 +18,19 @@ Source layouts:
 
 :func:`ingest_ircad` is the whole path from ``ingest.ircad`` (a URL or local archive, or an
 unpacked folder) to the internal format.
-
-Array contract of :func:`read_dicom_series`: a 3-D array indexed ``[i, j, k]`` with
-``i`` = DICOM column (along the first ImageOrientationPatient cosine), ``j`` = DICOM row (along
-the second cosine) and ``k`` = slice, ordered by position along the slice normal (cross product
-of the two cosines), never by file name. The 4x4 affine maps ``(i, j, k, 1)`` to RAS+
-millimetres (DICOM patient coordinates are LPS, so x and y change sign).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from liverseg.data.dicom import SPACING_RTOL, SeriesArrays, read_series_folder
 from liverseg.data.download import fetch, safe_extract_zip
 from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
 from liverseg.data.volumes import load_case, same_grid, save_pair
@@ -53,24 +44,9 @@ __all__ = [
     "collect_cases",
     "convert_dicom_tree",
     "ingest_ircad",
-    "read_dicom_series",
     "unpack_archive",
+    "unpack_folder",
 ]
-
-# Consecutive slice gaps may differ from the median gap by this fraction: positions are
-# decimal strings (DS, at most 16 characters), so exact equality cannot be required, while a
-# missing slice (a gap twice the others) must still be caught.
-SPACING_RTOL = 0.01
-# Two slices closer than this along the normal are the same slice position (DS rounding is
-# orders of magnitude finer; real slice spacings are tenths of a millimetre at the least).
-DUPLICATE_POSITION_MM = 1e-3
-# Direction cosines of one series must agree to this; they must be unit and orthogonal to
-# ORTHONORMAL_ATOL (DICOM writers round them to a few decimals).
-ORIENTATION_ATOL = 1e-4
-ORTHONORMAL_ATOL = 1e-3
-
-# DICOM (LPS) to NIfTI/RAS: x and y change sign.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _CASE_DIR = re.compile(r"3Dircadb1\.(\d+)")
 _CT_DIR = "PATIENT_DICOM"
@@ -79,219 +55,10 @@ _LIVER_DIR = "liver"
 # The official archive zips each series again inside each patient folder
 # (3Dircadb1.N/PATIENT_DICOM.zip, 3Dircadb1.N/MASKS_DICOM.zip).
 _INNER_ZIPS = "*_DICOM.zip"
-_REQUIRED = (
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelData",
-)
-
-
-# ------------------------------------------------------------------------------ DICOM series
-@dataclass(frozen=True)
-class _Slice:
-    path: Path
-    stored: np.ndarray  # (Columns, Rows): pixel values as stored, [i, j]
-    slope: float
-    intercept: float
-    position: np.ndarray  # ImagePositionPatient, LPS mm
-    cosines: np.ndarray  # (2, 3): row direction (i), column direction (j)
-    pixel_spacing: np.ndarray  # (row spacing, column spacing) as in the file
-    thickness: float | None
-
-
-@dataclass(frozen=True)
-class _Series:
-    stored: np.ndarray  # (Columns, Rows, slices), stored values
-    hu: np.ndarray  # same shape, float32, after RescaleSlope/RescaleIntercept
-    affine: np.ndarray  # voxel -> RAS mm
-    paths: tuple[Path, ...] = ()  # the slice files in array (k) order
-
-
-def _series_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: no files in the DICOM series folder")
-    return files
-
-
-def _read_dataset(path: Path) -> Dataset:
-    try:
-        try:
-            return pydicom.dcmread(path)
-        except InvalidDicomError:
-            # Some exports have no 128-byte preamble + "DICM" marker: parse the bare data set.
-            ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:  # pydicom raises many exception types on garbage input
-        raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
-    if "PixelData" not in ds:
-        raise DataError(f"{path}: unreadable DICOM file (not DICOM, or no pixel data)")
-    if "TransferSyntaxUID" not in ds.file_meta:
-        # A bare data set has no file meta; pixel decoding needs the syntax it was parsed with.
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian
-            if implicit
-            else ExplicitVRLittleEndian
-            if little
-            else ExplicitVRBigEndian
-        )
-    return ds
-
-
-def _read_slice(path: Path) -> _Slice:
-    ds = _read_dataset(path)
-    for keyword in _REQUIRED:
-        if keyword not in ds:
-            raise DataError(f"{path}: DICOM attribute {keyword} is missing")
-    try:
-        pixels = np.asarray(ds.pixel_array)
-    except Exception as exc:  # decoder errors come in many types
-        raise DataError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise DataError(
-            f"{path}: expected one single-channel 2-D slice, got pixel array of shape "
-            f"{pixels.shape}"
-        )
-    try:
-        position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        cosines = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        spacing = np.array([float(v) for v in ds.PixelSpacing], dtype=np.float64)
-        slope = float(ds.get("RescaleSlope", 1.0))
-        intercept = float(ds.get("RescaleIntercept", 0.0))
-        thickness_raw = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
-        thickness = float(thickness_raw) if thickness_raw else None
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: malformed geometry or rescale attribute ({exc})") from exc
-    if position.shape != (3,) or cosines.shape != (6,) or spacing.shape != (2,):
-        raise DataError(
-            f"{path}: ImagePositionPatient/ImageOrientationPatient/PixelSpacing need 3/6/2 "
-            f"values, got {position.size}/{cosines.size}/{spacing.size}"
-        )
-    if not (np.all(np.isfinite(position)) and np.all(np.isfinite(cosines))):
-        raise DataError(f"{path}: non-finite ImagePositionPatient or ImageOrientationPatient")
-    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
-        raise DataError(f"{path}: PixelSpacing {spacing.tolist()} must be two positive numbers")
-    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
-        raise DataError(f"{path}: invalid RescaleSlope {slope} / RescaleIntercept {intercept}")
-    return _Slice(
-        path=path,
-        stored=pixels.T,  # pixel_array is [row, column]; the contract is [column, row]
-        slope=slope,
-        intercept=intercept,
-        position=position,
-        cosines=cosines.reshape(2, 3),
-        pixel_spacing=spacing,
-        thickness=thickness,
-    )
-
-
-def _read_series(folder: Path, spacing_rtol: float) -> _Series:
-    return _series_from_files(_series_files(Path(folder)), Path(folder), spacing_rtol)
-
-
-def _series_from_files(files: list[Path], folder: Path, spacing_rtol: float) -> _Series:
-    """One series from its slice files (``folder`` names it in messages)."""
-    slices = [_read_slice(p) for p in files]
-    first = slices[0]
-    for s in slices[1:]:
-        if s.stored.shape != first.stored.shape:
-            raise DataError(
-                f"{folder}: mixed slice shapes: {s.path.name} is {s.stored.shape[1]}x"
-                f"{s.stored.shape[0]} (rows x columns) but {first.path.name} is "
-                f"{first.stored.shape[1]}x{first.stored.shape[0]}"
-            )
-        if not np.allclose(s.cosines, first.cosines, atol=ORIENTATION_ATOL, rtol=0):
-            raise DataError(
-                f"{folder}: mixed ImageOrientationPatient: {s.path.name} differs from "
-                f"{first.path.name}"
-            )
-        if not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=ORIENTATION_ATOL, rtol=0):
-            raise DataError(
-                f"{folder}: mixed PixelSpacing: {s.path.name} has {s.pixel_spacing.tolist()}, "
-                f"{first.path.name} has {first.pixel_spacing.tolist()}"
-            )
-    row_dir, col_dir = first.cosines  # along i (columns) and along j (rows)
-    gram = first.cosines @ first.cosines.T
-    if not np.allclose(gram, np.eye(2), atol=ORTHONORMAL_ATOL, rtol=0):
-        raise DataError(
-            f"{first.path}: ImageOrientationPatient {first.cosines.ravel().tolist()} is not "
-            "two orthogonal unit vectors"
-        )
-    normal = np.cross(row_dir, col_dir)
-
-    positions = np.stack([s.position for s in slices])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    slices = [slices[n] for n in order]
-    positions, along = positions[order], along[order]
-    gaps = np.diff(along)
-    dup = np.flatnonzero(gaps < DUPLICATE_POSITION_MM)
-    if dup.size:
-        a, b = slices[dup[0]], slices[dup[0] + 1]
-        raise DataError(
-            f"{folder}: duplicate slice position {along[dup[0]]:.3f} mm along the normal: "
-            f"{a.path} and {b.path}"
-        )
-    if len(slices) > 1:
-        median = float(np.median(gaps))
-        if np.any(np.abs(gaps - median) > spacing_rtol * median):
-            shown = ", ".join(f"{g:.3f}" for g in np.unique(np.round(gaps, 3))[:6])
-            raise DataError(
-                f"{folder}: slice spacing is not uniform (gaps {shown} mm, median "
-                f"{median:.3f} mm; a missing or extra slice?)"
-            )
-        step = (positions[-1] - positions[0]) / (len(slices) - 1)
-        # Positions must lie on one line: a drifting in-plane offset (varying gantry tilt)
-        # cannot be expressed by an affine.
-        line = positions[0] + np.arange(len(slices))[:, None] * step
-        if np.max(np.linalg.norm(positions - line, axis=1)) > spacing_rtol * median:
-            raise DataError(f"{folder}: slice positions do not lie on one straight line")
-    elif first.thickness is not None and first.thickness > 0:
-        step = normal * first.thickness
-    else:
-        raise DataError(
-            f"{first.path}: single-slice series without SliceThickness: slice spacing unknown"
-        )
-
-    row_spacing, col_spacing = first.pixel_spacing  # DICOM order: between rows, between columns
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = positions[0]
-
-    stored = np.stack([s.stored for s in slices], axis=-1)
-    slope = np.array([s.slope for s in slices], dtype=np.float64)
-    intercept = np.array([s.intercept for s in slices], dtype=np.float64)
-    hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
-    return _Series(
-        stored=stored, hu=hu, affine=_LPS_TO_RAS @ lps, paths=tuple(s.path for s in slices)
-    )
-
-
-def read_dicom_series(
-    folder: Path, *, spacing_rtol: float = SPACING_RTOL
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one DICOM series folder as a (columns, rows, slices) float32 HU array + RAS affine.
-
-    Slices are ordered by position along the normal because file names (``image_0`` ...
-    ``image_10``) neither sort numerically as strings nor are guaranteed to follow anatomy.
-    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
-    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
-    and slice gaps differing from their median by more than ``spacing_rtol``.
-    """
-    series = _read_series(Path(folder), spacing_rtol)
-    return series.hu, series.affine
 
 
 # --------------------------------------------------------------------------- DICOM tree
-def _binary_from_series(series: _Series, folder: Path) -> np.ndarray:
+def _binary_from_series(series: SeriesArrays, folder: Path) -> np.ndarray:
     """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1).
 
     Rescaled values are what the file says the pixels mean, so they are tried first; a mask
@@ -353,8 +120,8 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
     for number, folder in cases.items():
         ct_dir = _require_dir(folder / _CT_DIR)
         mask_dir = _require_dir(_require_dir(folder / _MASKS_DIR) / _LIVER_DIR)
-        ct = _read_series(ct_dir, SPACING_RTOL)
-        mask_series = _read_series(mask_dir, SPACING_RTOL)
+        ct = read_series_folder(ct_dir, SPACING_RTOL)
+        mask_series = read_series_folder(mask_dir, SPACING_RTOL)
         if mask_series.hu.shape != ct.hu.shape:
             raise DataError(
                 f"{mask_dir}: mask series shape {mask_series.hu.shape} does not match CT "
@@ -413,13 +180,27 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
     with atomic_dir(target) as tree:
         used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
         if inner_zips:
-            for inner in sorted(tree.rglob(_INNER_ZIPS)):
-                used += _unpack_inner(
-                    inner,
-                    f"{archive}: {inner.relative_to(tree).as_posix()}",
-                    max_bytes=max_bytes,
-                    used=used,
-                )
+            _unpack_inner_zips(tree, archive, max_bytes=max_bytes, used=used)
+
+
+def unpack_folder(folder: Path, target: Path, *, max_bytes: int) -> None:
+    """The official archive already unpacked once (``3Dircadb1.N/`` folders holding
+    ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``): copied into ``target``, where its inner zips
+    are unpacked as :func:`unpack_archive` does, within ``max_bytes``; ``folder`` is not touched.
+    """
+    with atomic_dir(target) as tree:
+        shutil.copytree(folder, tree, dirs_exist_ok=True)
+        _unpack_inner_zips(tree, folder, max_bytes=max_bytes, used=0)
+
+
+def _unpack_inner_zips(tree: Path, source: Path, *, max_bytes: int, used: int) -> None:
+    for inner in sorted(tree.rglob(_INNER_ZIPS)):
+        used += _unpack_inner(
+            inner,
+            f"{source}: {inner.relative_to(tree).as_posix()}",
+            max_bytes=max_bytes,
+            used=used,
+        )
 
 
 def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
@@ -442,7 +223,9 @@ def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
 def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
     """The IRCAD data of ``params`` (``ingest.ircad``) in the internal format in ``out_dir``.
 
-    A ``*-dir`` format is read in place; otherwise ``params.source`` (URL or local archive) is
+    A ``*-dir`` format is read in place. ``dicom-zip`` also takes a local folder holding the
+    official archive's ``3Dircadb1.N/`` folders with their inner zips (the archive unpacked once
+    by hand): see :func:`unpack_folder`. Otherwise ``params.source`` (URL or local archive) is
     fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
     unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
     ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Prints the archive's
@@ -453,6 +236,13 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
         return collect_cases(Path(params.source), layout, out_dir)
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    max_bytes = int(params.max_unpacked_gb * 1e9)
+    if layout == "dicom" and Path(params.source).is_dir():
+        if params.sha256:
+            raise DataError(f"{params.source}: ingest.ircad.sha256 checks an archive, not a folder")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            unpack_folder(Path(params.source), Path(tmp) / "unpacked", max_bytes=max_bytes)
+            return collect_cases(Path(tmp) / "unpacked", layout, out_dir)
     archive = cache / "ircad-source.zip"
     digest = fetch(params.source, archive, params.sha256)
     print(f"ingest: {params.source}\n  SHA-256 {digest}")
@@ -460,6 +250,5 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
         print("  (pin it: set ingest.ircad.sha256 in params.yaml to verify later downloads)")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        max_bytes = int(params.max_unpacked_gb * 1e9)
         unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")
         return collect_cases(unpacked, layout, out_dir)

@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverseg.data.ircad import read_dicom_series
+from liverseg.data.dicom import read_dicom_series
 from liverseg.data.layout import case_id_for
 from liverseg.data.volumes import load_volume, save_nifti
 from liverseg.errors import DataError
