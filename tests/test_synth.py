@@ -214,13 +214,19 @@ def test_the_chest_is_lungs_above_the_dome_and_a_heart_beside_it(lm: LabelMap) -
     liver, body = masks["liver"], masks["skin"]
     top = np.flatnonzero(liver.any(axis=(0, 1)))[-1]
     for seed in SEEDS:
-        chest = synth._chest(masks, np.random.default_rng(seed), axes)
+        chest = synth._missing_organs(masks, np.random.default_rng(seed), axes)
         heart, thorax = chest["heart"], chest["thorax"]
         assert not (thorax & ~body).any() and not (heart & ~body).any()
         assert not (thorax & liver).any() and not (heart & liver).any()
         # lungs only above a plane at most 12 % of the liver's height below its dome
         low = np.flatnonzero(thorax.any(axis=(0, 1)))[0]
         assert top - 0.12 * (top - np.flatnonzero(liver.any(axis=(0, 1)))[0]) - 1 <= low
+        # the map has no kidneys and no spleen: they are added, outside the liver, and the
+        # spleen on the left (smaller RAS x), the right kidney on the right
+        for organ in ("rightkidney", "leftkidney", "spleen"):
+            assert chest[organ].any() and not (chest[organ] & liver).any(), organ
+        assert np.argwhere(chest["spleen"]).mean(axis=0)[0] < SHAPE[0] / 2
+        assert np.argwhere(chest["rightkidney"]).mean(axis=0)[0] > SHAPE[0] / 2
         # the heart sits above the liver's centre, at or left of the midline (RAS x grows
         # towards the patient's right)
         assert heart.any()

@@ -264,7 +264,7 @@ def synthesize(
     del vox
     bits[outside] &= sum((w for n, w in words.items() if n in ("skin", "bone")), np.uint32(0))
     masks = {name: (bits & w) != 0 for name, w in words.items()}
-    masks.update(_chest(masks, rng, axes))
+    masks.update(_missing_organs(masks, rng, axes))
     hu = _render(masks, rng, (pixel, pixel, dz), shape, sub)
     # Partial volume: a slice is the mean of its sub-slices; blur and noise come after.
     hu = hu.reshape(nx, ny, nz, sub).mean(axis=3)
@@ -278,42 +278,81 @@ def synthesize(
     return hu.astype(np.float32), mask, affine
 
 
-def _chest(
+def _missing_organs(
     masks: dict[str, np.ndarray], rng: np.random.Generator, axes: tuple[np.ndarray, ...]
 ) -> dict[str, np.ndarray]:
-    """What lies above the liver and no map labels: the heart on the diaphragm, medial and
-    anterior, as dense as a liver in most phases, and the lungs filling the chest around it
-    above a plane near the liver's dome (as ``heart`` and ``thorax`` masks)."""
+    """The liver's neighbours that a map does not label, where anatomy puts them, painted only
+    on voxels no structure of the map holds (so the liver is never covered):
+
+    * above the liver: the heart on the diaphragm, medial and anterior, as dense as the blood
+      pool (as dense as a liver in the non-contrast phase), and lungs filling the chest
+      around it above a plane near the liver's dome (``heart``, ``thorax``);
+    * kidneys, posterior beside the spine at the level of the liver's lower part, and a
+      spleen, posterior and lateral on the left at the level of its upper part, for maps that
+      have none: the first synthetic models took IRCAD patient 1's right kidney for liver.
+
+    RAS: x grows towards the patient's right, y towards anterior."""
     liver = masks["liver"]
     body = masks.get("skin", np.ones_like(liver))
     ks = np.flatnonzero(liver.any(axis=(0, 1)))
     if ks.size == 0:
         return {}
-    top = ks[-1] - rng.uniform(0.0, 0.12) * ks.size
     labelled = np.zeros_like(liver)
     for name, m in masks.items():
         if name != "skin":
             labelled |= m
-    thorax = body & ~labelled
-    thorax[:, :, : int(np.ceil(top))] = False
+    free = body & ~labelled
     xs, ys, zs = axes
     bx = np.flatnonzero(body.any(axis=(1, 2)))
     by = np.flatnonzero(body.any(axis=(0, 2)))
-    cx, cy = xs[(bx[0] + bx[-1]) // 2], ys[(by[0] + by[-1]) // 2]
+    cx, back = xs[(bx[0] + bx[-1]) // 2], ys[by[0]]
     width, depth = xs[bx[-1]] - xs[bx[0]], ys[by[-1]] - ys[by[0]]
+    z_low, z_top = zs[ks[0]], zs[ks[-1]]
+    height = z_top - z_low
+
+    def ellipsoid(centre: tuple[float, float, float], radii: np.ndarray) -> np.ndarray:
+        return free & (
+            ((xs - centre[0]) / radii[0])[:, None, None] ** 2
+            + ((ys - centre[1]) / radii[1])[None, :, None] ** 2
+            + ((zs - centre[2]) / radii[2])[None, None, :] ** 2
+            <= 1
+        )
+
+    out: dict[str, np.ndarray] = {}
     radii = rng.uniform((45, 35, 40), (65, 55, 60))
-    centre = (
-        cx - rng.uniform(0.0, 0.1) * width,  # towards the patient's left of the midline
-        cy + rng.uniform(0.0, 0.12) * depth,  # anterior
-        zs[ks[-1]] + rng.uniform(-0.2, 0.4) * radii[2],
+    out["heart"] = ellipsoid(
+        (
+            cx - rng.uniform(0.0, 0.1) * width,  # left of the midline
+            back + rng.uniform(0.5, 0.62) * depth,  # anterior
+            z_top + rng.uniform(-0.2, 0.4) * radii[2],
+        ),
+        radii,
     )
-    inside = (
-        ((xs - centre[0]) / radii[0])[:, None, None] ** 2
-        + ((ys - centre[1]) / radii[1])[None, :, None] ** 2
-        + ((zs - centre[2]) / radii[2])[None, None, :] ** 2
-    ) <= 1
-    heart = inside & body & ~labelled
-    return {"heart": heart, "thorax": thorax & ~heart}
+    thorax = free & ~out["heart"]
+    thorax[:, :, : int(np.ceil(ks[-1] - rng.uniform(0.0, 0.12) * ks.size))] = False
+    out["thorax"] = thorax
+    groups = {_group_of(name) for name in masks}
+    if "kidney" not in groups:
+        z_right = z_low + rng.uniform(0.0, 0.3) * height
+        for side, name, dz in ((1, "rightkidney", 0.0), (-1, "leftkidney", rng.uniform(0, 30))):
+            out[name] = ellipsoid(
+                (
+                    cx + side * rng.uniform(0.14, 0.24) * width,
+                    back + rng.uniform(0.2, 0.32) * depth,
+                    z_right + dz,
+                ),
+                rng.uniform((24, 20, 45), (34, 28, 60)),
+            ) & ~out["heart"]
+    if "spleen" not in groups:
+        out["spleen"] = ellipsoid(
+            (
+                cx - rng.uniform(0.24, 0.34) * width,
+                back + rng.uniform(0.25, 0.4) * depth,
+                z_top - rng.uniform(0.15, 0.4) * height,
+            ),
+            rng.uniform((22, 35, 40), (35, 55, 65)),
+        ) & ~out["heart"]
+    return out
 
 
 def _render(
