@@ -44,7 +44,7 @@ def args_for(root: Path, work: Path, train_run: Path) -> argparse.Namespace:
     params = work / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {"evaluate": {"batch_size": 4, "overlays_per_patient": 1, "fill_holes": True}}
+            {"evaluate": {"batch_size": 4, "overlays_per_patient": 2, "fill_holes": True}}
         )
     )
     return argparse.Namespace(
@@ -102,7 +102,7 @@ def test_evaluate_main_writes_metrics_and_a_finished_run(
         rows = list(csv.DictReader(fh))
     assert [r["case"] for r in rows] == test_ids
     assert [float(r["dice"]) for r in rows] == pytest.approx(dice, abs=1e-9)
-    assert len(list((args.out / "overlays").glob("*.png"))) == 2
+    assert len(list((args.out / "overlays").glob("*.png"))) == 4
 
     client = MlflowClient()
     runs = client.search_runs(
@@ -116,6 +116,16 @@ def test_evaluate_main_writes_metrics_and_a_finished_run(
     for row in metrics["per_patient"]:
         assert run.data.metrics[f"test_dice_{row['case']}"] == pytest.approx(row["dice"])
     assert run.data.params["fill_holes"] == "True"
+    # Each patient's two overlays at steps 0 and 1, where the UI's image slider starts.
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    steps: dict[str, list[int]] = {}
+    for name in images:
+        if name.endswith(".png"):
+            key, step = Path(name).name.split("+step+")
+            steps.setdefault(key, []).append(int(step.split("+")[0]))
+    assert {k: sorted(v) for k, v in steps.items()} == {
+        f"overlay_{case}": [0, 1] for case in test_ids
+    }, images
     assert client.get_run(parent).data.metrics["test_dice_mean"] == pytest.approx(
         metrics["dice_mean"]
     )

@@ -165,15 +165,21 @@ def log_to_mlflow(
             mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
-        for png in sorted((out / "overlays").glob("*.png")):
-            # <case>_z<k>.png: one image key per patient, its steps the slice indices
-            case, z = png.stem.rsplit("_z", 1)
-            with Image.open(png) as im:
-                # synchronous: MLflow's asynchronous artifact queue would hold the exit for a
-                # second (its thread polls once a second) to upload 18 small files
-                mlflow.log_image(
-                    im.convert("RGB"), key=f"overlay_{case}", step=int(z), synchronous=True
-                )
+        overlays: dict[str, list[tuple[int, Path]]] = {}
+        for png in (out / "overlays").glob("*.png"):
+            case, z = png.stem.rsplit("_z", 1)  # <case>_z<k>.png
+            overlays.setdefault(case, []).append((int(z), png))
+        for case, slices in sorted(overlays.items()):
+            # One image key per patient, its slices at steps 0, 1, ... from the bottom up:
+            # the UI's step slider starts at 0, so slice indices as steps showed a blank
+            # panel. The slice index stays in the artifact's name (evaluate/overlays/).
+            for step, (_, png) in enumerate(sorted(slices)):
+                with Image.open(png) as im:
+                    # synchronous: MLflow's asynchronous artifact queue would hold the exit
+                    # for a second (its thread polls once a second) to upload small files
+                    mlflow.log_image(
+                        im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
+                    )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         now = int(time.time() * 1000)
         mlflow.MlflowClient().log_batch(
