@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +150,55 @@ def test_evaluate_requires_the_train_run_json(
     with pytest.raises(DataError, match=match):
         stage.main(args)
     assert not (tmp_path / "reports").exists()
+
+
+def test_a_copied_repository_keeps_its_artifacts_in_the_copy(
+    inputs: Path, empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cp -a`` of a repository with its store, then a stage run in the copy: every new
+    artifact lands in the copy, none in the original, and the old runs read the copied files.
+    (MLflow keeps absolute artifact locations in the database.)"""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from liverseg.training.tracking import ensure_experiment
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    (original / "mlruns").mkdir(parents=True)
+    shutil.copy(empty_mlflow_db, original / "mlruns" / "mlflow.db")
+    monkeypatch.chdir(original)
+    mlflow.set_tracking_uri(f"sqlite:///{original}/mlruns/mlflow.db")
+    try:
+        exp_id = ensure_experiment("liverseg-test")
+        with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
+            mlflow.log_text("from the original", "note.txt")
+            parent = str(run.info.run_id)
+        link = {"experiment_id": exp_id, "parent_run_id": parent, "final_run_id": ""}
+        write_json(original / "run.json", link)
+        subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+        before = files_under(original)
+
+        monkeypatch.chdir(copy)
+        mlflow.set_tracking_uri(f"sqlite:///{copy}/mlruns/mlflow.db")
+        stage.main(args_for(inputs, copy, copy / "run.json"))
+
+        assert files_under(original) == before  # nothing new in the original
+        client = MlflowClient()
+        runs = client.search_runs([exp_id])
+        assert len(runs) == 2  # train and evaluate
+        evaluate = next(r for r in runs if r.data.tags.get("kind") == "evaluate")
+        for r in runs:
+            assert r.info.artifact_uri.startswith((copy / "mlruns/artifacts").as_uri()), r.info
+        logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+        assert {"evaluate", "images"} <= logged
+        assert (copy / "mlruns/artifacts" / evaluate.info.run_id / "artifacts/evaluate").is_dir()
+        # the train run's artifact is read from the copy, the original gone
+        original.rename(tmp_path / "gone")
+        text = mlflow.artifacts.load_text(f"runs:/{parent}/note.txt")
+        assert text == "from the original"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}

@@ -135,11 +135,13 @@ def log_to_mlflow(
         NOTE_TAG,
         dvc_out_hash,
         ensure_experiment,
+        follow_moved_store,
         git_commit,
         log_dataset,
         log_params_flat,
     )
 
+    follow_moved_store()
     exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
     cases = [r["case"] for r in result["per_patient"]]
     tags = {
