@@ -158,7 +158,7 @@ def register_model(
                 "registered_model": name,
                 "model_version": version,
                 "decision": decision,
-                NOTE_TAG: f"Registered `{name}` v{version}. {card}",
+                NOTE_TAG: f"`{name}` v{version}: {decision}",
             }
         )
     return {

@@ -137,6 +137,7 @@ def log_to_mlflow(
         ensure_experiment,
         follow_moved_store,
         git_commit,
+        headline_metrics,
         log_dataset,
         log_params_flat,
     )
@@ -148,10 +149,8 @@ def log_to_mlflow(
         "kind": "evaluate",
         "git_commit": git_commit(),
         NOTE_TAG: (
-            f"3-D test metrics of the final model on the {len(cases)} held-out patients "
-            f"({', '.join(cases)}): Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
-            f"HD95 {result['hd95_mm_mean']:.1f} mm. Overlays (green truth, red prediction) "
-            "under Model metrics > images and in the artifacts."
+            f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
+            f"HD95 {result['hd95_mm_mean']:.1f} mm, {len(cases)} patients"
         ),
     }
     parent_id = link["parent_run_id"]
@@ -162,6 +161,7 @@ def log_to_mlflow(
         log_params_flat(as_flat_dict(cfg))
         log_dataset(raw, dvc_out_hash(raw), context="test")
         test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+        test.update(headline_metrics({k: test[k] for k in HEADLINE if k in test}))
         mlflow.log_metrics(test)
         for r in result["per_patient"]:
             mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
@@ -185,6 +185,11 @@ def log_to_mlflow(
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         now = int(time.time() * 1000)
         mlflow.MlflowClient().log_batch(
-            parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
+            parent_id,
+            metrics=[
+                Metric(k, v, now, 0)
+                for k, v in test.items()
+                if k in HEADLINE or k.removesuffix("_exact") in HEADLINE
+            ],
         )
         return str(run.info.run_id)

@@ -23,7 +23,8 @@ EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_DESCRIPTION = (
     "Liver segmentation in abdominal CT with a 2D U-Net (liverseg). One `cv` run per `train` "
-    "(named `cv-<experiment>` for `dvc exp run`) with its `fold-K` curves, the `final` model, "
+    "(named `cv-<experiment>` for `dvc exp run`) with its `fold-K` (`fold-K-<experiment>`) "
+    "curves, the `final` model, "
     "`evaluate` (3-D test Dice, HD95, overlays) and `register` runs nested under it; one "
     "`study-...` run per Optuna study with a `trial-N` run per trial. Sort the `cv` runs by "
     "`test_dice_mean` or `cv_val_dice_mean`; the Dataset column names the DVC hash of the data."
@@ -127,6 +128,18 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
                 if key not in client.get_experiment(exp.experiment_id).tags:
                     raise
     return str(exp.experiment_id)
+
+
+# The runs table shows a metric with all its digits (0.92308807...): the headline figures are
+# logged rounded under their names, what a user reads and sorts by, and exact as <name>_exact.
+HEADLINE_DECIMALS = 4
+
+
+def headline_metrics(values: dict[str, float]) -> dict[str, float]:
+    """``values`` rounded to :data:`HEADLINE_DECIMALS` decimals, and each exact value again
+    as ``<name>_exact``."""
+    rounded = {k: round(float(v), HEADLINE_DECIMALS) for k, v in values.items()}
+    return {**rounded, **{f"{k}_exact": float(v) for k, v in values.items()}}
 
 
 def dvc_experiment() -> str:
