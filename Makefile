@@ -61,7 +61,7 @@ serve: $(STAMP) ## serve the registry's champion on http://127.0.0.1:5001 (PORT=
 	source $(BIN)/activate && mlflow models serve -m "models:/liver-unet@champion" \
 		--env-manager local -h 127.0.0.1 -p $(PORT)
 
-compare: $(STAMP) ## dvc exp show cut to CV Dice, test Dice, HD95, lr, batch, GFLOP (100 columns)
+compare: $(STAMP) ## dvc exp show cut to CV Dice, test Dice, HD95, lr, batch, GFLOP; the params that differ
 	source $(BIN)/activate && dvc exp show --csv | python -m liverseg.compare
 
 plots: $(STAMP) $(PLOTS_PAGE) ## dvc plots show (offline page): validation Dice and loss, a line per fold

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ def args_for(root: Path, work: Path, train_run: Path) -> argparse.Namespace:
     params = work / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {"evaluate": {"batch_size": 4, "overlays_per_patient": 1, "fill_holes": True}}
+            {"evaluate": {"batch_size": 4, "overlays_per_patient": 2, "fill_holes": True}}
         )
     )
     return argparse.Namespace(
@@ -102,7 +104,7 @@ def test_evaluate_main_writes_metrics_and_a_finished_run(
         rows = list(csv.DictReader(fh))
     assert [r["case"] for r in rows] == test_ids
     assert [float(r["dice"]) for r in rows] == pytest.approx(dice, abs=1e-9)
-    assert len(list((args.out / "overlays").glob("*.png"))) == 2
+    assert len(list((args.out / "overlays").glob("*.png"))) == 4
 
     client = MlflowClient()
     runs = client.search_runs(
@@ -112,13 +114,26 @@ def test_evaluate_main_writes_metrics_and_a_finished_run(
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent
-    assert run.data.metrics["test_dice_mean"] == pytest.approx(metrics["dice_mean"])
+    # the headline figures rounded for the runs table, the exact values beside them
+    assert run.data.metrics["test_dice_mean"] == round(metrics["dice_mean"], 4)
+    assert run.data.metrics["test_dice_mean_exact"] == metrics["dice_mean"]
+    assert run.data.metrics["test_hd95_mm_mean"] == round(metrics["hd95_mm_mean"], 4)
     for row in metrics["per_patient"]:
         assert run.data.metrics[f"test_dice_{row['case']}"] == pytest.approx(row["dice"])
     assert run.data.params["fill_holes"] == "True"
-    assert client.get_run(parent).data.metrics["test_dice_mean"] == pytest.approx(
-        metrics["dice_mean"]
-    )
+    # Each patient's two overlays at steps 0 and 1, where the UI's image slider starts.
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    steps: dict[str, list[int]] = {}
+    for name in images:
+        if name.endswith(".png"):
+            key, step = Path(name).name.split("+step+")
+            steps.setdefault(key, []).append(int(step.split("+")[0]))
+    assert {k: sorted(v) for k, v in steps.items()} == {
+        f"overlay_{case}": [0, 1] for case in test_ids
+    }, images
+    on_parent = client.get_run(parent).data.metrics
+    assert on_parent["test_dice_mean"] == round(metrics["dice_mean"], 4)
+    assert on_parent["test_dice_mean_exact"] == metrics["dice_mean"]
 
 
 @pytest.mark.parametrize(
@@ -138,3 +153,55 @@ def test_evaluate_requires_the_train_run_json(
     with pytest.raises(DataError, match=match):
         stage.main(args)
     assert not (tmp_path / "reports").exists()
+
+
+def test_a_copied_repository_keeps_its_artifacts_in_the_copy(
+    inputs: Path, empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cp -a`` of a repository with its store, then a stage run in the copy: every new
+    artifact lands in the copy, none in the original, and the old runs read the copied files.
+    (MLflow keeps absolute artifact locations in the database.)"""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from liverseg.training.tracking import ensure_experiment
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    (original / "mlruns").mkdir(parents=True)
+    shutil.copy(empty_mlflow_db, original / "mlruns" / "mlflow.db")
+    monkeypatch.chdir(original)
+    mlflow.set_tracking_uri(f"sqlite:///{original}/mlruns/mlflow.db")
+    try:
+        exp_id = ensure_experiment("liverseg-test")
+        with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
+            mlflow.log_text("from the original", "note.txt")
+            parent = str(run.info.run_id)
+        link = {"experiment_id": exp_id, "parent_run_id": parent, "final_run_id": ""}
+        write_json(original / "run.json", link)
+        subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+        before = files_under(original)
+
+        monkeypatch.chdir(copy)
+        mlflow.set_tracking_uri(f"sqlite:///{copy}/mlruns/mlflow.db")
+        stage.main(args_for(inputs, copy, copy / "run.json"))
+
+        assert files_under(original) == before  # nothing new in the original
+        client = MlflowClient()
+        runs = client.search_runs([exp_id])
+        assert len(runs) == 2  # train and evaluate
+        evaluate = next(r for r in runs if r.data.tags.get("kind") == "evaluate")
+        for r in runs:
+            assert r.info.artifact_uri.startswith((copy / "mlruns/artifacts").as_uri()), r.info
+        logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+        assert {"evaluate", "images"} <= logged
+        assert (copy / "mlruns/artifacts" / evaluate.info.run_id / "artifacts/evaluate").is_dir()
+        # the train run's artifact is read from the copy, the original gone
+        original.rename(tmp_path / "gone")
+        text = mlflow.artifacts.load_text(f"runs:/{parent}/note.txt")
+        assert text == "from the original"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}

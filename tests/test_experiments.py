@@ -270,3 +270,29 @@ def test_compare_table_fits_100_columns_with_the_figures_that_matter() -> None:
     assert lines[3].split() == ["one-epoch", "0.5000", "0.1000", "!", "-", "3.00e-03", "8", "1.235"]
     assert lines[3].startswith("  one-epoch")
     assert max(len(line) for line in lines) <= 100
+
+
+def test_compare_shows_the_params_that_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from liverseg.compare import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  epochs: 16\n  model:\n    depth: 4\n  window: [-100, 400]\n"
+    )
+    csv_text = (
+        "Experiment,rev,typ,cv_val_dice_mean,train.epochs,train.model.depth,train.window\n"
+        + ',workspace,baseline,0.95,16,4,"[-100, 400]"\n'
+        + ',main,baseline,0.95,16,4,"[-100, 400]"\n'
+        + 'epochs-4,1a2b3c4,branch_commit,0.91,4,4,"[-100, 400]"\n'
+    )
+    assert main(io.StringIO(csv_text)) == 0
+    out = capsys.readouterr().out
+    head, changed = out.split("params that differ:")
+    lines = changed.strip().splitlines()
+    assert lines[0].split() == ["experiment", "train.epochs"]  # depth, window: the same
+    assert lines[1].split() == ["workspace", "16"] and lines[3].split() == ["epochs-4", "4"]
+    assert "0.9100" in head and max(len(line) for line in out.splitlines()) <= 100

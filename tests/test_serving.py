@@ -495,6 +495,38 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(
 
 
 @pytest.mark.slow
+def test_what_mlflow_does_to_the_projects_error_line(server: Server) -> None:
+    """What docs/serving.md says MLflow 3.17's scoring server does with a refused request, so
+    that the page changes when MLflow does. The model raises MlflowException
+    (INVALID_PARAMETER_VALUE) with its one line: the server answers 400, the message opens
+    with MLflow's echo of the parsed input and ends with the project's line, which the
+    client keeps alone. A missing field never reaches the model: MLflow's own paragraph."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    values = [[-75.0, 100.0], [100.0, -75.0]]
+    with pytest.raises(DataError) as own:
+        slices_from_input(np.asarray(values), 1 << 30)
+    got, answer = post(server.url, _json({"inputs": values}))
+    assert got == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    echo, line = answer["message"].split("\nError: ")
+    assert line == str(own.value) and "\n" not in line
+    assert echo.startswith("Failed to predict data '[[") and "-75." in echo  # the input, back
+    with pytest.raises(ServingError) as client_error:
+        post_json(server.url, {"inputs": values})
+    assert str(client_error.value).endswith(f"HTTP 400: {own.value}")
+    assert "Failed to predict" not in str(client_error.value)
+
+    body = _json({"slices": values})
+    with pytest.raises(MlflowException) as paragraph:
+        scoring_server.infer_and_parse_data(scoring_server._split_data_and_params(body)[0])
+    got, answer = post(server.url, body)
+    assert got == 400 and answer["error_code"] == "BAD_REQUEST", answer
+    assert answer["message"] == paragraph.value.message
+    assert "exactly one of the input fields" in answer["message"] and len(answer["message"]) > 500
+
+
+@pytest.mark.slow
 def test_wrong_content_type_is_refused(server: Server) -> None:
     got, answer = post(server.url, b"1,2,3", content_type="text/plain")
     assert got == 415 and "content types" in answer["message"]

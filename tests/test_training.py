@@ -45,6 +45,9 @@ def test_cross_validation_records(tiny_prepared: Path, store: str) -> None:
     assert parent["params.model.depth"] == "2" and parent["tags.seed"] == "3"
     for k in ("cv_val_dice_mean", "cv_val_dice_std", "cv_val_iou_mean", "cv_val_iou_std"):
         assert 0.0 <= parent[f"metrics.{k}"] <= 1.0
+        # rounded for the runs table, exact beside it
+        assert parent[f"metrics.{k}"] == round(res.summary[k], 4), k
+        assert parent[f"metrics.{k}_exact"] == res.summary[k], k
     folds = runs[runs["tags.mlflow.runName"].str.startswith("fold")]
     assert (folds["tags.mlflow.parentRunId"] == res.parent_run_id).all()
     # the fold's case ids are recorded and disjoint

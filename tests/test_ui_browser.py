@@ -1,10 +1,12 @@
 """The MLflow UI (3.17) of a tiny pipeline, driven in headless Chromium as a user clicks it.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``make test`` installs them; nothing is
-downloaded at test time). Checks what the pages render, following README's clicks: the
+downloaded at test time). Checks what the pages render, following docs/comparing.md: the
 experiment opens on the runs table once *Model training* is chosen, the ``cv`` row shows its CV
 and test Dice and its dataset, the registry shows ``@champion`` and the model card, a fold's
-chart shows ``val_dice``; and ``dvc plots show``'s page draws its charts with no network.
+chart shows ``val_dice``; and ``dvc plots show``'s page draws its charts with no network. The
+walkthrough at the top of docs/comparing.md (baseline against a ``dvc exp``, curves side by
+side) is its own test, whose screenshots are the page's.
 Screenshots go to ``$LIVERSEG_SCREENSHOTS`` (``make ui-check`` sets ``docs/``), else to the
 test's temporary folder, whose path the test prints.
 """
@@ -169,7 +171,7 @@ def test_mlflow_ui_shows_what_a_user_compares(
         mlflow.set_tracking_uri(None)
     base = f"{ui}/#/experiments/{exp.experiment_id}"
 
-    # 1. The experiment, as README says: choose "Model training", the runs table opens.
+    # 1. The experiment, as docs/comparing.md says: choose "Model training", the runs table opens.
     browser.get(base)
     click_text(browser, "Model training")
     wait_for("the runs table", lambda: "Run Name" in page_text(browser))
@@ -236,3 +238,84 @@ def test_dvc_plots_page_draws_offline(tiny_repo: Path, browser: Any, shots: Path
         ),
     )
     browser.save_screenshot(str(shots / "dvc-plots.png"))
+
+
+EXPERIMENT = "epochs-1"
+
+
+def test_baseline_vs_experiment_curves_as_docs_comparing_walks_it(
+    tiny_repo: Path, ui: str, browser: Any, shots: Path
+) -> None:
+    """docs/comparing.md, step by step: an experiment beside the committed baseline, then the
+    page its link opens: the fold runs of both in the chart view, told apart by name, and
+    the cv runs with their rounded headline figures in the table."""
+    import urllib.parse
+
+    run(["dvc", "exp", "run", "--temp", "-n", EXPERIMENT, "-S", "train.epochs=1"], tiny_repo)
+    shown = run(["dvc", "exp", "show", "--csv"], tiny_repo).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "liverseg.compare"],
+        input=shown,
+        capture_output=True,
+        text=True,
+        cwd=tiny_repo,
+        check=True,
+    ).stdout
+    assert "params that differ:" in out and "train.epochs" in out, out
+
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo / 'mlruns/mlflow.db'}")
+    try:
+        exp = mlflow.get_experiment_by_name("liverseg")
+        assert exp is not None
+        runs = mlflow.search_runs([exp.experiment_id], output_format="pandas")
+    finally:
+        mlflow.set_tracking_uri(None)
+    names = set(runs["tags.mlflow.runName"])
+    assert {"fold-0", f"fold-0-{EXPERIMENT}", "cv", f"cv-{EXPERIMENT}"} <= names, names
+
+    # The doc's first link: the fold runs of every train in the chart view.
+    query = {
+        "workflowType": "machine_learning",
+        "compareRunsMode": "CHART",
+        "searchFilter": "attributes.run_name LIKE 'fold-%'",
+    }
+    runs_page = f"{ui}/#/experiments/{exp.experiment_id}/runs"
+    browser.get(f"{runs_page}?{urllib.parse.urlencode(query)}")
+    wait_for("the cv rows", lambda: f"cv-{EXPERIMENT}" in page_text(browser))
+    # the matching folds sit under their cv rows: expand both (the + before each name)
+    for button in browser.find_elements("css selector", ".ag-cell-value button"):
+        browser.execute_script("arguments[0].click()", button)
+    charts = "//input[@placeholder='Search metric charts']"
+    box = wait_for("the chart search", lambda: browser.find_elements("xpath", charts))[0]
+    box.send_keys("val_dice")
+
+    def legends() -> str:
+        text = str(browser.execute_script("return document.body.textContent"))
+        # the search applied (best_epoch's chart gone), both trains' folds drawn
+        found = f"fold-0-{EXPERIMENT} (val_dice)" in text and "fold-0 (val_dice)" in text
+        return text if found and "(best_epoch)" not in text else ""
+
+    text = wait_for("both trains' fold curves in the val_dice chart", legends)
+    assert f"fold-1-{EXPERIMENT} (val_dice)" in text and "fold-1 (val_dice)" in text
+    # the val_dice chart (the search also keeps best_val_dice and the cv figures) at the top
+    title = browser.find_elements("xpath", "//*[normalize-space(text())='val_dice']")[0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", title)
+    time.sleep(2)  # the charts draw their lines after the legend
+    browser.save_screenshot(str(shots / "mlflow-compare-curves.png"))
+
+    # The doc's second link: the cv runs in the table, their headline figures as columns.
+    query.update(compareRunsMode="TABLE", searchFilter="attributes.run_name LIKE 'cv%'")
+    browser.get(f"{runs_page}?{urllib.parse.urlencode(query)}")
+    wait_for("the cv rows", lambda: f"cv-{EXPERIMENT}" in page_text(browser))
+    shown = page_text(browser).split("Run Name", 1)[-1]
+    for column in ("cv_val_dice_mean", "test_dice_mean"):
+        if column not in shown:  # the UI remembers the columns chosen for the experiment
+            add_column(browser, column)
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    for _, row in runs[runs["tags.mlflow.runName"].isin(["cv", f"cv-{EXPERIMENT}"])].iterrows():
+        value = row["metrics.cv_val_dice_mean"]
+        assert value == round(value, 4)  # logged rounded: the table shows it whole
+        wait_for(f"{value:g} in the table", lambda v=value: f"{v:g}" in page_text(browser))
+    browser.save_screenshot(str(shots / "mlflow-compare-table.png"))

@@ -2,7 +2,9 @@
 
 ``dvc exp show`` has a column per param and metric (about 60 here) and truncates what does not
 fit the terminal; this keeps the baseline and every experiment with CV Dice, test Dice, HD95,
-learning rate, batch size and model cost, numbers rounded. Reads the CSV on stdin.
+learning rate, batch size and model cost, numbers rounded; then the params (the keys of
+``params.yaml``) whose values differ between them, such as ``train.epochs``. Reads the CSV on
+stdin.
 
 Usage: ``dvc exp show --csv | python -m liverseg.compare``
 """
@@ -11,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import sys
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
-# dvc exp show column -> (header, format)
+import yaml
+
+# dvc exp show column -> (header, format of the number; "" for the text as it is)
 COLUMNS = {
     "cv_val_dice_mean": ("CV Dice", "{:.4f}"),
     "cv_val_dice_std": ("± std", "{:.4f}"),
@@ -25,18 +30,41 @@ COLUMNS = {
 }
 
 
-def table(rows: list[dict[str, str]]) -> str:
+def param_keys(params: Path = Path("params.yaml")) -> list[str]:
+    """The dotted keys of ``params`` (``train.model.depth``), as ``dvc exp show`` names its
+    param columns; none if the file is missing."""
+    if not params.is_file():
+        return []
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [k for key, value in node.items() for k in walk(value, f"{prefix}{key}.")]
+        return [prefix[:-1]]
+
+    return walk(yaml.safe_load(params.read_text()) or {}, "")
+
+
+def differing(rows: list[dict[str, str]], keys: list[str]) -> list[str]:
+    """The ``keys`` whose values are not the same in every row."""
+    return [k for k in keys if len({row.get(k, "") for row in rows}) > 1]
+
+
+def name_of(row: dict[str, str]) -> str:
+    name = row.get("Experiment") or row.get("rev", "?")
+    if row.get("typ", "").startswith("branch_"):
+        name = f"  {name}"  # experiments indented under their baseline, as DVC does
+    return name
+
+
+def table(rows: list[dict[str, str]], columns: dict[str, tuple[str, str]] = COLUMNS) -> str:
     """Aligned text table: one line per revision/experiment (``-`` where a figure is missing)."""
-    lines = [["experiment", *(h for h, _ in COLUMNS.values())]]
+    lines = [["experiment", *(h for h, _ in columns.values())]]
     for row in rows:
-        name = row.get("Experiment") or row.get("rev", "?")
-        if row.get("typ", "").startswith("branch_"):
-            name = f"  {name}"  # experiments indented under their baseline, as DVC does
-        cells = [name]
-        for key, (_, fmt) in COLUMNS.items():
+        cells = [name_of(row)]
+        for key, (_, fmt) in columns.items():
             value = row.get(key, "")
             try:
-                cells.append(fmt.format(float(value)))
+                cells.append(fmt.format(float(value)) if fmt else value or "-")
             except ValueError:
                 cells.append(value or "-")
         lines.append(cells)
@@ -56,6 +84,10 @@ def main(stdin: TextIO | None = None) -> int:
         print("compare: no rows (is this a DVC repository with `dvc exp show` output?)")
         return 1
     print(table(rows))
+    changed = [k for k in differing(rows, param_keys()) if k not in COLUMNS]
+    if changed:
+        print("\nparams that differ:")
+        print(table(rows, {k: (k, "") for k in changed}))  # as params.yaml writes them
     return 0
 
 

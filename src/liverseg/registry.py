@@ -92,9 +92,10 @@ def register_model(
     from mlflow.exceptions import MlflowException
 
     from liverseg.serving import log_pyfunc
-    from liverseg.training.tracking import NOTE_TAG, git_commit
+    from liverseg.training.tracking import NOTE_TAG, follow_moved_store, git_commit
 
     _, prep_file = check_model_dir(Path(model_dir))
+    follow_moved_store()
     test_dice = float(test["dice_mean"])
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
@@ -157,7 +158,7 @@ def register_model(
                 "registered_model": name,
                 "model_version": version,
                 "decision": decision,
-                NOTE_TAG: f"Registered `{name}` v{version}. {card}",
+                NOTE_TAG: f"`{name}` v{version}: {decision}",
             }
         )
     return {

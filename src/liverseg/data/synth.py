@@ -335,23 +335,29 @@ def _missing_organs(
     if "kidney" not in groups:
         z_right = z_low + rng.uniform(0.0, 0.3) * height
         for side, name, dz in ((1, "rightkidney", 0.0), (-1, "leftkidney", rng.uniform(0, 30))):
-            out[name] = ellipsoid(
-                (
-                    cx + side * rng.uniform(0.14, 0.24) * width,
-                    back + rng.uniform(0.2, 0.32) * depth,
-                    z_right + dz,
-                ),
-                rng.uniform((24, 20, 45), (34, 28, 60)),
-            ) & ~out["heart"]
+            out[name] = (
+                ellipsoid(
+                    (
+                        cx + side * rng.uniform(0.14, 0.24) * width,
+                        back + rng.uniform(0.2, 0.32) * depth,
+                        z_right + dz,
+                    ),
+                    rng.uniform((24, 20, 45), (34, 28, 60)),
+                )
+                & ~out["heart"]
+            )
     if "spleen" not in groups:
-        out["spleen"] = ellipsoid(
-            (
-                cx - rng.uniform(0.24, 0.34) * width,
-                back + rng.uniform(0.25, 0.4) * depth,
-                z_top - rng.uniform(0.15, 0.4) * height,
-            ),
-            rng.uniform((22, 35, 40), (35, 55, 65)),
-        ) & ~out["heart"]
+        out["spleen"] = (
+            ellipsoid(
+                (
+                    cx - rng.uniform(0.24, 0.34) * width,
+                    back + rng.uniform(0.25, 0.4) * depth,
+                    z_top - rng.uniform(0.15, 0.4) * height,
+                ),
+                rng.uniform((22, 35, 40), (35, 55, 65)),
+            )
+            & ~out["heart"]
+        )
     return out
 
 

@@ -143,21 +143,22 @@ def log_to_mlflow(
         NOTE_TAG,
         dvc_out_hash,
         ensure_experiment,
+        follow_moved_store,
         git_commit,
+        headline_metrics,
         log_dataset,
         log_params_flat,
     )
 
+    follow_moved_store()
     exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
     cases = [r["case"] for r in result["per_patient"]]
     tags = {
         "kind": "evaluate",
         "git_commit": git_commit(),
         NOTE_TAG: (
-            f"3-D test metrics of the final model on the {len(cases)} held-out patients "
-            f"({', '.join(cases)}): Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
-            f"HD95 {result['hd95_mm_mean']:.1f} mm. Overlays (green truth, red prediction) "
-            "under Model metrics > images and in the artifacts."
+            f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
+            f"HD95 {result['hd95_mm_mean']:.1f} mm, {len(cases)} patients"
         ),
     }
     parent_id = link["parent_run_id"]
@@ -168,23 +169,35 @@ def log_to_mlflow(
         log_params_flat(as_flat_dict(cfg))
         log_dataset(raw, dvc_out_hash(raw), context="test")
         test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+        test.update(headline_metrics({k: test[k] for k in HEADLINE if k in test}))
         mlflow.log_metrics(test)
         for r in result["per_patient"]:
             mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
-        for png in sorted((out / "overlays").glob("*.png")):
-            # <case>_z<k>.png: one image key per patient, its steps the slice indices
-            case, z = png.stem.rsplit("_z", 1)
-            with Image.open(png) as im:
-                # synchronous: MLflow's asynchronous artifact queue would hold the exit for a
-                # second (its thread polls once a second) to upload 18 small files
-                mlflow.log_image(
-                    im.convert("RGB"), key=f"overlay_{case}", step=int(z), synchronous=True
-                )
+        overlays: dict[str, list[tuple[int, Path]]] = {}
+        for png in (out / "overlays").glob("*.png"):
+            case, z = png.stem.rsplit("_z", 1)  # <case>_z<k>.png
+            overlays.setdefault(case, []).append((int(z), png))
+        for case, slices in sorted(overlays.items()):
+            # One image key per patient, its slices at steps 0, 1, ... from the bottom up:
+            # the UI's step slider starts at 0, so slice indices as steps showed a blank
+            # panel. The slice index stays in the artifact's name (evaluate/overlays/).
+            for step, (_, png) in enumerate(sorted(slices)):
+                with Image.open(png) as im:
+                    # synchronous: MLflow's asynchronous artifact queue would hold the exit
+                    # for a second (its thread polls once a second) to upload small files
+                    mlflow.log_image(
+                        im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
+                    )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         now = int(time.time() * 1000)
         mlflow.MlflowClient().log_batch(
-            parent_id, metrics=[Metric(k, test[k], now, 0) for k in HEADLINE if k in test]
+            parent_id,
+            metrics=[
+                Metric(k, v, now, 0)
+                for k, v in test.items()
+                if k in HEADLINE or k.removesuffix("_exact") in HEADLINE
+            ],
         )
         return str(run.info.run_id)

@@ -26,7 +26,12 @@ from liverseg.training.curves import curves_figure
 from liverseg.training.dataset import load_prepared
 from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
 from liverseg.training.folds import FoldJob, FoldOutcome, log_keras_model, run_folds
-from liverseg.training.tracking import NOTE_TAG, log_dataset, log_params_flat
+from liverseg.training.tracking import (
+    NOTE_TAG,
+    headline_metrics,
+    log_dataset,
+    log_params_flat,
+)
 from liverseg.workers import processes_for, threads_per_process
 
 
@@ -79,12 +84,12 @@ def cross_validate(
         f"{learning_rate:.3g}, batch {batch_size}, up to {cfg.epochs} epochs (patience "
         f"{cfg.patience}), seed {cfg.seed}"
     )
-    data = f"`{prepared.as_posix()}` (DVC {data_digest or 'unknown'})"
+    # Short: the runs table's Description column is as wide as its longest text; the
+    # details (model, data, test patients) are the run's params, tags and Dataset column.
     description = (
-        f"{k}-fold cross-validation of a {what} on {data}"
-        + (f", `dvc exp` experiment `{dvc_exp}`" if dvc_exp else ", `dvc repro` baseline")
-        + f". Test patients (never trained on): {', '.join(splits['test'])}; final model: "
-        f"{cfg.final}. The `evaluate` child run adds the test Dice and HD95 here."
+        f"{k}-fold CV, "
+        + (f"`dvc exp` experiment `{dvc_exp}`" if dvc_exp else "`dvc repro` baseline")
+        + f": lr {learning_rate:.3g}, batch {batch_size}, up to {cfg.epochs} epochs"
     )
     with mlflow.start_run(
         experiment_id=experiment_id,
@@ -148,7 +153,7 @@ def cross_validate(
             "cv_val_iou_mean": float(iou.mean()),
             "cv_val_iou_std": float(iou.std()),
         }
-        mlflow.log_metrics(summary)
+        mlflow.log_metrics(headline_metrics(summary))
         mlflow.log_figure(curves_figure(histories), "curves.png")
 
         final_epochs = int(round(float(np.median([r["best_epoch"] for r in fold_rows]))))
@@ -159,17 +164,14 @@ def cross_validate(
             log_dataset(prepared, data_digest, context="training")
             trainval = trainval_cases(splits)
             if cfg.final == "ensemble":
-                mlflow.set_tag(
-                    NOTE_TAG, f"Final model: the mean of the {k} fold models' probabilities."
-                )
+                mlflow.set_tag(NOTE_TAG, f"Final model: mean of the {k} fold models")
                 model = ensemble(fold_models)
                 mlflow.log_params({"final": "ensemble", "members": k})
                 final_hist: dict[str, list[float]] = {}
             else:
                 mlflow.set_tag(
                     NOTE_TAG,
-                    f"Final model: retrained on all {len(trainval)} non-test patients for "
-                    f"{final_epochs} epochs (the folds' median best epoch); {what}.",
+                    f"Final model: {len(trainval)} patients, {final_epochs} epochs",
                 )
                 mlflow.log_params({"final": "retrain", "epochs": final_epochs})
                 mlflow.set_tag("train_cases", ",".join(trainval))

@@ -96,14 +96,15 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
     val = load_prepared(job.prepared, val_ids)
     with mlflow.start_run(
         experiment_id=job.experiment_id,
-        run_name=f"fold-{fold}",
+        # an experiment's folds named after it, as its cv run is: charts that compare the
+        # baseline with an experiment then tell their curves apart by run name
+        run_name=f"fold-{fold}-{job.tags['dvc_exp']}"
+        if job.tags.get("dvc_exp")
+        else f"fold-{fold}",
         parent_run_id=job.parent_run_id,
         nested=True,
         tags=job.tags,
-        description=(
-            f"Fold {fold} of {job.k}: trained on patients {', '.join(train_ids)}, "
-            f"validated on {', '.join(val_ids)}; {job.what}."
-        ),
+        description=f"Fold {fold} of {job.k}: validated on {', '.join(val_ids)}",
     ) as run:
         log_dataset(job.prepared, job.data_digest, context="training")
         mlflow.log_params(

@@ -6,6 +6,7 @@ The tracking URI is set by the entry point (``liverseg.cli``), never here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -22,25 +23,84 @@ EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_DESCRIPTION = (
     "Liver segmentation in abdominal CT with a 2D U-Net (liverseg). One `cv` run per `train` "
-    "(named `cv-<experiment>` for `dvc exp run`) with its `fold-K` curves, the `final` model, "
+    "(named `cv-<experiment>` for `dvc exp run`) with its `fold-K` (`fold-K-<experiment>`) "
+    "curves, the `final` model, "
     "`evaluate` (3-D test Dice, HD95, overlays) and `register` runs nested under it; one "
     "`study-...` run per Optuna study with a `trial-N` run per trial. Sort the `cv` runs by "
     "`test_dice_mean` or `cv_val_dice_mean`; the Dataset column names the DVC hash of the data."
 )
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI; None for servers."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
 def default_artifact_root(uri: str) -> Path | None:
     """For a SQLite store, ``artifacts/`` beside its database file; None for servers."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    return Path(uri[len(prefix) :]).parent / "artifacts"
+    database = sqlite_database(uri)
+    return None if database is None else database.parent / "artifacts"
+
+
+# Where MLflow 3.17's SQLite store writes the artifact locations it made absolute (it resolves
+# a relative one against the working directory when the experiment is created, and each run's
+# and each logged model's from its experiment's at creation).
+ARTIFACT_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def follow_moved_store(uri: str | None = None) -> list[str]:
+    """Make a moved or copied SQLite store (``cp -a``, ``mv`` of the repository) keep its
+    artifacts beside it again: the artifact locations that still name ``artifacts/`` beside
+    the store's database at its old place (``/old/repo/mlruns/artifacts``) are rewritten to
+    the one beside it now, so new runs write into this copy and old runs read the copied
+    files. Locations of the user's choosing elsewhere are left alone. The old locations
+    rewritten; nothing for a tracking server or a store where they already match."""
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import unquote, urlparse
+
+    database = sqlite_database(uri or mlflow.get_tracking_uri())
+    if database is None or not database.is_file():
+        return []
+    root = (database.parent / "artifacts").resolve()
+    here = root.as_uri()
+    with closing(sqlite3.connect(database, timeout=60)) as db, db:
+        locations = {row[0] for row in db.execute("SELECT artifact_location FROM experiments")}
+        moved = []
+        for old in sorted(locations - {here}):
+            path = Path(unquote(urlparse(old).path))
+            if not old.startswith("file://") or path.parts[-2:] != root.parts[-2:]:
+                continue  # not the default layout (mlruns/artifacts) of a store elsewhere
+            moved.append(old)
+            for table, column in ARTIFACT_LOCATION_COLUMNS:
+                db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                    (here, len(old) + 1, old, len(old) + 1, old + "/"),
+                )
+    for old in moved:
+        logging.getLogger("liverseg").info(
+            "%s: the store was moved or copied; its artifact locations %s now read %s",
+            database,
+            old,
+            here,
+        )
+    return moved
 
 
 def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
     """Id of experiment ``name``, created (with artifacts under ``artifact_root``, by default
     beside a SQLite store) if missing; tagged as a model-training experiment with a
-    description if it has none."""
+    description if it has none. A moved SQLite store is made to follow first
+    (:func:`follow_moved_store`)."""
+    follow_moved_store()
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
@@ -68,6 +128,18 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
                 if key not in client.get_experiment(exp.experiment_id).tags:
                     raise
     return str(exp.experiment_id)
+
+
+# The runs table shows a metric with all its digits (0.92308807...): the headline figures are
+# logged rounded under their names, what a user reads and sorts by, and exact as <name>_exact.
+HEADLINE_DECIMALS = 4
+
+
+def headline_metrics(values: dict[str, float]) -> dict[str, float]:
+    """``values`` rounded to :data:`HEADLINE_DECIMALS` decimals, and each exact value again
+    as ``<name>_exact``."""
+    rounded = {k: round(float(v), HEADLINE_DECIMALS) for k, v in values.items()}
+    return {**rounded, **{f"{k}_exact": float(v) for k, v in values.items()}}
 
 
 def dvc_experiment() -> str:

@@ -227,12 +227,7 @@ def make_objective(
         }
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        tags[NOTE_TAG] = (
-            f"Optuna trial {trial.number} of study `{trial.study.study_name}`: learning rate "
-            f"{lr:.3g}, batch size {batch_size}, {tune.epochs} epochs on fold(s) "
-            f"{', '.join(map(str, tune.folds))}. Objective (`{OBJECTIVE_METRIC}`, maximised): "
-            "the mean over those folds of the best epoch's validation Dice."
-        )
+        tags[NOTE_TAG] = f"Trial {trial.number}: lr {lr:.3g}, batch {batch_size}"
         run_id = client.create_run(
             experiment_id, run_name=f"trial-{trial.number}", tags=tags
         ).info.run_id

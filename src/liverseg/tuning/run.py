@@ -99,12 +99,9 @@ def _log_plot_images(folder: Path) -> None:
 
 def _study_description(name: str, tune: TuneParams, summary: dict[str, Any]) -> str:
     return (
-        f"Optuna study `{name}` over learning rate [{tune.lr_min:g}, {tune.lr_max:g}] and "
-        f"batch size {list(tune.batch_sizes)}: {tune.n_trials} trials of {tune.epochs} epochs "
-        f"on fold(s) {list(tune.folds)}, median pruner. Best: trial {summary['trial_number']} "
-        f"(val Dice {summary['value']:.4f}, lr {summary['learning_rate']:.3g}, batch "
-        f"{summary['batch_size']}). Compare the `trial-N` runs on `objective_val_dice`; the "
-        "study plots are under this run's images."
+        f"{tune.n_trials} trials; best: trial {summary['trial_number']}, val Dice "
+        f"{summary['value']:.4f} (lr {summary['learning_rate']:.3g}, batch "
+        f"{summary['batch_size']})"
     )
 
 
