@@ -86,9 +86,13 @@ def test_a_stop_while_a_generation_is_asked_fails_its_trials(
         stop.request(signal.SIGTERM)
         return trial
 
+    def objective(trial: optuna.Trial) -> float:
+        stop.check()  # the stop point of the trial's training, once its MLflow run exists
+        pytest.fail("the trial went past its stop point")
+
     monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
     with pytest.raises(KeyboardInterrupt):
-        optimize_in_generations(study, tune, job, lambda t: pytest.fail("a trial ran"))
+        optimize_in_generations(study, tune, job, objective)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
 
 

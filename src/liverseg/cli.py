@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
         if args.command in MLFLOW_COMMANDS:
             for line in runguard.end_stale_runs():
                 print(f"{prog}: {line}", file=sys.stderr)
+            stop.check()  # (the store's first use may have created its tables: seconds)
         # A stop asked after the stage's last check comes too late: the stage has finished.
         importlib.import_module(args._module).main(args)
     except KeyboardInterrupt as exc:  # stop.Interrupted, or SIGINT before stop.install

@@ -96,8 +96,8 @@ def run_study(
     None, a worker's: only the best trial so far). Prints one line."""
     import mlflow
 
+    from liverseg import stop
     from liverseg.data.prepared import load_splits
-    from liverseg.stop import Interrupted
     from liverseg.tracking import (
         NOTE_TAG,
         content_hash,
@@ -120,13 +120,16 @@ def run_study(
     load_splits(prepared)
     data_hash = content_hash(prepared)
     name = study_name(data_hash, tune, train)
+    storage = open_storage(url)
+    stop.check()
     study = create_study(
-        open_storage(url),
+        storage,
         name,
         tune,
         worker_index=worker_index,
         inputs=study_inputs(data_hash, tune, train),
     )
+    stop.check()  # start-up takes seconds: a stop asked meanwhile ends it between its steps
     dead = fail_dead_trials(study)
     if dead:
         print(
@@ -134,6 +137,7 @@ def run_study(
             "FAIL (their MLflow runs KILLED); they are run again",
             flush=True,
         )
+    stop.check()
     exp_id = ensure_experiment(train.experiment)
     tags = {
         "stage": "tune",
@@ -149,12 +153,14 @@ def run_study(
             mlflow.log_params(_parent_params(tune, redact(url)))
             dvc_md5 = dvc_out_hash(prepared)
             log_dataset(prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training")
+            stop.check()  # before TensorFlow's import, which takes seconds
             objective = None
             if generation_processes(tune) == 1:
                 # (worker processes set up their own Keras: this one need not import it)
                 from liverseg.training.fit import keras_session
                 from liverseg.tuning.objective import make_objective
 
+                stop.check()
                 keras_session(train.precision, tune.seed)
                 objective = make_objective(
                     prepared, tune, train, experiment_id=exp_id, parent_run_id=run.info.run_id
@@ -173,7 +179,7 @@ def run_study(
             report.log_plot_images(out)
             mlflow.set_tag(NOTE_TAG, report.study_description(name, tune, summary))
     except KeyboardInterrupt as exc:
-        raise Interrupted(
+        raise stop.Interrupted(
             getattr(exc, "signum", signal.SIGINT),
             f"study {name}: its finished trials are kept in "
             f"{redact(url)}: run the same command again to resume",

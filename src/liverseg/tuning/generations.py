@@ -164,8 +164,8 @@ def optimize_in_generations(
                         Pool(_trial_in_worker, job, processes, threads, tune.generation_size)
                     )
                 if pool is None:
+                    # (a stop is taken in a trial's training, once its MLflow run exists)
                     for n in numbers:
-                        stop.check()
                         run_trial(study, objective, n)
                 else:
                     print(
