@@ -36,9 +36,6 @@ from liverseg.params import ModelSpec
 from liverseg.training import distribute as distributed
 from liverseg.training.dataset import make_dataset
 
-# Keras' names for the metrics that are logged every epoch (val_* when there is validation).
-EPOCH_METRICS = ("loss", "dice", "iou")
-
 # Validation runs the model forward only, in batches of at least this many slices: fewer, larger
 # calls cost less than the training batch size's many small ones (measured: validation was most
 # of the loop's overhead), and the epoch's pooled Dice does not depend on the batching.
