@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, float, int, dict[str, Any]]:
-    from liverseg.data.splits import load_splits
+    from liverseg.data.prepared import load_splits
     from liverseg.params import TrainParams, load_section
 
     cfg: TrainParams = load_section("train", args.params)
@@ -58,9 +58,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, float, int, dict[str, Any]]:
 def schedule(args: argparse.Namespace) -> None:
     import keras
 
+    from liverseg.data.prepared import load_prepared
     from liverseg.data.splits import fold_cases
     from liverseg.training import fit as fit_module
-    from liverseg.training.dataset import load_prepared
 
     cfg, lr, batch, splits = _setup(args)
     train_ids, val_ids = fold_cases(splits, args.fold)
@@ -104,9 +104,9 @@ def schedule(args: argparse.Namespace) -> None:
 
 
 def parallel(args: argparse.Namespace) -> None:
+    from liverseg.data.prepared import load_prepared
     from liverseg.data.splits import fold_cases
     from liverseg.training import fit as fit_module
-    from liverseg.training.dataset import load_prepared
 
     cfg, lr, batch, splits = _setup(args)
     epochs = int(args.epochs[0])

@@ -74,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def phantom_fold(work: Path, image_size: int, params_path: Path) -> tuple[Any, Any]:
     """Fold 0's (train, val) arrays of the default phantom prepared at ``image_size``."""
     from liverseg.data.phantom import write_phantom
+    from liverseg.data.prepared import load_prepared
     from liverseg.data.splits import fold_cases
     from liverseg.params import load_section
     from liverseg.stages.prepare import prepare
-    from liverseg.training.dataset import load_prepared
 
     ingest = load_section("ingest", params_path)
     prep = dataclasses.replace(load_section("prepare", params_path), image_size=image_size)

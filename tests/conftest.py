@@ -119,7 +119,7 @@ class MlflowStore:
 
     def experiment(self, name: str) -> str:
         """The id of experiment ``name`` (created with its artifacts under ``root``)."""
-        from liverseg.training.tracking import ensure_experiment
+        from liverseg.tracking import ensure_experiment
 
         return ensure_experiment(name, self.root / "artifacts")
 
@@ -170,3 +170,12 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_phantom(root / "raw", PhantomParams(n_cases=5, size=32, n_slices=10, seed=1))
     prepare(root / "raw", root / "prepared", PrepareParams(image_size=32, n_test=1, k_folds=2))
     return root / "prepared"
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left() -> Iterator[None]:
+    """A stop a test asked (liverseg.stop is per process) does not stop the tests after it."""
+    yield
+    from liverseg import stop
+
+    stop.forget()

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from liverseg.data.prepared import load_prepared
 from liverseg.errors import DataError
 from liverseg.params import AugmentParams
-from liverseg.training.dataset import load_prepared, make_dataset
+from liverseg.training.dataset import make_dataset
 
 H, W = 32, 48  # non-square, to catch swapped axes in the affine transform
 NO_AUG = {"flip": False, "rotate_deg": 0.0, "scale": 0.0, "intensity": 0.0, "blur_prob": 0.0}

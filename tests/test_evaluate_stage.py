@@ -164,7 +164,7 @@ def test_a_copied_repository_keeps_its_artifacts_in_the_copy(
     import mlflow
     from mlflow import MlflowClient
 
-    from liverseg.training.tracking import ensure_experiment
+    from liverseg.tracking import ensure_experiment
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     (original / "mlruns").mkdir(parents=True)

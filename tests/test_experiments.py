@@ -14,14 +14,14 @@ import yaml
 
 from liverseg.cli import resolve_tracking_uri
 from liverseg.model_card import decision_text, model_card
-from liverseg.training.curves import curve_rows, curves_figure, write_curves_csv
-from liverseg.training.tracking import (
+from liverseg.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     NOTE_TAG,
     ensure_experiment,
     git_commit,
 )
+from liverseg.training.curves import curve_rows, curves_figure, write_curves_csv
 
 REPO = Path(__file__).resolve().parents[1]
 

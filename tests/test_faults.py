@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import run, tool_env
-from liverseg import runguard
+from liverseg import runguard, server_log
 from liverseg.data.volumes import MAX_VOXELS_ENV, load_volume
 from liverseg.errors import DataError, ParamsError
 from liverseg.fsutil import atomic_dir, write_json
@@ -671,8 +671,8 @@ def test_server_log_has_no_traceback_for_a_client_that_hung_up(
     from starlette.requests import ClientDisconnect
 
     log = logging.getLogger("test.uvicorn.error")
-    runguard.quiet_client_disconnects(log.name)
-    runguard.quiet_client_disconnects(log.name)  # once is enough
+    server_log.quiet_client_disconnects(log.name)
+    server_log.quiet_client_disconnects(log.name)  # once is enough
     assert len(log.filters) == 1
 
     def raised(exc: BaseException) -> BaseException:
@@ -747,68 +747,66 @@ def test_server_refuses_the_header_bomb_and_a_hung_up_client_leaves_one_line(
     assert status == 400  # still serving
 
 
-# ------------------------------------------------------------------------ exit without teardown
-_EXIT_SCRIPT = """
-import atexit, concurrent.futures, sys, threading, time
-from pathlib import Path
-from liverseg import runguard
+# ---------------------------------------------------------------------------------- stop points
+def test_a_signal_is_recorded_and_raised_at_the_next_stop_point() -> None:
+    """The handler only records the request (nothing is raised in whatever code runs when it
+    lands); :func:`liverseg.stop.check` raises it, with the first signal's number."""
+    from liverseg import stop
 
-out = Path(sys.argv[1])
-class Marker:
-    def __del__(self):  # runs in the interpreter's teardown, which os._exit skips
-        (out / "teardown").write_text("ran")
-marker = Marker()
-atexit.register(lambda: (out / "atexit").write_text("ran"))
-threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
-# a pool left running (as MLflow's artifact repositories leave theirs): its queued work is done
-pool = concurrent.futures.ThreadPoolExecutor(1)
-pool.submit(lambda: (time.sleep(0.3), (out / "pool").write_text("ran")))
-sys.stdout.write("no newline, still buffered")
-if sys.argv[2] == "fast":
-    runguard.exit_without_teardown(3)
-sys.exit(3)
-"""
-
-
-@pytest.mark.parametrize("how", ["fast", "normal"])
-def test_exit_without_teardown_does_what_an_exit_does_but_the_teardown(
-    tmp_path: Path, how: str
-) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), how],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "no newline, still buffered"
-    # the non-daemon thread and the pool's work were waited for, the atexit handlers ran ...
-    assert (tmp_path / "thread").read_text() == "ran"
-    assert (tmp_path / "pool").read_text() == "ran"
-    assert (tmp_path / "atexit").read_text() == "ran"
-    # ... and only the teardown (the destruction of module objects) was skipped
-    assert (tmp_path / "teardown").exists() == (how == "normal")
-
-
-def test_a_deferred_interrupt_is_raised_once_at_the_next_safe_point() -> None:
-    """A signal that came while TensorFlow ran (retry_outside_tensorflow deferred it) is
-    raised by raise_pending (training calls it at each epoch's end), once: its retries stop."""
-    runguard.raise_pending()  # nothing pending: nothing raised
-    previous = runguard.install()
+    stop.check()  # nothing asked: nothing raised
+    previous = stop.install()
     try:
-        runguard._raise_interrupted(signal.SIGTERM, _frame_in_tensorflow())
-        with pytest.raises(runguard.Interrupted) as info:
-            runguard.raise_pending()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal does not replace the first
+        time.sleep(0.05)  # the handlers have run here, without raising
+        assert stop.requested() == signal.SIGTERM
+        with pytest.raises(stop.Interrupted) as info:
+            stop.check()
         assert info.value.signum == signal.SIGTERM
-        runguard.raise_pending()  # raised once only
-        time.sleep(0.3)  # the 50 ms retry found nothing pending: no signal, no Interrupted
     finally:
-        runguard.restore(previous)
+        stop.restore(previous)
 
 
-def _frame_in_tensorflow() -> object:
-    """A frame whose code lives in a ``tensorflow`` package folder (what the deferral tests)."""
-    code = compile("import sys; frame = sys._getframe()", "/x/tensorflow/python/f.py", "exec")
-    scope: dict[str, object] = {}
-    exec(code, scope)
-    return scope["frame"]
+def test_a_stop_keeps_the_last_output(tmp_path: Path) -> None:
+    """A stop asked while a stage writes its output: the old output stays, no temporary."""
+    from liverseg import stop
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with pytest.raises(stop.Interrupted), atomic_dir(final) as tmp:
+        (tmp / "new").write_text("new")
+        stop.request(signal.SIGTERM)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in final.iterdir()] == ["old"]
+
+
+def test_training_stops_at_its_next_batch() -> None:
+    """A stop asked during training ends ``fit`` at the next batch (Keras' own loop), not at
+    the end of the training: here after the first of 20 epochs."""
+    import keras
+
+    from liverseg import stop
+    from liverseg.params import ModelParams, TrainParams
+    from liverseg.training.fit import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 16, 16, 1), dtype=np.float32)
+    y = (x > 0.5).astype(np.float32)
+    spec = TrainParams(model=ModelParams(depth=1, base_filters=2)).spec
+    epochs: list[int] = []
+    ask = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: (epochs.append(e), stop.request(signal.SIGTERM))
+    )
+    with pytest.raises(stop.Interrupted):
+        fit(
+            (x, y),
+            None,
+            spec,
+            learning_rate=1e-3,
+            batch_size=4,
+            epochs=20,
+            seed=0,
+            callbacks=[ask],
+        )
+    assert epochs == [0]

@@ -115,7 +115,7 @@ def test_progress_is_one_line_per_epoch_and_quiet_by_default(
 
 def test_the_cli_sends_progress_to_stderr() -> None:
     code = (
-        "import logging, sys; from liverseg import cli; cli.show_progress(); "
+        "import logging, sys; import liverseg; liverseg.show_progress(); "
         "logging.getLogger('liverseg.progress').info('train: fold-0 epoch 1/2'); "
         "logging.getLogger('liverseg.other').debug('hidden')"
     )
@@ -154,7 +154,7 @@ def test_tensorflow_comes_from_exactly_one_extra() -> None:
 
     import tensorflow as tf
 
-    from liverseg.training.tracking import tensorflow_distribution
+    from liverseg.tracking import tensorflow_distribution
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 

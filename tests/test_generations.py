@@ -4,7 +4,6 @@ the same study however its trials are spread over worker processes."""
 from __future__ import annotations
 
 import signal
-import sys
 from pathlib import Path
 
 import optuna
@@ -13,17 +12,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import MlflowStore
-from liverseg import workers
+from liverseg import stop, workers
 from liverseg.params import TuneParams
-from liverseg.tuning.generations import (
-    GENERATION_ATTR,
-    EarlierGenerationsPruner,
-    TrialJob,
-    optimize_in_generations,
-)
-from liverseg.tuning.run import Workers, run_study
-from liverseg.tuning.stop import StopSignal
-from liverseg.tuning.study import study_pruner
+from liverseg.stages.tune import run_study
+from liverseg.tuning.generations import TrialJob, optimize_in_generations
+from liverseg.tuning.study import GENERATION_ATTR, EarlierGenerationsPruner, study_pruner
 from test_tune import TINY_TRAIN, tiny_tune, write_prepared
 
 X = {"x": FloatDistribution(0.0, 1.0)}
@@ -52,7 +45,7 @@ def test_a_trial_is_pruned_against_earlier_generations_only() -> None:
     # Whatever finished first in its own generation is not compared: median(0.4, 0.9) = 0.65.
     trial.set_user_attr(GENERATION_ATTR, 2)
     assert trial.should_prune()
-    # A trial outside generations (``--workers``) sees the whole study: median 0.4 < 0.5.
+    # A trial outside generations sees the whole study: median 0.4 < 0.5.
     other = study.ask()
     other.report(0.5, 0)
     assert not other.should_prune()
@@ -61,44 +54,45 @@ def test_a_trial_is_pruned_against_earlier_generations_only() -> None:
 def test_a_stop_requested_between_trials_is_raised_not_taken_for_the_end(
     tmp_path: Path,
 ) -> None:
-    """A signal deferred while a trial's result was stored (SQLAlchemy's code: only
-    ``requested`` is set) stops the study with the interrupt that the stage reports (exit 143,
-    "run the same command again"), not as a study that ended: CI saw tune exit 0 after one of
-    50 trials."""
+    """A stop asked while a trial runs or its result is stored stops the study with the
+    interrupt that the stage reports (exit 143, "run the same command again"), not as a study
+    that ended: CI saw tune exit 0 after one of 50 trials."""
     tune = tiny_tune(n_trials=50, generation_size=1, processes=1)
     job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
     study = optuna.create_study(direction="maximize")
-    stop = StopSignal()
 
     def objective(trial: optuna.Trial) -> float:
-        stop.requested = True  # what the handler does when the signal lands in the store
+        stop.request(signal.SIGTERM)  # what the handler does
         return 0.5
 
     with pytest.raises(KeyboardInterrupt):
-        optimize_in_generations(study, tune, job, objective, stop)
+        optimize_in_generations(study, tune, job, objective)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
 
 def test_a_stop_while_a_generation_is_asked_fails_its_trials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A signal while the generation's trials are asked (a critical section: it only sets
-    ``requested``) is raised after it; the asked trials end FAIL, none RUNNING (before, they
-    stayed RUNNING until a later run found their process dead)."""
+    """A stop asked while the generation's trials are asked is raised after it; the asked
+    trials end FAIL, none RUNNING (before, they stayed RUNNING until a later run found their
+    process dead)."""
     tune = tiny_tune(n_trials=50, generation_size=2, processes=1)
     job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
     study = optuna.create_study(direction="maximize")
-    stop = StopSignal()
     ask = optuna.Study.ask
 
     def ask_then_signal(self: optuna.Study, *a: object, **k: object) -> optuna.Trial:
         trial = ask(self, *a, **k)
-        stop.requested = True
+        stop.request(signal.SIGTERM)
         return trial
+
+    def objective(trial: optuna.Trial) -> float:
+        stop.check()  # the stop point of the trial's training, once its MLflow run exists
+        pytest.fail("the trial went past its stop point")
 
     monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
     with pytest.raises(KeyboardInterrupt):
-        optimize_in_generations(study, tune, job, lambda t: pytest.fail("a trial ran"), stop)
+        optimize_in_generations(study, tune, job, objective)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
 
 
@@ -111,16 +105,15 @@ def test_a_stop_while_a_result_is_told_keeps_the_trial(
     tune = tiny_tune(n_trials=50, generation_size=1, processes=1)
     job = TrialJob(tmp_path, tune, TINY_TRAIN, "sqlite://", "study", "0", "parent")
     study = optuna.create_study(direction="maximize")
-    stop = StopSignal()
     tell = optuna.Study.tell
 
     def signal_then_tell(self: optuna.Study, *a: object, **k: object) -> object:
-        stop.handler(signal.SIGTERM, sys._getframe())  # as if SIGTERM came here
+        stop.request(signal.SIGTERM)  # as if SIGTERM came here
         return tell(self, *a, **k)
 
     monkeypatch.setattr(optuna.Study, "tell", signal_then_tell)
     with pytest.raises(KeyboardInterrupt):
-        optimize_in_generations(study, tune, job, lambda t: 0.5, stop)
+        optimize_in_generations(study, tune, job, lambda t: 0.5)
     assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.5)]
 
 
@@ -145,7 +138,6 @@ def test_the_study_is_the_same_in_two_or_three_worker_processes(
             TINY_TRAIN,
             url=url,
             out=tmp_path / f"report-{processes}",
-            workers=Workers(params=tmp_path / "params.yaml"),
         )
         (summary,) = optuna.study.get_all_study_summaries(url)
         studies.append(optuna.load_study(study_name=summary.study_name, storage=url).trials)

@@ -106,7 +106,7 @@ def test_the_repository_store_keeps_its_artifacts_in_mlruns(
     import shutil
 
     from liverseg.cli import DEFAULT_TRACKING_URI
-    from liverseg.training.tracking import ensure_experiment
+    from liverseg.tracking import ensure_experiment
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mlruns").mkdir()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
+import signal
 import sys
 import traceback
 
-from liverseg import runguard
-from liverseg.errors import LiversegError
+from liverseg import runguard, show_progress, stop
+from liverseg.errors import error_line
 
 COMMANDS = {
     "ingest": ("liverseg.stages.ingest", "make the data set's NIfTI pairs (phantom or IRCAD)"),
@@ -31,18 +31,7 @@ COMMANDS = {
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 # Commands that track in MLflow: before they start, runs of dead processes are ended.
 MLFLOW_COMMANDS = {"tune", "train", "evaluate", "register"}
-
-
-def show_progress() -> None:
-    """Send the library's progress lines (logger ``liverseg``, one per epoch) to stderr, where
-    DVC shows them; the library itself stays quiet unless its caller does this."""
-    logger = logging.getLogger("liverseg")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+DEBUG_ENV = "LIVERSEG_DEBUG"
 
 
 def resolve_tracking_uri(uri: str | None, env: dict[str, str]) -> str:
@@ -67,7 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug",
         action="store_true",
-        help=f"print the traceback of an error (or set {runguard.DEBUG_ENV}=1)",
+        help=f"print the traceback of an error (or set {DEBUG_ENV}=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -86,39 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(
         os.environ.get("MLFLOW_TRACKING_URI"), dict(os.environ)
     )
-    # Run as the program (the console script, ``python -m``): the process ends here, without
-    # the interpreter's teardown (runguard.exit_without_teardown). Called with argv (tests):
-    # returns the exit status.
-    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     show_progress()
-    debug = args.debug or os.environ.get(runguard.DEBUG_ENV, "") not in ("", "0")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     prog = f"liverseg {args.command}"
-    previous = runguard.install()
+    previous = stop.install()
     try:
-        code = _run(args, prog, debug)
+        return _run(args, prog, debug)
     finally:
-        runguard.restore(previous)
-    # Under a profiler, debugger or coverage tool: a normal exit, after which it writes out.
-    if as_program and sys.getprofile() is None and sys.gettrace() is None:
-        runguard.exit_without_teardown(code)
-    return code
+        stop.restore(previous)
 
 
 def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
+    """The stage; on a stop (:mod:`liverseg.stop`) its runs end KILLED: 128 + the signal."""
     try:
         if args.command in MLFLOW_COMMANDS:
             for line in runguard.end_stale_runs():
                 print(f"{prog}: {line}", file=sys.stderr)
+            stop.check()  # (the store's first use may have created its tables: seconds)
+        # A stop asked after the stage's last check comes too late: the stage has finished.
         importlib.import_module(args._module).main(args)
-    except KeyboardInterrupt as exc:
-        runguard.note_interrupt()
-        runguard.hold()  # a second Ctrl+C must not cut the clean-up short
+    except KeyboardInterrupt as exc:  # stop.Interrupted, or SIGINT before stop.install
         if debug:
             traceback.print_exc()
-        signum = exc.signum if isinstance(exc, runguard.Interrupted) else 2
+        signum = exc.signum if isinstance(exc, stop.Interrupted) else signal.SIGINT
+        stop.request(signum)
         try:
             n = runguard.end_own_runs("KILLED")
             runs = f"; {n} MLflow run(s) ended KILLED" if n else ""
@@ -129,9 +112,9 @@ def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
                 f"; MLflow runs not ended ({error_line(store_exc) or type(store_exc).__name__}),"
                 " the next run of a stage ends them as stale"
             )
-        what = exc.message if isinstance(exc, runguard.Interrupted) and exc.message else ""
+        what = exc.message if isinstance(exc, stop.Interrupted) and exc.message else ""
         print(
-            f"{prog}: interrupted by {runguard.signal_name(signum)}{runs}; temporary outputs "
+            f"{prog}: interrupted by {stop.signal_name(signum)}{runs}; temporary outputs "
             f"removed{'; ' + what if what else ''}",
             file=sys.stderr,
         )
@@ -145,21 +128,6 @@ def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     return 0
-
-
-def error_line(exc: BaseException) -> str | None:
-    """One line for an error a user can cause, or None for a bug (which keeps its traceback)."""
-    if isinstance(exc, LiversegError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        # ENOSPC, EACCES, EISDIR...: the path (fsutil names the output when the OS does not).
-        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        reason = exc.strerror or str(exc)
-        return f"{where}: {reason}" if where else reason
-    mlflow_exc = sys.modules.get("mlflow.exceptions")
-    if mlflow_exc is not None and isinstance(exc, mlflow_exc.MlflowException):
-        return f"MLflow: {str(exc.message).strip().splitlines()[0]}"
-    return None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from liverseg import stop
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -54,9 +56,10 @@ def _name_output(exc: OSError, final: Path) -> None:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; on success it replaces ``final``.
 
-    On an exception (or SIGINT/SIGTERM, see :mod:`liverseg.runguard`) the temporary folder is
-    removed and ``final`` is left as it was, so a stage that fails half-way leaves neither a
-    partial output nor a missing old one. The folder gets the permissions the umask gives.
+    On an exception (or a stop asked by SIGINT/SIGTERM, checked before the replacement, see
+    :mod:`liverseg.stop`) the temporary folder is removed and ``final`` is left as it was, so
+    a stage that fails half-way leaves neither a partial output nor a missing old one. The
+    folder gets the permissions the umask gives.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
+        stop.check()
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from liverseg import stop
 from liverseg.data.slices import resize_xy, window
 from liverseg.data.volumes import Volume, from_canonical
 from liverseg.errors import DataError
@@ -153,6 +154,7 @@ class Segmenter:
     # ------------------------------------------------------------------ prediction
     def _batches(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.batch_size):
+            stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
             yield slice(start, min(n, start + self.batch_size))
 
     def _members_model(self) -> object | None:

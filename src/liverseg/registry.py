@@ -92,7 +92,7 @@ def register_model(
     from mlflow.exceptions import MlflowException
 
     from liverseg.serving import log_pyfunc
-    from liverseg.training.tracking import NOTE_TAG, follow_moved_store, git_commit
+    from liverseg.tracking import NOTE_TAG, follow_moved_store, git_commit
 
     _, prep_file = check_model_dir(Path(model_dir))
     follow_moved_store()

@@ -70,7 +70,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, TensorSpec
 
-from liverseg import runguard
+from liverseg import server_log
 from liverseg.data.dicom import DicomSeries, read_ct_series
 from liverseg.data.volumes import (
     TooLargeError,
@@ -85,7 +85,7 @@ from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.model_dir import PREPROCESSING_FILE, check_model_dir
-from liverseg.training.tracking import tensorflow_distribution
+from liverseg.tracking import tensorflow_distribution
 
 MAX_REQUEST_ENV = "LIVERSEG_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 512.0
@@ -311,7 +311,7 @@ class LiverSegModel(PythonModel):
         # The scoring server runs each request in a thread; one network call at a time keeps
         # peak memory at one request's worth (TensorFlow already uses every core per call).
         self._lock = threading.Lock()
-        runguard.quiet_client_disconnects()  # no traceback in the log for a client that hung up
+        server_log.quiet_client_disconnects()  # no traceback in the log for a client that hung up
 
     def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
         if not params:

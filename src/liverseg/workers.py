@@ -6,14 +6,16 @@ core busy (``benchmarks/bench_train.py``; figures in benchmarks/README.md). Proc
 threads: they share nothing but the MLflow and Optuna stores, through which the stage's
 process collects what they did.
 
-:func:`run_workers` spreads ``items`` (fold or trial numbers) over worker processes started
-with ``spawn`` (a fork would copy TensorFlow's threads' state), each with ``threads`` CPU
-threads, and returns what ``target(payload, item)`` returned for each item, or the error of
-the items that failed. Faults: an interrupt (SIGINT/SIGTERM) of the stage stops every worker
-with SIGTERM, which each turns into a ``KeyboardInterrupt`` (its MLflow runs end KILLED, see
-:mod:`liverseg.runguard`); a worker whose stage is killed gets SIGTERM from the kernel (Linux)
-and does the same; a worker's error ends only its own item, with the one-line message the
-CLI would print (a bug keeps its traceback).
+:class:`Pool` starts worker processes with ``spawn`` (a fork would copy TensorFlow's threads'
+state), each with ``threads`` CPU threads, once; :meth:`Pool.run` spreads ``items`` (fold or
+trial numbers) over them and returns what ``target(payload, item)`` returned for each item, or
+the error of the items that failed. A worker is a loop over the items it is sent.
+
+Faults: a stop of the stage (:mod:`liverseg.stop`) is seen while it waits for its workers; it
+sends each SIGTERM, which the worker records and takes at its next stop point (its MLflow runs
+end KILLED), and raises once they have exited. A worker whose stage is killed gets SIGTERM from
+the kernel (Linux) and does the same. A worker's error ends only its own item, with the
+one-line message the CLI would print (a bug keeps its traceback).
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import sys
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
+from types import TracebackType
 from typing import Any, cast
+
+from liverseg import runguard, show_progress, stop
+from liverseg.errors import error_line
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its trial or fold and MLflow runs
 WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 bytes)
@@ -40,7 +46,7 @@ def processes_for(setting: str | int, items: int) -> int:
     one compiled model: Keras traces its training step once per process, not per item)."""
     if setting != "auto":
         return int(setting)
-    from liverseg.training.tracking import tensorflow_distribution
+    from liverseg.tracking import tensorflow_distribution
 
     # tensorflow-cpu sees no GPU: no need to import TensorFlow (seconds) to ask it.
     if tensorflow_distribution() != "tensorflow-cpu":
@@ -69,115 +75,125 @@ def _name_and_tie_to_parent() -> None:
         pass
 
 
-def _entry(
-    target: Callable[[Any, int], Any],
-    payload: Any,
-    items: list[int],
-    threads: int,
-    progress: bool,
-    conn: Connection,
+def _worker(
+    target: Callable[[Any, int], Any], payload: Any, threads: int, progress: bool, conn: Connection
 ) -> None:
-    """A worker: ``target(payload, item)`` for each of ``items`` in turn, each result (or the
-    error) sent to the stage; exit status 0, 1 after an error or 128 + signal."""
+    """A worker: ``target(payload, item)`` for each item the stage sends, each result (or its
+    error) sent back, until the stage closes its end; exit status 0, or 128 + signal after a
+    stop (multiprocessing exits with what ``sys.exit`` is given)."""
     _name_and_tie_to_parent()
-    from liverseg import runguard
-
-    previous = runguard.install()
-    item = items[0]
+    stop.install()
     try:
         if progress:
-            from liverseg.cli import show_progress
-
             show_progress()
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-        for item in items:
-            conn.send(("done", item, target(payload, item)))
-        conn.close()
-        # the stage waits for this exit: no interpreter teardown (seconds with TensorFlow)
-        runguard.exit_without_teardown(0)
+        while True:
+            stop.check()
+            try:
+                item = conn.recv()
+            except EOFError:  # the stage has no more items
+                return
+            try:
+                result = ("done", item, target(payload, item))
+            except Exception as exc:
+                text = error_line(exc) or "".join(traceback.format_exception(exc)).strip()
+                result = ("error", item, text)
+            try:
+                conn.send(result)
+            except OSError:  # the stage has gone (it stops this worker with SIGTERM too)
+                stop.check()
+                return
     except KeyboardInterrupt as exc:
-        runguard.hold()
+        signum = exc.signum if isinstance(exc, stop.Interrupted) else signal.SIGINT
+        stop.request(signum)
         runguard.end_own_runs("KILLED")
-        signum = exc.signum if isinstance(exc, runguard.Interrupted) else signal.SIGINT
         sys.exit(128 + signum)
-    except BaseException as exc:
-        from liverseg.cli import error_line
-
-        message = error_line(exc) if isinstance(exc, Exception) else None
-        conn.send(("error", item, message or "".join(traceback.format_exception(exc)).strip()))
-        conn.close()
-        runguard.exit_without_teardown(1)
-    finally:
-        runguard.restore(previous)
 
 
-def _stop(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()  # SIGTERM: the worker ends its MLflow runs KILLED
-    for p in procs:
-        p.join(WORKER_STOP_TIMEOUT_S)
-        if p.is_alive():
-            p.kill()
-            p.join()
+class Pool:
+    """``min(processes, max_items)`` worker processes of ``threads`` CPU threads each, that
+    run ``target(payload, item)`` (a module-level function, a picklable payload). They print
+    progress when this process' ``liverseg`` logger does (the CLI's). A context manager:
+    leaving it ends the workers (stopped with SIGTERM if it is left by an exception)."""
 
-
-def run_workers(
-    target: Callable[[Any, int], Any],
-    payload: Any,
-    items: list[int],
-    processes: int,
-    threads: int,
-) -> tuple[dict[int, Any], dict[int, str]]:
-    """Run ``target(payload, item)`` for every item in ``min(processes, len(items))`` worker
-    processes of ``threads`` CPU threads (item ``i`` of the list goes to worker ``i % n``).
-
-    ``target`` must be a module-level function and ``payload`` picklable. Returns (results by
-    item, error message by item); an item whose worker died without a word gets a message
-    naming the worker's exit. The workers print progress when this process' ``liverseg``
-    logger does (the CLI's)."""
-    n = min(processes, len(items))
-    progress = bool(logging.getLogger("liverseg").handlers)
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[Any] = []
-    owner: dict[Connection, list[int]] = {}
-    results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
-    try:
-        for i in range(n):
-            mine = items[i::n]
-            parent_end, child_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(
-                target=_entry, args=(target, payload, mine, threads, progress, child_end)
-            )
+    def __init__(
+        self,
+        target: Callable[[Any, int], Any],
+        payload: Any,
+        processes: int,
+        threads: int,
+        max_items: int,
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        progress = bool(logging.getLogger("liverseg").handlers)
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        for _ in range(max(1, min(processes, max_items))):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(target, payload, threads, progress, theirs))
             p.start()
-            child_end.close()
-            procs.append(p)
-            owner[parent_end] = mine
-        open_conns: list[Connection] = list(owner)
-        while open_conns:
-            for ready in wait(open_conns):
+            theirs.close()
+            self.procs.append(p)
+            self.conns.append(mine)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(terminate=kind is not None)
+
+    def run(self, items: list[int]) -> tuple[dict[int, Any], dict[int, str]]:
+        """Item ``i`` of ``items`` goes to worker ``i % n``; returns (results by item, error
+        message by item). An item whose worker died without a word gets a message naming
+        the worker's exit. A stop asked meanwhile stops the workers and is raised."""
+        owner: dict[Connection, list[int]] = {c: [] for c in self.conns}
+        for i, item in enumerate(items):
+            conn = self.conns[i % len(self.conns)]
+            conn.send(item)
+            owner[conn].append(item)
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        waiting = [c for c, mine in owner.items() if mine]
+        while waiting:
+            if stop.requested() is not None:
+                self.close(terminate=True)
+                stop.check()
+            for ready in wait(waiting, timeout=0.2):
                 conn = cast(Connection, ready)  # wait() returns what it was given
                 try:
                     kind, item, value = conn.recv()
                 except EOFError:  # the worker has exited
-                    open_conns.remove(conn)
+                    waiting.remove(conn)
                     continue
-                if kind == "done":
-                    results[item] = value
-                else:
-                    errors[item] = str(value)
-        for p in procs:
-            p.join()
-    except BaseException:
-        _stop(procs)
-        raise
-    for p, mine in zip(procs, owner.values(), strict=True):
-        missing = [i for i in mine if i not in results and i not in errors]
-        if p.exitcode and missing:
-            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}"
-            errors[missing[0]] = f"its worker process {p.pid} ended with {how}"
-    return results, errors
+                (results if kind == "done" else errors)[item] = value
+                if all(i in results or i in errors for i in owner[conn]):
+                    waiting.remove(conn)
+        for p, conn in zip(self.procs, self.conns, strict=True):
+            missing = [i for i in owner[conn] if i not in results and i not in errors]
+            if missing:
+                p.join()
+                how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}"
+                errors[missing[0]] = f"its worker process {p.pid} ended with {how}"
+        return results, {k: str(v) for k, v in errors.items()}
+
+    def close(self, terminate: bool = False) -> None:
+        """End the workers: they exit when their end of the pipe closes (idle) or, with
+        ``terminate``, at the stop point that SIGTERM makes them reach."""
+        for conn in self.conns:
+            conn.close()
+        for p in self.procs:
+            if terminate and p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(WORKER_STOP_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join()

@@ -5,16 +5,12 @@ A slice never crosses a split: every split is a list of case ids, never of slice
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
 from liverseg.errors import DataError
-from liverseg.fsutil import read_stage_json
-
-SPLITS_FILE = "splits.json"
 
 
 def make_splits(
@@ -68,15 +64,3 @@ def fold_cases(splits: dict[str, Any], fold: int) -> tuple[list[str], list[str]]
 def trainval_cases(splits: dict[str, Any]) -> list[str]:
     """All non-test case ids (what the final model trains on)."""
     return sorted(c for f in splits["folds"] for c in f)
-
-
-def load_splits(prepared: Path) -> dict[str, Any]:
-    """``prepared/splits.json``, the prepare stage's patient splits; a missing or malformed file
-    is a DataError naming it."""
-    path = Path(prepared) / SPLITS_FILE
-    splits = read_stage_json(path, "prepare")
-    if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list):
-        raise DataError(f"{path}: has no 'folds' list (not a prepare stage output)")
-    if not isinstance(splits.get("test"), list):
-        raise DataError(f"{path}: has no 'test' list (not a prepare stage output)")
-    return splits

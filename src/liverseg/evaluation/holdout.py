@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from liverseg.data.layout import find_nifti_pairs
-from liverseg.data.splits import load_splits
+from liverseg.data.prepared import load_splits
 from liverseg.data.volumes import Case, load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
 from liverseg.evaluation.plots import overlay, overlay_slices
@@ -139,7 +139,7 @@ def log_to_mlflow(
     from mlflow.entities import Metric
     from PIL import Image
 
-    from liverseg.training.tracking import (
+    from liverseg.tracking import (
         NOTE_TAG,
         dvc_out_hash,
         ensure_experiment,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from liverseg.evaluation.holdout import evaluate, log_to_mlflow
 from liverseg.params import EvaluateParams, load_section
-from liverseg.run_link import read_train_run
+from liverseg.tracking import read_train_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,6 @@
 """`prepare` stage: NIfTI pairs -> model-ready slices per case, plus the patient-level splits.
 
-Output folder layout (``data/prepared/``):
-  cases/<case_id>.npz  image (N, S, S) float32 in [0, 1], mask (N, S, S) uint8 0/1,
-                       slice_index (N,) int: the axial index k of each slice in the RAS volume
-  splits.json          {"test": [...], "folds": [[...], ...], "seed", "n_test", "k_folds"}
-  meta.json            window, image size, and per case: shape, spacing, slices kept
+The output folder's layout: :mod:`liverseg.data.prepared`.
 """
 
 from __future__ import annotations
@@ -15,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from liverseg import stop
 from liverseg.data.layout import find_nifti_pairs
+from liverseg.data.prepared import write_case, write_splits_and_meta
 from liverseg.data.slices import prepare_volume
 from liverseg.data.splits import make_splits
 from liverseg.data.volumes import load_case
-from liverseg.fsutil import atomic_dir, write_json
+from liverseg.fsutil import atomic_dir
 from liverseg.params import PrepareParams, as_flat_dict, load_section
 
 
@@ -29,8 +27,8 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
     meta: dict[str, Any] = {"params": as_flat_dict(params), "cases": {}}
     counts: dict[str, int] = {}
     with atomic_dir(out) as tmp:
-        (tmp / "cases").mkdir()
         for i, pair in enumerate(pairs):
+            stop.check()
             case = load_case(pair.image, pair.mask, case_id=pair.case_id)
             # One generator per case (seed, case index): the slices drawn for one case do not
             # change when another case is added or removed.
@@ -43,9 +41,7 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
                 liver_free_fraction=params.liver_free_fraction,
                 rng=rng,
             )
-            np.savez_compressed(
-                tmp / "cases" / f"{pair.case_id}.npz", image=image, mask=mask, slice_index=idx
-            )
+            write_case(tmp, pair.case_id, image, mask, idx)
             counts[pair.case_id] = int(idx.size)
             meta["cases"][pair.case_id] = {
                 "shape": list(case.image.data.shape),
@@ -61,8 +57,7 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
             seed=params.seed,
             test_cases=params.test_cases,
         )
-        write_json(tmp / "splits.json", splits)
-        write_json(tmp / "meta.json", meta)
+        write_splits_and_meta(tmp, splits, meta)
     return splits
 
 

@@ -17,7 +17,7 @@ from liverseg.fsutil import atomic_dir, write_json
 from liverseg.inference import PostProcessing
 from liverseg.params import EvaluateParams, RegisterParams, load_section
 from liverseg.registry import register_model
-from liverseg.run_link import read_train_run
+from liverseg.tracking import read_train_run
 
 
 def register(

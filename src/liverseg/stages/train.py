@@ -4,34 +4,25 @@ Writes ``models/`` (``model.keras`` and ``preprocessing.json``, what inference n
 ``reports/train/`` (``metrics.json`` per fold and mean/std, ``curves.csv`` the folds' per-epoch
 curves (epochs from 1),
 ``run.json`` with the MLflow run ids that evaluate and register link to). The work is
-:func:`liverseg.training.run.train`; this module reads the params and the tuned values and
+:func:`liverseg.training.crossval.train`; this module reads the params and the tuned values and
 writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from liverseg.errors import DataError
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import TrainParams, load_section
+from liverseg.tuning.best_params import read_best_params
 
 
 def tuned_values(cfg: TrainParams, tuned: Path | None) -> tuple[float, int, str]:
     """(learning rate, batch size, where they came from)."""
     if not cfg.use_tuned or tuned is None:
         return cfg.learning_rate, cfg.batch_size, "params.yaml"
-    try:
-        best = json.loads(tuned.read_text())
-        return float(best["learning_rate"]), int(best["batch_size"]), str(tuned)
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"{tuned}: not found; run the tune stage or set train.use_tuned: false"
-        ) from exc
-    except (KeyError, ValueError, TypeError) as exc:
-        raise DataError(f"{tuned}: not a tuning result ({exc})") from exc
+    return (*read_best_params(tuned), str(tuned))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -39,15 +30,16 @@ def main(args: argparse.Namespace) -> None:
     lr, batch_size, source = tuned_values(cfg, args.tuned)
 
     from liverseg.model_dir import save_model_dir
+    from liverseg.tracking import write_train_run as write_run
+    from liverseg.training.crossval import train
     from liverseg.training.curves import write_curves_csv
-    from liverseg.training.run import train
 
     out = train(args.prepared, cfg, learning_rate=lr, batch_size=batch_size, hparams_source=source)
     save_model_dir(args.model_dir, out.model, out.window, out.image_size)
     with atomic_dir(args.reports) as tmp:
         write_json(tmp / "metrics.json", out.metrics)
         write_curves_csv(tmp / "curves.csv", out.curves)
-        write_json(tmp / "run.json", out.run)
+        write_run(tmp / "run.json", out.run)
     print(
         f"train: CV val Dice {out.metrics['cv_val_dice_mean']:.4f} ± "
         f"{out.metrics['cv_val_dice_std']:.4f} (lr {lr:.2e}, batch {batch_size}); MLflow run "

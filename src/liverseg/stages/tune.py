@@ -3,29 +3,33 @@
 Writes ``reports/tune/``: ``best_params.json`` (what ``train`` reads when ``train.use_tuned``)
 and the study's plots, also logged to the MLflow run ``study-<name>`` of this invocation.
 
-Parallel work, all through the study storage (``tune.storage`` or ``--storage``):
+The trials run in generations (:mod:`liverseg.tuning.generations`), in this process or in
+``tune.processes`` worker processes. Parallel work, all through the study storage
+(``tune.storage`` or ``--storage``):
 
-* ``--workers N``: this process starts ``N - 1`` extra worker processes on this machine, all
-  optimise the same study, and it writes the report once they have ended;
-* ``--worker-only``: optimise and write nothing; run one per machine against a shared
-  PostgreSQL/MySQL database or journal file, then one plain ``liverseg tune`` writes the
-  report (it runs only the trials still missing, none when the study is done).
+* ``--workers N``: N trials at a time on this machine, in N worker processes (sets
+  ``tune.processes`` to N and ``tune.generation_size`` to at least N);
+* ``--worker-only``: run the same loop on the study and write nothing; one per machine against
+  a shared PostgreSQL/MySQL database or journal file, then one plain ``liverseg tune`` writes
+  the report (it runs only the trials still missing, none when the study is done).
 
-SIGTERM is handled like Ctrl+C (:class:`liverseg.tuning.stop.StopSignal`): the running trial is
-recorded FAIL, its MLflow run KILLED, the extra workers are stopped the same way, and the
-parent run ends KILLED (exit 130 / 143), so nothing stays RUNNING. After a SIGKILL, the next
-``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait) and
-reruns them (:func:`liverseg.tuning.study.fail_dead_trials`).
+A stop (SIGINT/SIGTERM, :mod:`liverseg.stop`) ends the running trials FAIL with their MLflow
+runs KILLED, keeps the finished ones and writes no report (exit 130 / 143). After a SIGKILL,
+the next ``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait)
+and reruns them (:func:`liverseg.tuning.study.fail_dead_trials`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import signal
 from pathlib import Path
+from typing import Any
 
 from liverseg.errors import ParamsError
-from liverseg.params import TrainParams, TuneParams, load_section
+from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report folder (reports/tune)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes on this machine optimising the study"
+        "--workers", type=int, default=None, help="trials at a time, in as many processes"
     )
     parser.add_argument(
         "--worker-only",
@@ -47,36 +51,144 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="distinct per worker, seeds its sampler (default 0; the pid with --worker-only)",
     )
-    parser.add_argument(
-        "--parent-run-id", default=None, help=argparse.SUPPRESS
-    )  # set for the workers that --workers starts: their trial runs nest under this run
 
 
 def main(args: argparse.Namespace) -> None:
     tune: TuneParams = load_section("tune", args.params)
     train: TrainParams = load_section("train", args.params)
-    if args.workers < 1:
-        raise ParamsError(f"tune: --workers must be >= 1, got {args.workers}")
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ParamsError(f"tune: --workers must be >= 1, got {args.workers}")
+        size = max(tune.generation_size, args.workers)
+        tune = dataclasses.replace(tune, processes=args.workers, generation_size=size)
     if args.out is None and not args.worker_only:
         raise ParamsError("tune: --out is required (unless --worker-only)")
     index = args.worker_index
     if index is None:
         index = os.getpid() if args.worker_only else 0
-
-    from liverseg.tuning.run import Workers, run_study
-
     run_study(
         args.prepared,
         tune,
         train,
         url=args.storage or tune.storage,
-        out=args.out,
-        workers=Workers(
-            params=args.params,
-            count=args.workers,
-            only=args.worker_only,
-            index=index,
-            parent_run_id=args.parent_run_id,
-            storage_arg=args.storage,
-        ),
+        out=None if args.worker_only else args.out,
+        worker_index=index,
+    )
+
+
+def _parent_params(tune: TuneParams, storage: str) -> dict[str, Any]:
+    flat = {f"tune.{k}": v for k, v in as_flat_dict(tune).items() if k != "storage"}
+    return {**flat, "tune.storage": storage}
+
+
+def run_study(
+    prepared: Path,
+    tune: TuneParams,
+    train: TrainParams,
+    *,
+    url: str,
+    out: Path | None,
+    worker_index: int = 0,
+) -> None:
+    """Optimise the study of ``prepared`` x ``tune`` x ``train``'s model spec in storage
+    ``url`` until it has ``tune.n_trials`` finished trials, under this invocation's MLflow run
+    ``study-<name>``; then write the report to ``out`` and log it on that run (with ``out``
+    None, a worker's: only the best trial so far). Prints one line."""
+    import mlflow
+
+    from liverseg import stop
+    from liverseg.data.prepared import load_splits
+    from liverseg.tracking import (
+        NOTE_TAG,
+        content_hash,
+        dvc_out_hash,
+        ensure_experiment,
+        git_commit,
+        log_dataset,
+    )
+    from liverseg.tuning import report
+    from liverseg.tuning.generations import TrialJob, generation_processes, optimize_in_generations
+    from liverseg.tuning.storage import open_storage, redact
+    from liverseg.tuning.study import (
+        count_trials,
+        create_study,
+        fail_dead_trials,
+        study_inputs,
+        study_name,
+    )
+
+    load_splits(prepared)
+    data_hash = content_hash(prepared)
+    name = study_name(data_hash, tune, train)
+    storage = open_storage(url)
+    stop.check()
+    study = create_study(
+        storage,
+        name,
+        tune,
+        worker_index=worker_index,
+        inputs=study_inputs(data_hash, tune, train),
+    )
+    stop.check()  # start-up takes seconds: a stop asked meanwhile ends it between its steps
+    dead = fail_dead_trials(study)
+    if dead:
+        print(
+            f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
+            "FAIL (their MLflow runs KILLED); they are run again",
+            flush=True,
+        )
+    stop.check()
+    exp_id = ensure_experiment(train.experiment)
+    tags = {
+        "stage": "tune",
+        "kind": "study",
+        "role": "main" if out is not None else "worker",
+        "study_name": name,
+        "storage": redact(url),
+        "git_commit": git_commit(),
+        "data_sha256": data_hash,
+    }
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"study-{name}", tags=tags) as run:
+            mlflow.log_params(_parent_params(tune, redact(url)))
+            dvc_md5 = dvc_out_hash(prepared)
+            log_dataset(prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training")
+            stop.check()  # before TensorFlow's import, which takes seconds
+            objective = None
+            if generation_processes(tune) == 1:
+                # (worker processes set up their own Keras: this one need not import it)
+                from liverseg.training.fit import keras_session
+                from liverseg.tuning.objective import make_objective
+
+                stop.check()
+                keras_session(train.precision, tune.seed)
+                objective = make_objective(
+                    prepared, tune, train, experiment_id=exp_id, parent_run_id=run.info.run_id
+                )
+            job = TrialJob(prepared, tune, train, url, name, exp_id, run.info.run_id)
+            ran = optimize_in_generations(study, tune, job, objective)
+            if out is None:
+                counts = count_trials(study)
+                if counts["COMPLETE"]:
+                    report.log_best(report.summarize(study))
+                print(f"tune: worker {worker_index} ran {ran} trial(s) of study {name}; {counts}")
+                return
+            summary, plots = report.write_report(study, out, seed=tune.seed)
+            report.log_best(summary)
+            mlflow.log_artifacts(str(out), artifact_path="tune")
+            report.log_plot_images(out)
+            mlflow.set_tag(NOTE_TAG, report.study_description(name, tune, summary))
+    except KeyboardInterrupt as exc:
+        raise stop.Interrupted(
+            getattr(exc, "signum", signal.SIGINT),
+            f"study {name}: its finished trials are kept in "
+            f"{redact(url)}: run the same command again to resume",
+        ) from exc
+    skipped = {k: v for k, v in plots.items() if v != "ok"}
+    print(
+        f"tune: study {name}: best val Dice {summary['value']:.4f} (lr "
+        f"{summary['learning_rate']:.2e}, batch {summary['batch_size']}) from trial "
+        f"{summary['trial_number']}; {summary['n_complete']} complete, {summary['n_pruned']} "
+        f"pruned, {summary['n_failed']} failed; this process ran {ran} trial(s)"
+        + (f"; plots skipped: {skipped}" if skipped else "")
     )

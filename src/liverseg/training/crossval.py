@@ -1,4 +1,6 @@
-"""Patient-level k-fold cross-validation and the final model, recorded in MLflow.
+"""What the ``train`` stage does: patient-level k-fold cross-validation and the final model,
+recorded in MLflow. :func:`train` sets up Keras and the MLflow experiment, cross-validates and
+returns what the stage writes (the model folder, ``metrics.json``, ``curves.csv``, ``run.json``).
 
 MLflow layout (one experiment): a parent run per call of :func:`cross_validate` holding all
 params, the seed, git commit and data hash tags, and mean/std over folds; a child run per fold
@@ -8,7 +10,6 @@ and a child run ``final`` with the model that the later stages use.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +19,25 @@ import keras
 import mlflow
 import numpy as np
 
-from liverseg.data.splits import fold_cases, load_splits, trainval_cases
+from liverseg.data.prepared import load_meta, load_prepared, load_splits
+from liverseg.data.splits import fold_cases, trainval_cases
 from liverseg.model.unet import count_flops
 from liverseg.params import TrainParams, as_flat_dict
-from liverseg.training import resume
-from liverseg.training.curves import curves_figure
-from liverseg.training.dataset import load_prepared
-from liverseg.training.fit import FitResult, MlflowEpochLogger, fit
-from liverseg.training.folds import FoldJob, FoldOutcome, log_keras_model, run_folds
-from liverseg.training.tracking import (
+from liverseg.tracking import (
     NOTE_TAG,
+    content_hash,
+    dvc_experiment,
+    dvc_out_hash,
+    ensure_experiment,
+    git_commit,
     headline_metrics,
     log_dataset,
     log_params_flat,
 )
+from liverseg.training import resume
+from liverseg.training.curves import curves_figure
+from liverseg.training.fit import FitResult, MlflowEpochLogger, fit, keras_session
+from liverseg.training.folds import FoldJob, FoldOutcome, log_keras_model, run_folds
 from liverseg.workers import processes_for, threads_per_process
 
 
@@ -192,7 +198,7 @@ def cross_validate(
                 final_hist = res_final.history
                 mlflow.log_metric("train_seconds", time.perf_counter() - t0)
             log_keras_model(model)
-        image_size = int(json.loads((prepared / "meta.json").read_text())["params"]["image_size"])
+        image_size = int(load_meta(prepared)["image_size"])
         cost = {
             "model_gflops": count_flops(model, image_size) / 1e9,
             "model_params": float(model.count_params()),
@@ -211,3 +217,67 @@ def cross_validate(
             summary=summary,
             histories=histories,
         )
+
+
+@dataclass
+class TrainOutputs:
+    """The final model with the preprocessing it expects, and the stage's reports."""
+
+    model: keras.Model
+    window: list[float]  # the prepare stage's HU window, [low, high]
+    image_size: int
+    metrics: dict[str, Any]  # metrics.json: CV summary, learning rate, batch size, folds
+    curves: dict[str, dict[str, list[float]]]  # the folds' per-epoch histories (curves.csv)
+    run: dict[str, str]  # run.json: the MLflow runs that evaluate and register link to
+
+
+def train(
+    prepared: Path,
+    cfg: TrainParams,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    hparams_source: str = "params.yaml",
+) -> TrainOutputs:
+    """Cross-validate ``cfg``'s model on the prepared data ``prepared`` with the given learning
+    rate and batch size (``hparams_source`` says where they came from, logged as a param) and
+    build the final model, in experiment ``cfg.experiment`` of the current tracking URI."""
+    keras_session(cfg.precision, cfg.seed)
+    exp_id = ensure_experiment(cfg.experiment)
+    tags = {
+        "git_commit": git_commit(),
+        "data_dvc_md5": dvc_out_hash(prepared),
+        "data_sha256": content_hash(prepared),
+        "seed": str(cfg.seed),
+        "dvc_exp": dvc_experiment(),
+    }
+    digest = tags["data_dvc_md5"] if tags["data_dvc_md5"] != "unknown" else tags["data_sha256"]
+    result = cross_validate(
+        prepared,
+        cfg,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        experiment_id=exp_id,
+        tags=tags,
+        extra_params={"hparams_source": hparams_source},
+        data_digest=digest,
+        dvc_exp=tags["dvc_exp"],
+    )
+    meta = load_meta(prepared)
+    metrics: dict[str, Any] = {k: v for k, v in result.summary.items() if k not in ("folds",)}
+    metrics.update(
+        {"learning_rate": learning_rate, "batch_size": batch_size, "folds": result.summary["folds"]}
+    )
+    return TrainOutputs(
+        model=result.final_model,
+        window=meta["window"],
+        image_size=meta["image_size"],
+        metrics=metrics,
+        curves={k: v for k, v in result.histories.items() if k.startswith("fold")},
+        run={
+            "experiment_id": exp_id,
+            "parent_run_id": result.parent_run_id,
+            "final_run_id": result.final_run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        },
+    )

@@ -22,7 +22,6 @@ after epoch, while successive epochs differ.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -170,51 +169,3 @@ def _gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tenso
     x = tf.nn.depthwise_conv2d(x, kernel[:, None, :, None], [1, 1, 1, 1], "VALID")
     x = tf.nn.depthwise_conv2d(x, kernel[None, :, :, None], [1, 1, 1, 1], "VALID")
     return tf.transpose(x, [3, 1, 2, 0])
-
-
-def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the prepared slices of ``case_ids`` into ``(N, H, W, 1)`` float32 images, masks.
-
-    Each ``prepared_dir/cases/<case_id>.npz`` holds ``image`` (n, H, W) float32 in [0, 1] and
-    ``mask`` (n, H, W) uint8; slices keep the order of ``case_ids`` then of the file.
-    """
-    if not case_ids:
-        raise DataError(f"load_prepared: no case ids given for {prepared_dir}")
-    images: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    for case_id in case_ids:
-        path = Path(prepared_dir) / "cases" / f"{case_id}.npz"
-        image, mask = _load_case(path)
-        if images and image.shape[1:] != images[0].shape[1:]:
-            raise DataError(
-                f"{path}: slice size {image.shape[1:]} differs from {images[0].shape[1:]} "
-                f"of case {case_ids[0]}"
-            )
-        images.append(image)
-        masks.append(mask)
-    return (
-        np.concatenate(images)[..., None].astype(np.float32, copy=False),
-        np.concatenate(masks)[..., None].astype(np.float32),
-    )
-
-
-def _load_case(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one prepared case file."""
-    if not path.is_file():
-        raise DataError(f"{path}: prepared case file not found (run the prepare stage)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = sorted({"image", "mask"} - set(data.files))
-            if missing:
-                raise DataError(f"{path}: missing key(s) {missing} (has {sorted(data.files)})")
-            image = np.asarray(data["image"])
-            mask = np.asarray(data["mask"])
-    except DataError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
-    if image.ndim != 3 or image.shape != mask.shape:
-        raise DataError(f"{path}: image {image.shape} and mask {mask.shape} must both be (n, H, W)")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise DataError(f"{path}: mask values must be 0/1, got range [{mask.min()}, {mask.max()}]")
-    return image.astype(np.float32, copy=False), mask

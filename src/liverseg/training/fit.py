@@ -27,7 +27,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from liverseg import runguard
+from liverseg import stop
 from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
 from liverseg.model.optimizers import FusedAdam
@@ -35,9 +35,6 @@ from liverseg.model.unet import build_unet
 from liverseg.params import ModelSpec
 from liverseg.training import distribute as distributed
 from liverseg.training.dataset import make_dataset
-
-# Keras' names for the metrics that are logged every epoch (val_* when there is validation).
-EPOCH_METRICS = ("loss", "dice", "iou")
 
 # Validation runs the model forward only, in batches of at least this many slices: fewer, larger
 # calls cost less than the training batch size's many small ones (measured: validation was most
@@ -140,13 +137,29 @@ class EpochProgress(keras.callbacks.Callback):
         log.info("  ".join(parts))
 
 
-class StopOnInterrupt(keras.callbacks.Callback):
-    """At each epoch's end (after the callbacks before it logged the epoch), raise the
-    interrupt (SIGINT/SIGTERM) that came while TensorFlow ran, if one is pending
-    (:func:`liverseg.runguard.raise_pending`)."""
+class CheckStop(keras.callbacks.Callback):
+    """Training's stop point (:func:`liverseg.stop.check`): before each batch, or each
+    execution of ``steps_per_execution`` batches (a whole epoch by default), of training and
+    validation, and after each epoch's callbacks (those before it have logged the epoch).
+    Batch-begin hooks leave Keras' asynchronous dispatch of batch-end callbacks on."""
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        stop.check()
+
+    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        stop.check()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        runguard.raise_pending()
+        stop.check()
+
+
+def keras_session(precision: str, seed: int) -> None:
+    """Set Keras' global dtype policy to ``precision`` (``train.precision``) and seed Python,
+    NumPy and TensorFlow with ``seed``: what the train and tune stages (and their workers) set
+    up before they train."""
+    if precision != "float32":
+        keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(seed)
 
 
 @dataclass
@@ -362,7 +375,7 @@ def fit(
                 restore_best_weights=True,
             )
         )
-    cbs.append(StopOnInterrupt())
+    cbs.append(CheckStop())
     t0 = time.perf_counter()
     try:
         # The dataset shuffles itself (seeded); Keras must not try to.

@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from liverseg.data.splits import fold_cases, load_splits
+from liverseg import stop
+from liverseg.data.prepared import load_splits
+from liverseg.data.splits import fold_cases
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams
 from liverseg.training import resume
 from liverseg.training.fit import MlflowEpochLogger, fit
-from liverseg.workers import run_workers, threads_per_process
+from liverseg.workers import Pool, threads_per_process
 
 
 class FoldError(LiversegError):
@@ -67,7 +69,7 @@ def log_keras_model(model: Any) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from liverseg.training.tracking import tensorflow_distribution
+    from liverseg.tracking import tensorflow_distribution
 
     # Slices of any size: (N, H, W, 1) windowed CT in [0, 1] -> (N, H, W, 1) probabilities.
     spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1))])
@@ -86,8 +88,8 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
     """Train fold ``fold`` as the child run ``fold-<fold>`` of ``job.parent_run_id``."""
     import mlflow
 
-    from liverseg.training.dataset import load_prepared
-    from liverseg.training.tracking import log_dataset
+    from liverseg.data.prepared import load_prepared
+    from liverseg.tracking import log_dataset
 
     cfg = job.cfg
     train_ids, val_ids = fold_cases(load_splits(job.prepared), fold)
@@ -164,7 +166,7 @@ def train_fold(job: FoldJob, fold: int) -> FoldOutcome:
 # ------------------------------------------------------------------------------ worker processes
 def _fold_in_worker(job: FoldJob, fold: int) -> tuple[str, dict[str, Any], dict[str, list[float]]]:
     """A worker's fold: the run id, summary row and history (the stage loads the model)."""
-    from liverseg.training.setup import keras_session
+    from liverseg.training.fit import keras_session
 
     keras_session(job.cfg.precision, job.cfg.seed)
     out = train_fold(job, fold)
@@ -172,12 +174,14 @@ def _fold_in_worker(job: FoldJob, fold: int) -> tuple[str, dict[str, Any], dict[
 
 
 def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldOutcome]:
-    """Train ``folds``: in this process when ``processes`` is 1, else in ``min(processes,
-    len(folds))`` worker processes (:func:`liverseg.workers.run_workers`)."""
+    """Train ``folds``: in this process when ``processes`` is 1 (a stop is checked between
+    folds and in their training), else in ``min(processes,
+    len(folds))`` worker processes (:class:`liverseg.workers.Pool`)."""
     load_model = job.cfg.final == "ensemble"
     if processes <= 1 or not folds:
         outcomes = {}
         for fold in folds:
+            stop.check()
             out = train_fold(job, fold)
             if not load_model:
                 import keras
@@ -193,7 +197,8 @@ def run_folds(job: FoldJob, folds: list[int], processes: int) -> dict[int, FoldO
         f"thread(s) each (train.processes: {job.cfg.processes})",
         flush=True,
     )
-    results, errors = run_workers(_fold_in_worker, job, folds, processes, threads)
+    with Pool(_fold_in_worker, job, processes, threads, len(folds)) as pool:
+        results, errors = pool.run(folds)
     if errors:
         raise FoldError("; ".join(f"fold {fold}: {text}" for fold, text in sorted(errors.items())))
     return {

@@ -7,14 +7,18 @@ augmentation and precision come from the ``train`` section, so the tuned values 
 that ``train`` builds. The trial's value is the mean over its folds of the best epoch's
 validation Dice (pooled 2-D Dice, as ``train`` selects its epoch by); the study maximises it.
 
-One module per concern, each the only owner of its names:
+One module per concern, each the only owner of its names (each imports only those above it):
 
-* :mod:`~liverseg.tuning.storage`: the study storage a ``tune.storage`` URL names (SQLite,
-  PostgreSQL/MySQL, journal file), password redaction, SQLite's busy timeout, the heartbeat;
-* :mod:`~liverseg.tuning.study`: study identity (inputs, name, sampler seed), creating or
-  resuming a study, counting its trials, failing dead workers' trials, running it;
+* :mod:`~liverseg.tuning.best_params`: ``best_params.json``, written here, read by ``train``;
 * :mod:`~liverseg.tuning.objective`: the objective, its per-trial MLflow run and the per-epoch
   report to Optuna (pruning);
-* :mod:`~liverseg.tuning.report`: the summary (``best_params.json``) and the study's plots;
-* :mod:`~liverseg.tuning.stop`: SIGINT/SIGTERM turned into a stop where that is safe.
+* :mod:`~liverseg.tuning.study`: study identity (inputs, name, sampler seed), its pruner,
+  creating or resuming a study, counting its trials, failing dead workers' trials;
+* :mod:`~liverseg.tuning.storage`: the study storage a ``tune.storage`` URL names (SQLite,
+  PostgreSQL/MySQL, journal file), password redaction, SQLite's busy timeout, the heartbeat;
+* :mod:`~liverseg.tuning.generations`: the one way trials run, in this process or in worker
+  processes, on this machine or on many;
+* :mod:`~liverseg.tuning.report`: the summary (``best_params.json``) and the study's plots.
+
+The stage itself (its MLflow run ``study-<name>``, the report) is :mod:`liverseg.stages.tune`.
 """

@@ -1,22 +1,26 @@
-"""The study in generations: the same trials on every machine, run in parallel or not.
+"""The one way trials run: the study in generations, the same trials on every machine, run in
+parallel or not.
 
 The tune stage asks ``tune.generation_size`` trials at a time. Their parameters are drawn when
 they are asked, by this process' sampler, from the trials of earlier generations; while they
 run, the pruner also compares each only with trials of earlier generations
-(:class:`EarlierGenerationsPruner`). So what a generation's trials are and which of them are
-pruned depends on the study's history, not on which trial finishes first: the trials can run
-one after the other or at once in worker processes (``tune.processes``, see
-:mod:`liverseg.workers`) and the study comes out the same.
+(:class:`liverseg.tuning.study.EarlierGenerationsPruner`). So what a generation's trials are
+and which of them are pruned depends on the study's history, not on which trial finishes
+first: the trials can run one after the other or at once in worker processes
+(``tune.processes``, see :mod:`liverseg.workers`) and the study comes out the same. A
+``--worker-only`` process on another machine runs the same loop on the same study.
 
 A worker runs a trial that this process asked (``optuna.Trial`` on its number) with the same
 objective as a sequential run and tells its state as Optuna's own loop does: COMPLETE with the
 value; PRUNED; FAIL for a diverging or out-of-memory trial (a result about the search space,
 the study goes on); FAIL and the error for anything else. A trial left RUNNING by a worker
-that died is told FAIL when its generation ends.
+that died is told FAIL when its generation ends. A stop (:mod:`liverseg.stop`) is checked
+between trials and in their training; the generation's unfinished trials end FAIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,54 +29,20 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from liverseg import runguard
+from liverseg import runguard, stop
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams, TuneParams
-from liverseg.tuning.objective import (
-    PARAM_BATCH,
-    PARAM_LR,
-    end_stale_trial_run,
-    search_space_failures,
-)
-from liverseg.tuning.stop import StopSignal, section
-
-# Trial user attribute: the number of the first trial of the trial's generation.
-GENERATION_ATTR = "generation_first_trial"
+from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR
+from liverseg.tuning.objective import end_stale_trial_run, search_space_failures
+from liverseg.tuning.storage import open_storage
+from liverseg.tuning.study import GENERATION_ATTR, count_finished, study_pruner
+from liverseg.workers import Pool, processes_for, threads_per_process
 
 
 class TrialError(LiversegError):
     """A trial failed with an error that is not a result about the search space."""
-
-
-class _EarlierTrials:
-    """``study`` as a pruner sees it: only trials numbered below ``first``."""
-
-    def __init__(self, study: optuna.Study, first: int) -> None:
-        self._study = study
-        self._first = first
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
-        return [t for t in trials if t.number < self._first]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
-class EarlierGenerationsPruner(optuna.pruners.BasePruner):
-    """``inner``, shown only the trials of earlier generations for a trial of a generation
-    (one with :data:`GENERATION_ATTR`), and the whole study for any other trial."""
-
-    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
-        self.inner = inner
-
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        first = trial.user_attrs.get(GENERATION_ATTR)
-        if first is None:
-            return self.inner.prune(study, trial)
-        return self.inner.prune(_EarlierTrials(study, int(first)), trial)  # type: ignore[arg-type]
 
 
 def search_space(tune: TuneParams) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -126,10 +96,8 @@ _WORKER: dict[str, Any] = {}  # a worker process' study and objective, made on i
 
 def _trial_in_worker(job: TrialJob, number: int) -> str:
     if not _WORKER:
-        from liverseg.training.setup import keras_session
+        from liverseg.training.fit import keras_session
         from liverseg.tuning.objective import make_objective
-        from liverseg.tuning.storage import open_storage
-        from liverseg.tuning.study import study_pruner
 
         keras_session(job.train.precision, job.tune.seed)
         _WORKER["study"] = optuna.load_study(
@@ -147,77 +115,71 @@ def _trial_in_worker(job: TrialJob, number: int) -> str:
 
 def generation_processes(tune: TuneParams) -> int:
     """Worker processes per generation (``tune.processes``; 1: the trials run in this one)."""
-    from liverseg.workers import processes_for
-
     return processes_for(tune.processes, tune.generation_size)
 
 
 def optimize_in_generations(
-    study: optuna.Study,
-    tune: TuneParams,
-    job: TrialJob,
-    objective: Any,
-    stop: StopSignal | None = None,
+    study: optuna.Study, tune: TuneParams, job: TrialJob, objective: Any
 ) -> int:
-    """Run generations until the study has ``tune.n_trials`` finished trials (or
-    ``tune.timeout_s`` has passed before a generation starts); the number of trials run.
+    """Run generations until the study has ``tune.n_trials`` finished trials, this call has
+    started ``tune.n_trials`` (failed trials are run again, within that) or ``tune.timeout_s``
+    has passed before a generation starts; the number of trials run.
 
     ``objective`` runs the trials in this process when :func:`generation_processes` is 1 (it
-    may be None otherwise); else workers do, each making its own from ``job``."""
-    from liverseg.tuning.study import count_finished
-    from liverseg.workers import run_workers, threads_per_process
-
+    may be None otherwise); else a :class:`liverseg.workers.Pool`, started once, does, each
+    worker making its own objective from ``job``."""
     space = search_space(tune)
     # One figure for every generation (a last, smaller one too): a trial's thread count
     # decides its arithmetic.
     processes = generation_processes(tune)
     threads = threads_per_process(processes)
+    if processes <= 1 and objective is None:
+        raise ValueError("optimize_in_generations: no objective for this process")
     started, t0 = 0, time.monotonic()
-    while (remaining := tune.n_trials - count_finished(study)) > 0:
-        if time.monotonic() - t0 > tune.timeout_s:
-            print(f"tune: tune.timeout_s ({tune.timeout_s:g} s) passed; no new generation")
-            break
-        size = min(tune.generation_size, remaining)
-        trials: list[optuna.Trial] = []
-        errors: dict[int, str] = {}
-        try:
-            # A stop requested in here is raised on leaving it: by then every asked trial is
-            # in ``trials``, which the ``finally`` fails (none is left RUNNING).
-            with section(stop, interruptible=False), warnings.catch_warnings():
-                # Optuna warns that an RDB storage's heartbeat is meant for Study.optimize:
-                # the asked trials' liveness is their process tag (study.fail_dead_trials).
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                for _ in range(size):
-                    trials.append(study.ask(space))
+    with contextlib.ExitStack() as stack:
+        pool = None
+        while (remaining := tune.n_trials - count_finished(study)) > 0 and started < tune.n_trials:
+            stop.check()
+            if time.monotonic() - t0 > tune.timeout_s:
+                print(f"tune: tune.timeout_s ({tune.timeout_s:g} s) passed; no new generation")
+                break
+            size = min(tune.generation_size, remaining)
+            trials: list[optuna.Trial] = []
+            errors: dict[int, str] = {}
+            try:
+                with warnings.catch_warnings():
+                    # Optuna warns that an RDB storage's heartbeat is meant for Study.optimize:
+                    # the asked trials' liveness is their process tag (study.fail_dead_trials).
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    for _ in range(size):
+                        trials.append(study.ask(space))
                 for t in trials:
                     t.set_user_attr(GENERATION_ATTR, trials[0].number)
                     # Until a worker takes it: whoever finds it RUNNING after a SIGKILL can
                     # fail it.
                     t.set_user_attr("process", runguard.process_tags())
-            numbers = [t.number for t in trials]
-            if processes <= 1:
-                if objective is None:
-                    raise ValueError("optimize_in_generations: no objective for this process")
-                # As in study.optimize: only a trial's training may be interrupted at once; a
-                # stop that comes while its result is told waits until the trial is stored.
-                with section(stop, interruptible=False):
+                numbers = [t.number for t in trials]
+                if processes > 1 and pool is None:  # started once, for the first generation
+                    pool = stack.enter_context(
+                        Pool(_trial_in_worker, job, processes, threads, tune.generation_size)
+                    )
+                if pool is None:
+                    # (a stop is taken in a trial's training, once its MLflow run exists)
                     for n in numbers:
                         run_trial(study, objective, n)
-            else:
-                print(
-                    f"tune: trials {', '.join(map(str, numbers))} in {min(processes, size)} "
-                    f"processes of {threads} CPU thread(s) each (tune.processes: "
-                    f"{tune.processes})",
-                    flush=True,
-                )
-                _, errors = run_workers(_trial_in_worker, job, numbers, processes, threads)
-        finally:
-            _fail_unfinished(study, [t.number for t in trials])
-        started += size
-        if errors:
-            raise TrialError("; ".join(f"trial {n}: {text}" for n, text in sorted(errors.items())))
-        if stop is not None:
-            stop.raise_if_requested()  # a stop ends no study as if it were finished
+                else:
+                    print(
+                        f"tune: trials {', '.join(map(str, numbers))} in "
+                        f"{min(processes, size)} processes of {threads} CPU thread(s) each "
+                        f"(tune.processes: {tune.processes})",
+                        flush=True,
+                    )
+                    _, errors = pool.run(numbers)
+            finally:
+                _fail_unfinished(study, [t.number for t in trials])
+            started += size
+            if errors:
+                raise TrialError("; ".join(f"trial {n}: {e}" for n, e in sorted(errors.items())))
     return started
 
 

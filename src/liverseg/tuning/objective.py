@@ -1,7 +1,7 @@
 """The objective: one trial trains a fresh U-Net on each fold of ``tune.folds`` and returns the
 mean of the folds' best validation Dice; each trial has its own MLflow run.
 
-Arrays follow the pipeline contract of :func:`liverseg.training.dataset.load_prepared`:
+Arrays follow the pipeline contract of :func:`liverseg.data.prepared.load_prepared`:
 ``(N, H, W, 1)`` float32 images in [0, 1] and 0/1 masks; a fold's slices stay in memory for
 every trial this process runs.
 
@@ -42,14 +42,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
 from liverseg import runguard
-from liverseg.data.splits import fold_cases, load_splits
+from liverseg.data.prepared import load_splits
+from liverseg.data.splits import fold_cases
 from liverseg.errors import ParamsError
 from liverseg.params import TrainParams, TuneParams
-from liverseg.training.tracking import NOTE_TAG
-from liverseg.tuning.stop import StopSignal, section
+from liverseg.tracking import NOTE_TAG
+from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR
 
-PARAM_LR = "learning_rate"
-PARAM_BATCH = "batch_size"
 # The trial's objective as an MLflow metric, logged first in every epoch's batch: the UI's
 # compare view plots the runs' first shared metric against their params.
 OBJECTIVE_METRIC = "objective_val_dice"
@@ -127,9 +126,8 @@ class TrialReporter:
         return False
 
 
-def keras_callback(reporter: TrialReporter, stop: StopSignal | None = None) -> Any:
-    """A Keras callback that feeds ``reporter`` (not interruptible: it writes to Optuna's
-    storage) and stops training when it says prune."""
+def keras_callback(reporter: TrialReporter) -> Any:
+    """A Keras callback that feeds ``reporter`` and stops training when it says prune."""
     import keras
 
     from liverseg.training.fit import MlflowEpochLogger
@@ -137,9 +135,7 @@ def keras_callback(reporter: TrialReporter, stop: StopSignal | None = None) -> A
     callback = keras.callbacks.LambdaCallback()
 
     def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
-        with section(stop, interruptible=False):
-            prune = reporter.on_epoch_end(epoch, MlflowEpochLogger.values(logs))
-        if prune:
+        if reporter.on_epoch_end(epoch, MlflowEpochLogger.values(logs)):
             callback.model.stop_training = True
 
     callback.on_epoch_end = on_epoch_end
@@ -181,17 +177,17 @@ def make_objective(
     experiment_id: str,
     parent_run_id: str | None = None,
     client: MlflowClient | None = None,
-    stop: StopSignal | None = None,
 ) -> Callable[[optuna.Trial], float]:
     """The objective: mean best validation Dice over ``tune.folds`` of one short training.
 
-    Each trial gets an MLflow run (see the module docstring); every fold's training starts
-    from the same seeded initialisation (``tune.seed + fold``) so trials differ only by their
-    hyperparameters. With ``stop``, a signal interrupts a trial only during its training.
+        Each trial gets an MLflow run (see the module docstring); every fold's training starts
+        from the same seeded initialisation (``tune.seed + fold``) so trials differ only by their
+        hyperparameters. A stop (:mod:`liverseg.stop`) ends a trial at a stop point of its training
+    (its run KILLED, its state FAIL).
     """
     import keras
 
-    from liverseg.training.dataset import load_prepared
+    from liverseg.data.prepared import load_prepared
     from liverseg.training.fit import MlflowEpochLogger, fit
 
     client = client or MlflowClient()
@@ -259,26 +255,24 @@ def make_objective(
                     first=reporter.objective_metric,
                 )
                 loggers.append(logger)
-                with section(stop, interruptible=True):
-                    train_xy, val_xy = fold_data(fold)
-                    # Free what the previous trial or fold left (fit's compiled model, which
-                    # it reuses, stays); this also runs the garbage collector, so Optuna's
-                    # gc_after_trial is off.
-                    keras.backend.clear_session(free_memory=True)
-                    res = fit(
-                        train_xy,
-                        val_xy,
-                        train.spec,
-                        learning_rate=lr,
-                        batch_size=batch_size,
-                        epochs=tune.epochs,
-                        seed=tune.seed + fold,
-                        patience=None,
-                        distribute=train.distribute,
-                        callbacks=[logger, keras_callback(reporter, stop)],
-                        progress=f"tune: trial {trial.number} fold-{fold}",
-                        val_stride=train.val_stride,
-                    )
+                train_xy, val_xy = fold_data(fold)
+                # Free what the previous trial or fold left (fit's compiled model, which it
+                # reuses, stays); this also runs the garbage collector.
+                keras.backend.clear_session(free_memory=True)
+                res = fit(
+                    train_xy,
+                    val_xy,
+                    train.spec,
+                    learning_rate=lr,
+                    batch_size=batch_size,
+                    epochs=tune.epochs,
+                    seed=tune.seed + fold,
+                    patience=None,
+                    distribute=train.distribute,
+                    callbacks=[logger, keras_callback(reporter)],
+                    progress=f"tune: trial {trial.number} fold-{fold}",
+                    val_stride=train.val_stride,
+                )
                 if reporter.pruned_step is not None:
                     raise optuna.TrialPruned(
                         f"fold {fold}, epoch {reporter.pruned_step - pos * tune.epochs + 1}: "

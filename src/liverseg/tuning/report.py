@@ -1,4 +1,5 @@
-"""The study's report: its best trial and trial counts (``best_params.json``) and its plots."""
+"""The study's report: its best trial and trial counts (``best_params.json``) and its plots,
+also on the study's MLflow run."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from liverseg.fsutil import atomic_dir, write_json
-from liverseg.tuning.objective import PARAM_BATCH, PARAM_LR
+from liverseg.fsutil import atomic_dir
+from liverseg.params import TuneParams
+from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR, write_best_params
 from liverseg.tuning.study import TuningError, count_trials
 
 
@@ -107,6 +109,46 @@ def write_report(
     """Write ``out/best_params.json`` and the plots atomically; returns (summary, plots)."""
     summary = summarize(study)
     with atomic_dir(Path(out)) as tmp:
-        write_json(tmp / "best_params.json", summary)
+        write_best_params(tmp, summary)
         plots = write_plots(study, tmp, seed)
     return summary, plots
+
+
+def log_best(summary: dict[str, Any]) -> None:
+    """The study's best trial and counts on the active (parent) MLflow run."""
+    import mlflow
+
+    mlflow.log_params(
+        {
+            "best_learning_rate": summary["learning_rate"],
+            "best_batch_size": summary["batch_size"],
+            "best_trial_number": summary["trial_number"],
+        }
+    )
+    mlflow.log_metrics(
+        {
+            "best_value": summary["value"],
+            "n_complete": summary["n_complete"],
+            "n_pruned": summary["n_pruned"],
+            "n_failed": summary["n_failed"],
+        }
+    )
+
+
+def log_plot_images(folder: Path) -> None:
+    """The study's PNG plots as MLflow images of the active run (its chart view shows them)."""
+    import mlflow
+    from PIL import Image
+
+    for png in sorted(folder.glob("*.png")):
+        with Image.open(png) as im:
+            # synchronous: see liverseg.evaluation.holdout.log_to_mlflow
+            mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0, synchronous=True)
+
+
+def study_description(name: str, tune: TuneParams, summary: dict[str, Any]) -> str:
+    return (
+        f"{tune.n_trials} trials; best: trial {summary['trial_number']}, val Dice "
+        f"{summary['value']:.4f} (lr {summary['learning_rate']:.3g}, batch "
+        f"{summary['batch_size']})"
+    )

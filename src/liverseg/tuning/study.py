@@ -1,5 +1,6 @@
-"""Study identity and bookkeeping: which study a run belongs to, creating or resuming it,
-counting its trials, failing the trials of dead workers, and running it.
+"""Study identity and bookkeeping: which study a run belongs to, its pruner, creating or
+resuming it, counting its trials and failing the trials of dead workers (it is run by
+:mod:`liverseg.tuning.generations`).
 
 Study identity: the study's name hashes everything that defines the objective (the prepared
 data's content hash, search space, folds, epochs, seed and the train section's model, loss,
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from liverseg import runguard
 from liverseg.errors import LiversegError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
-from liverseg.tuning.objective import (
-    PARAM_BATCH,
-    PARAM_LR,
-    end_stale_trial_run,
-    search_space_failures,
-)
-from liverseg.tuning.stop import StopSignal, section
+from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR
+from liverseg.tuning.objective import end_stale_trial_run
 
 # Bump when the objective's definition changes (what is measured, not its inputs): a new
 # version starts new studies instead of mixing incomparable values into old ones.
@@ -44,6 +39,9 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # median over one trial prunes everything that is not better than a single random draw. More
 # would leave little pruning in the few trials a CPU budget allows (params.yaml: 4).
 MEDIAN_PRUNER_STARTUP_TRIALS = 2
+
+# Trial user attribute: the number of the first trial of the trial's generation.
+GENERATION_ATTR = "generation_first_trial"
 
 
 class TuningError(LiversegError):
@@ -102,12 +100,38 @@ def sampler_seed(seed: int, worker_index: int, n_existing: int) -> int:
     return int(np.random.SeedSequence([seed, worker_index, n_existing]).generate_state(1)[0])
 
 
+class _EarlierTrials:
+    """``study`` as a pruner sees it: only trials numbered below ``first``."""
+
+    def __init__(self, study: optuna.Study, first: int) -> None:
+        self._study = study
+        self._first = first
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.number < self._first]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class EarlierGenerationsPruner(optuna.pruners.BasePruner):
+    """``inner``, shown only the trials of earlier generations for a trial of a generation
+    (one with :data:`GENERATION_ATTR`), and the whole study for any other trial."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        self.inner = inner
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        first = trial.user_attrs.get(GENERATION_ATTR)
+        if first is None:
+            return self.inner.prune(study, trial)
+        return self.inner.prune(_EarlierTrials(study, int(first)), trial)  # type: ignore[arg-type]
+
+
 def study_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
     """The median pruner with ``tune.pruner_warmup_epochs`` warm-up steps, which compares a
-    trial of a generation only with earlier generations' trials
-    (:class:`liverseg.tuning.generations.EarlierGenerationsPruner`)."""
-    from liverseg.tuning.generations import EarlierGenerationsPruner
-
+    trial of a generation only with earlier generations' trials."""
     return EarlierGenerationsPruner(
         optuna.pruners.MedianPruner(
             n_startup_trials=MEDIAN_PRUNER_STARTUP_TRIALS,
@@ -176,44 +200,3 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         end_stale_trial_run(study, t)
     return [t.number for t in dead]
-
-
-def optimize(
-    study: optuna.Study,
-    objective: Callable[[optuna.Trial], float],
-    tune: TuneParams,
-    stop: StopSignal | None = None,
-) -> int:
-    """Run trials until the study has ``tune.n_trials`` finished ones or ``tune.timeout_s``
-    has passed in this process; returns the number of trials this call started.
-
-    Several workers on one study stop together: each checks the study's count after every
-    trial (``MaxTrialsCallback``). A worker may still start a trial while another's last one
-    runs, so a parallel study can end with up to ``workers - 1`` extra finished trials.
-    """
-    remaining = tune.n_trials - count_finished(study)
-    if remaining <= 0:
-        return 0
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-        optuna.study.MaxTrialsCallback(tune.n_trials, states=FINISHED_STATES)
-    ]
-    if stop is not None:
-        callbacks.append(lambda study, trial: study.stop() if stop.requested else None)
-    started = 0
-
-    def counted(trial: optuna.Trial) -> float:
-        nonlocal started
-        started += 1
-        return objective(trial)
-
-    with section(stop, interruptible=False):
-        study.optimize(
-            counted,
-            n_trials=remaining,
-            timeout=tune.timeout_s,
-            # A diverging or out-of-memory configuration is a result about the search space:
-            # record it FAIL and go on. Anything else is a bug and stops the study.
-            catch=search_space_failures(),
-            callbacks=callbacks,
-        )
-    return started

@@ -1,6 +1,8 @@
-"""MLflow helpers shared by the train, tune, evaluate and register stages.
+"""MLflow helpers shared by the train, tune, evaluate and register stages (and serving).
 
-The tracking URI is set by the entry point (``liverseg.cli``), never here.
+The tracking URI is set by the entry point (``liverseg.cli``), never here. The train stage's
+``run.json`` (:func:`write_train_run`, :func:`read_train_run`) names the MLflow runs that the
+evaluate and register runs nest under.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 
 import mlflow
 import yaml
+
+from liverseg.errors import DataError
+from liverseg.fsutil import read_stage_json, write_json
 
 # The MLflow UI (3.x) opens an experiment on the view its kind names; without this tag it
 # guesses, and an experiment with no traces opens on the GenAI overview.
@@ -230,3 +235,21 @@ def tensorflow_distribution() -> str:
             continue
         return dist
     return "tensorflow"
+
+
+def write_train_run(path: Path, run: dict[str, str]) -> None:
+    """The train stage's ``run.json``: ``{"experiment_id", "parent_run_id", "final_run_id",
+    "tracking_uri"}``."""
+    write_json(path, run)
+
+
+def read_train_run(path: Path) -> dict[str, str]:
+    """The train stage's ``run.json`` as strings; ``parent_run_id`` is required (a missing or
+    broken file is a DataError naming it)."""
+    path = Path(path)
+    data = read_stage_json(path, "train")
+    if not isinstance(data, dict) or not isinstance(data.get("parent_run_id"), str):
+        raise DataError(f"{path}: parent_run_id: missing (not a train stage run.json)")
+    if not data["parent_run_id"]:
+        raise DataError(f"{path}: parent_run_id: empty")
+    return {k: str(v) for k, v in data.items() if v is not None}

@@ -1,0 +1,81 @@
+"""Stopping on SIGINT or SIGTERM: the handler records the request, loops check it.
+
+SIGTERM is what ``timeout``, CI cancellation, ``docker stop`` and Kubernetes send; SIGINT is
+Ctrl+C. :func:`install` makes both only record the request, so that nothing is ever raised in
+the middle of TensorFlow, SQLAlchemy or the MLflow store. :func:`check` raises
+:class:`Interrupted` where stopping is safe: training's Keras callback after each batch (or
+execution), the fold, trial and worker loops between units, the slice batches of inference and
+:func:`liverseg.fsutil.atomic_dir` before it replaces an output. On the way out, ``finally``
+blocks end MLflow runs and remove temporary outputs; the CLI ends this process's runs KILLED
+(:func:`liverseg.runguard.end_own_runs`) and exits 128 + the signal number (130, 143).
+
+Standard library only: worker processes and the CLI import it before anything heavy.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop was asked by ``signum``; ``message`` (optional) says what is kept and how to go
+    on."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"signal {signum}")
+        self.signum = int(signum)
+        self.message = message
+
+
+_requested: int | None = None  # the first signal received, until forget()
+_requested_at_ms = 0
+
+
+def request(signum: int, frame: Any = None) -> None:
+    """Record a stop (the signal handler); a later signal does not replace the first."""
+    global _requested, _requested_at_ms
+    if _requested is None:
+        _requested, _requested_at_ms = int(signum), int(time.time() * 1000)
+
+
+def requested_at_ms() -> int:
+    """When the stop was asked (ms since the epoch; 0 if none was)."""
+    return _requested_at_ms if _requested is not None else 0
+
+
+def requested() -> int | None:
+    """The signal number of the stop asked, or None."""
+    return _requested
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a stop was asked."""
+    if _requested is not None:
+        raise Interrupted(_requested)
+
+
+def forget() -> None:
+    """No stop asked (tests, and a process that handled one and goes on)."""
+    global _requested
+    _requested = None
+
+
+def install() -> dict[int, Any]:
+    """SIGINT and SIGTERM record a stop (main thread only); the previous handlers."""
+    return {s: signal.signal(s, request) for s in SIGNALS}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
