@@ -96,6 +96,23 @@ def test_prepare_volume_shapes_and_ranges() -> None:
     assert lab.dtype == np.uint8 and lab.any()
 
 
+def test_select_slices_step_keeps_every_kth_slice_from_a_seeded_offset() -> None:
+    mask = np.zeros((4, 4, 30), np.uint8)
+    mask[1:3, 1:3, 5:25] = 1
+    offsets = set()
+    for seed in range(12):
+        idx = select_slices(mask, 1.0, np.random.default_rng(seed), step=3)
+        assert np.all(np.diff(idx) == 3)  # every 3rd slice, liver or not (fraction 1.0)
+        assert idx[0] < 3 and idx[-1] >= 27
+        offsets.add(int(idx[0]))
+    assert offsets == {0, 1, 2}
+    # step 1 draws nothing from the generator: the same slices as before the option existed
+    a = select_slices(mask, 0.5, np.random.default_rng(3))
+    b = select_slices(mask, 0.5, np.random.default_rng(3), step=1)
+    assert a.tolist() == b.tolist()
+    assert set(range(5, 25)) <= set(a.tolist())
+
+
 def _counts(n: int) -> dict[str, int]:
     return {f"e{i:02d}": 10 + i for i in range(1, n + 1)}
 

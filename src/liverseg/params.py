@@ -209,6 +209,7 @@ class PrepareParams:
         Int, _range(16, 1024), _check(lambda v: v % 16 == 0, "must be a multiple of 16")
     ] = 96
     liver_free_fraction: Annotated[Float, _range(0, 1)] = 0.3
+    slice_gap_mm: Annotated[Float, _range(0)] = 0.0
     n_test: Annotated[Int, _range(1)] = 3
     test_cases: Annotated[
         tuple[Name, ...], _check(lambda t: len(set(t)) == len(t), "names a case twice")

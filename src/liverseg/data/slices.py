@@ -119,13 +119,15 @@ def volume_to_stack(volume: np.ndarray, indices: np.ndarray | None = None) -> np
 
 
 def select_slices(
-    mask: np.ndarray, liver_free_fraction: float, rng: np.random.Generator
+    mask: np.ndarray, liver_free_fraction: float, rng: np.random.Generator, step: int = 1
 ) -> np.ndarray:
-    """Sorted indices of the axial slices to train on: every liver slice plus a seeded share
-    of liver-free ones (drawn without replacement), so the model also learns "no liver here"."""
-    has_liver = mask.any(axis=(0, 1))
-    liver = np.flatnonzero(has_liver)
-    free = np.flatnonzero(~has_liver)
+    """Sorted indices of the axial slices to train on: every ``step``-th slice from a seeded
+    offset, and of those every liver slice plus a seeded share of liver-free ones (drawn
+    without replacement), so the model also learns "no liver here"."""
+    kept = np.arange(int(rng.integers(step)) if step > 1 else 0, mask.shape[2], step)
+    has_liver = mask[:, :, kept].any(axis=(0, 1))
+    liver = kept[has_liver]
+    free = kept[~has_liver]
     n_free = int(round(liver_free_fraction * free.size))
     chosen = rng.choice(free, size=n_free, replace=False) if n_free else free[:0]
     return np.sort(np.concatenate([liver, chosen]))
@@ -139,14 +141,17 @@ def prepare_volume(
     image_size: int,
     liver_free_fraction: float,
     rng: np.random.Generator,
+    step: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case's training slices: (image (N, S, S) float32 [0, 1], mask (N, S, S) uint8, indices).
+
+    ``step``: every step-th slice only (:func:`select_slices`).
 
     The whole volume is resized first and the slices picked from the small result: a gather of
     scattered slices from the full-size volume would cost more (a strided copy of most of it)
     than resizing the few slices that are then dropped.
     """
-    idx = select_slices(mask, liver_free_fraction, rng)
+    idx = select_slices(mask, liver_free_fraction, rng, step)
     size = (image_size, image_size)
     image = window_inplace(resize_to_stack(hu, size, idx), *window_hu)
     ix = nearest_indices(mask.shape[0], size[0])

@@ -33,6 +33,8 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
             # One generator per case (seed, case index): the slices drawn for one case do not
             # change when another case is added or removed.
             rng = np.random.default_rng([params.seed, i])
+            # Neighbouring thin slices are near duplicates: keep about one per slice_gap_mm.
+            step = max(1, round(params.slice_gap_mm / case.image.spacing[2]))
             image, mask, idx = prepare_volume(
                 case.image.data,
                 case.mask.data,
@@ -40,6 +42,7 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
                 image_size=params.image_size,
                 liver_free_fraction=params.liver_free_fraction,
                 rng=rng,
+                step=step,
             )
             write_case(tmp, pair.case_id, image, mask, idx)
             counts[pair.case_id] = int(idx.size)
