@@ -92,12 +92,19 @@ def generate_case(
         paint(cavity & (kidney < 1), KIDNEY)
 
     liver_hu = r(90, 125)
-    lut = np.array(
-        [-1000, r(-110, -80), liver_hu - r(30, 45), liver_hu + r(-15, 10), r(300, 500),
-         liver_hu + r(80, 110), liver_hu + r(-5, 15), liver_hu + r(0, 40), liver_hu,
-         liver_hu - r(30, 50)],
-        dtype=np.float32,
-    )  # fmt: skip
+    densities = {
+        AIR: -1000.0,
+        FAT: r(-110, -80),
+        MUSCLE: liver_hu - r(30, 45),
+        BOWEL: liver_hu + r(-15, 10),
+        BONE: r(300, 500),
+        AORTA: liver_hu + r(80, 110),
+        SPLEEN: liver_hu + r(-5, 15),
+        KIDNEY: liver_hu + r(0, 40),
+        LIVER: liver_hu,
+        LESION: liver_hu - r(30, 50),
+    }
+    lut = np.array([densities[k] for k in range(len(densities))], dtype=np.float32)
     hu = lut[label] + r(10, 18) * rng.standard_normal(shape, dtype=np.float32)
     mask = np.isin(label, (LIVER, LESION)).astype(np.uint8)
     spacing = np.array(params.spacing, dtype=float)
