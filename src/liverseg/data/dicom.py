@@ -1,15 +1,9 @@
 """A CT series from a DICOM folder or zip, as a :class:`~liverseg.data.volumes.Volume`.
 
-What ``liverseg predict`` and the served model read when the CT is DICOM. Files are grouped by
-SeriesInstanceUID (found recursively; files that are not DICOM, and DICOMDIR indexes, are
-skipped); a folder holding several series is an error that lists them, unless one is chosen by
-its UID. The chosen series goes through :func:`series_from_files` (slices ordered by
-ImagePositionPatient along the slice normal, HU from RescaleSlope/Intercept, the affine from
-the headers, uniform spacing required; the IRCAD importer reads its folders with it too) and is
-then checked for what a 2-D axial model cannot take: a modality other than CT, and a gantry
-tilt (slices stepping obliquely to their own plane, which no orthogonal grid can hold).
+What ``liverseg predict`` and the served model read when the CT is DICOM
+(:func:`read_ct_series`), and the IRCAD importer's series reader (:func:`read_series_folder`).
 
-Array contract of :func:`read_dicom_series`: a 3-D array indexed ``[i, j, k]`` with
+Array contract of :class:`SeriesArrays`: 3-D arrays indexed ``[i, j, k]`` with
 ``i`` = DICOM column (along the first ImageOrientationPatient cosine), ``j`` = DICOM row (along
 the second cosine) and ``k`` = slice, ordered by position along the slice normal (cross product
 of the two cosines), never by file name. The 4x4 affine maps ``(i, j, k, 1)`` to RAS+
@@ -31,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from liverseg.data.download import safe_extract_zip
@@ -50,9 +44,7 @@ __all__ = [
     "find_series",
     "is_dicom_source",
     "read_ct_series",
-    "read_dicom_series",
     "read_series_folder",
-    "series_from_files",
 ]
 
 # Consecutive slice gaps may differ from the median gap by this fraction: positions are
@@ -121,13 +113,16 @@ def _series_files(folder: Path) -> list[Path]:
     return files
 
 
+def _dcmread(path: Path, **kwargs: Any) -> Dataset:
+    """Read ``path`` also without the 128-byte preamble + "DICM" marker (some exports omit it)."""
+    with warnings.catch_warnings():  # force-parsing a text file warns about its "VR"
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, force=True, **kwargs)
+
+
 def _read_dataset(path: Path) -> Dataset:
     try:
-        try:
-            return pydicom.dcmread(path)
-        except InvalidDicomError:
-            # Some exports have no 128-byte preamble + "DICM" marker: parse the bare data set.
-            ds = pydicom.dcmread(path, force=True)
+        ds = _dcmread(path)
     except Exception as exc:  # pydicom raises many exception types on garbage input
         raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
@@ -192,14 +187,17 @@ def _read_slice(path: Path) -> _Slice:
     )
 
 
-def read_series_folder(folder: Path, spacing_rtol: float = SPACING_RTOL) -> SeriesArrays:
-    """The series of the files directly in ``folder`` (one series, as IRCAD stores them)."""
-    return series_from_files(_series_files(Path(folder)), Path(folder), spacing_rtol)
+def read_series_folder(folder: Path) -> SeriesArrays:
+    """The series of the files directly in ``folder`` (one series, as IRCAD stores them).
+
+    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
+    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
+    and slice gaps differing from their median by more than ``SPACING_RTOL``.
+    """
+    return series_from_files(_series_files(Path(folder)), Path(folder))
 
 
-def series_from_files(
-    files: list[Path], folder: Path, spacing_rtol: float = SPACING_RTOL
-) -> SeriesArrays:
+def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
     """One series from its slice files (``folder`` names it in messages)."""
     slices = [_read_slice(p) for p in files]
     first = slices[0]
@@ -244,7 +242,7 @@ def series_from_files(
         )
     if len(slices) > 1:
         median = float(np.median(gaps))
-        if np.any(np.abs(gaps - median) > spacing_rtol * median):
+        if np.any(np.abs(gaps - median) > SPACING_RTOL * median):
             shown = ", ".join(f"{g:.3f}" for g in np.unique(np.round(gaps, 3))[:6])
             raise DataError(
                 f"{folder}: slice spacing is not uniform (gaps {shown} mm, median "
@@ -254,7 +252,7 @@ def series_from_files(
         # Positions must lie on one line: a drifting in-plane offset (varying gantry tilt)
         # cannot be expressed by an affine.
         line = positions[0] + np.arange(len(slices))[:, None] * step
-        if np.max(np.linalg.norm(positions - line, axis=1)) > spacing_rtol * median:
+        if np.max(np.linalg.norm(positions - line, axis=1)) > SPACING_RTOL * median:
             raise DataError(f"{folder}: slice positions do not lie on one straight line")
     elif first.thickness is not None and first.thickness > 0:
         step = normal * first.thickness
@@ -277,21 +275,6 @@ def series_from_files(
     return SeriesArrays(
         stored=stored, hu=hu, affine=_LPS_TO_RAS @ lps, paths=tuple(s.path for s in slices)
     )
-
-
-def read_dicom_series(
-    folder: Path, *, spacing_rtol: float = SPACING_RTOL
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one DICOM series folder as a (columns, rows, slices) float32 HU array + RAS affine.
-
-    Slices are ordered by position along the normal because file names (``image_0`` ...
-    ``image_10``) neither sort numerically as strings nor are guaranteed to follow anatomy.
-    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
-    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
-    and slice gaps differing from their median by more than ``spacing_rtol``.
-    """
-    series = read_series_folder(Path(folder), spacing_rtol)
-    return series.hu, series.affine
 
 
 # ------------------------------------------------------------------------- series in a folder
@@ -327,12 +310,7 @@ def is_dicom_source(path: Path) -> bool:
 def _header(path: Path) -> Dataset | None:
     """The header of a DICOM file, or None for a file that is not a DICOM image."""
     try:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            with warnings.catch_warnings():  # force-parsing a text file warns about its "VR"
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = _dcmread(path, stop_before_pixels=True)
     except Exception:  # pydicom raises many types on non-DICOM input: such files are skipped
         return None
     if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
@@ -398,7 +376,7 @@ def _check_tilt(affine: np.ndarray, where: Path) -> None:
 
 def _check_size(info: SeriesInfo, where: Path, max_bytes: int) -> None:
     """Refuse a series whose float32 volume would exceed ``max_bytes``, from one header."""
-    first = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
+    first = _dcmread(info.files[0], stop_before_pixels=True)
     try:
         n_bytes = int(first.Rows) * int(first.Columns) * len(info.files) * 4
     except (AttributeError, TypeError, ValueError):
@@ -428,7 +406,7 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
     img.set_sform(series.affine, code=1)
     img.set_qform(series.affine, code=1)
     volume = volume_from_image(img, kind="image", path=where)
-    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in series.paths)
+    headers = tuple(_dcmread(p, stop_before_pixels=True) for p in series.paths)
     frames = {
         str(ds.FrameOfReferenceUID): p
         for ds, p in zip(headers, series.paths, strict=True)

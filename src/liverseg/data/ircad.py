@@ -22,6 +22,7 @@ unpacked folder) to the internal format.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liverseg.data.dicom import SPACING_RTOL, SeriesArrays, read_series_folder
+from liverseg.data.dicom import SeriesArrays, read_series_folder
 from liverseg.data.download import fetch, safe_extract_zip
 from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
-from liverseg.data.volumes import load_case, same_grid, save_pair
+from liverseg.data.volumes import binary_mask, check_pair, load_case, save_pair
 from liverseg.errors import DataError
 from liverseg.fsutil import atomic_dir
 
@@ -48,6 +49,8 @@ __all__ = [
     "unpack_folder",
 ]
 
+log = logging.getLogger(__name__)
+
 _CASE_DIR = re.compile(r"3Dircadb1\.(\d+)")
 _CT_DIR = "PATIENT_DICOM"
 _MASKS_DIR = "MASKS_DICOM"
@@ -59,17 +62,12 @@ _INNER_ZIPS = "*_DICOM.zip"
 
 # --------------------------------------------------------------------------- DICOM tree
 def _binary_from_series(series: SeriesArrays, folder: Path) -> np.ndarray:
-    """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1).
-
-    Rescaled values are what the file says the pixels mean, so they are tried first; a mask
-    written with a CT-like RescaleIntercept still has 0/255 stored values, tried second.
-    """
-    for values in (series.hu, series.stored):
-        present = set(np.unique(values).tolist())
-        if present <= {0, 1} or present <= {0, 255}:
-            return (values != 0).astype(np.uint8)
-    shown = ", ".join(f"{v:g}" for v in np.unique(series.hu)[:8])
-    raise DataError(f"{folder}: liver mask is not binary: values {{{shown}}} (expected 0/255)")
+    """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1). Rescaled values
+    come first; a mask written with a CT-like RescaleIntercept still has 0/255 stored."""
+    try:
+        return binary_mask(series.hu, str(folder))
+    except DataError:
+        return binary_mask(series.stored, str(folder))
 
 
 def _find_case_dirs(root: Path) -> dict[int, Path]:
@@ -120,18 +118,9 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
     for number, folder in cases.items():
         ct_dir = _require_dir(folder / _CT_DIR)
         mask_dir = _require_dir(_require_dir(folder / _MASKS_DIR) / _LIVER_DIR)
-        ct = read_series_folder(ct_dir, SPACING_RTOL)
-        mask_series = read_series_folder(mask_dir, SPACING_RTOL)
-        if mask_series.hu.shape != ct.hu.shape:
-            raise DataError(
-                f"{mask_dir}: mask series shape {mask_series.hu.shape} does not match CT "
-                f"shape {ct.hu.shape} of {ct_dir}"
-            )
-        if not same_grid(mask_series.affine, ct.affine):
-            raise DataError(
-                f"{mask_dir}: mask geometry (spacing/position/orientation) differs from the "
-                f"CT's ({ct_dir}); the pair is not on one grid"
-            )
+        ct = read_series_folder(ct_dir)
+        mask_series = read_series_folder(mask_dir)
+        check_pair(ct.hu, ct.affine, mask_series.hu, mask_series.affine, ct_dir, mask_dir)
         mask = _binary_from_series(mask_series, mask_dir)
         if not mask.any():
             raise DataError(f"{mask_dir}: empty liver mask (no voxel is liver)")
@@ -228,7 +217,7 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
     by hand): see :func:`unpack_folder`. Otherwise ``params.source`` (URL or local archive) is
     fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
     unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
-    ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Prints the archive's
+    ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Logs the archive's
     SHA-256, so that a first download can be pinned. Returns the case ids sorted.
     """
     layout = "dicom" if params.format.startswith("dicom") else "nifti"
@@ -245,9 +234,8 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
             return collect_cases(Path(tmp) / "unpacked", layout, out_dir)
     archive = cache / "ircad-source.zip"
     digest = fetch(params.source, archive, params.sha256)
-    print(f"ingest: {params.source}\n  SHA-256 {digest}")
-    if not params.sha256:
-        print("  (pin it: set ingest.ircad.sha256 in params.yaml to verify later downloads)")
+    pin = "" if params.sha256 else " (pin it: set ingest.ircad.sha256 in params.yaml)"
+    log.info("ingest: %s\n  SHA-256 %s%s", params.source, digest, pin)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unpacked = Path(tmp) / "unpacked"
         unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")

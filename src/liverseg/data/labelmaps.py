@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverseg.data.dicom import read_dicom_series
+from liverseg.data.dicom import read_series_folder
 from liverseg.data.layout import case_id_for
 from liverseg.data.volumes import load_volume, save_nifti
 from liverseg.errors import DataError
@@ -107,7 +107,8 @@ def _structure_masks(masks_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray
     masks: dict[str, np.ndarray] = {}
     affine: np.ndarray | None = None
     for folder in sorted(p for p in masks_dir.iterdir() if p.is_dir()):
-        values, aff = read_dicom_series(folder)
+        series = read_series_folder(folder)
+        values, aff = series.hu, series.affine
         # IRCAD's masks are 0/255, a few 0/1, and one (3Dircadb1.11 artery) 0/255 with one
         # voxel of 1: every non-zero voxel belongs to the structure.
         if not np.isin(values, (0, 1, 255)).all():
