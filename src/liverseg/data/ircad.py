@@ -46,7 +46,6 @@ __all__ = [
     "convert_dicom_tree",
     "ingest_ircad",
     "unpack_archive",
-    "unpack_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,8 @@ def collect_cases(root: Path, layout: str, out_dir: Path) -> list[str]:
 def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: bool) -> None:
     """Unpack ``archive`` into ``target`` with :func:`~liverseg.data.download.safe_extract_zip`,
     then, with ``inner_zips``, every ``*_DICOM.zip`` it holds in place (a zip's folder
-    ``PATIENT_DICOM/`` lands beside the zip, which is removed).
+    ``PATIENT_DICOM/`` lands beside the zip, which is removed). An ``archive`` that is a folder
+    (the official archive unpacked once by hand) is copied instead, and left as it was.
 
     One budget for the whole archive: ``max_bytes`` bounds the bytes unpacked in total, the
     outer archive's entries (the inner zips among them) plus every inner zip's entries; the
@@ -167,29 +167,15 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
     ``target`` is replaced only once everything is unpacked; a refusal leaves it as it was.
     """
     with atomic_dir(target) as tree:
-        used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
-        if inner_zips:
-            _unpack_inner_zips(tree, archive, max_bytes=max_bytes, used=used)
-
-
-def unpack_folder(folder: Path, target: Path, *, max_bytes: int) -> None:
-    """The official archive already unpacked once (``3Dircadb1.N/`` folders holding
-    ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``): copied into ``target``, where its inner zips
-    are unpacked as :func:`unpack_archive` does, within ``max_bytes``; ``folder`` is not touched.
-    """
-    with atomic_dir(target) as tree:
-        shutil.copytree(folder, tree, dirs_exist_ok=True)
-        _unpack_inner_zips(tree, folder, max_bytes=max_bytes, used=0)
-
-
-def _unpack_inner_zips(tree: Path, source: Path, *, max_bytes: int, used: int) -> None:
-    for inner in sorted(tree.rglob(_INNER_ZIPS)):
-        used += _unpack_inner(
-            inner,
-            f"{source}: {inner.relative_to(tree).as_posix()}",
-            max_bytes=max_bytes,
-            used=used,
-        )
+        if archive.is_dir():
+            shutil.copytree(archive, tree, dirs_exist_ok=True)
+            used = 0
+        else:
+            files = safe_extract_zip(archive, tree, max_bytes=max_bytes)
+            used = sum(p.stat().st_size for p in files)
+        for inner in sorted(tree.rglob(_INNER_ZIPS)) if inner_zips else ():
+            where = f"{archive}: {inner.relative_to(tree).as_posix()}"
+            used += _unpack_inner(inner, where, max_bytes=max_bytes, used=used)
 
 
 def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
@@ -214,9 +200,9 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
 
     A ``*-dir`` format is read in place. ``dicom-zip`` also takes a local folder holding the
     official archive's ``3Dircadb1.N/`` folders with their inner zips (the archive unpacked once
-    by hand): see :func:`unpack_folder`. Otherwise ``params.source`` (URL or local archive) is
-    fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
-    unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
+    by hand). Otherwise ``params.source`` (URL or local archive) is fetched into ``cache`` as
+    ``ircad-source.zip`` and checked against ``params.sha256`` when set. Either is unpacked
+    into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
     ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Logs the archive's
     SHA-256, so that a first download can be pinned. Returns the case ids sorted.
     """
@@ -226,16 +212,15 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     max_bytes = int(params.max_unpacked_gb * 1e9)
-    if layout == "dicom" and Path(params.source).is_dir():
+    archive = Path(params.source)
+    if layout == "dicom" and archive.is_dir():
         if params.sha256:
             raise DataError(f"{params.source}: ingest.ircad.sha256 checks an archive, not a folder")
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            unpack_folder(Path(params.source), Path(tmp) / "unpacked", max_bytes=max_bytes)
-            return collect_cases(Path(tmp) / "unpacked", layout, out_dir)
-    archive = cache / "ircad-source.zip"
-    digest = fetch(params.source, archive, params.sha256)
-    pin = "" if params.sha256 else " (pin it: set ingest.ircad.sha256 in params.yaml)"
-    log.info("ingest: %s\n  SHA-256 %s%s", params.source, digest, pin)
+    else:
+        archive = cache / "ircad-source.zip"
+        digest = fetch(params.source, archive, params.sha256)
+        pin = "" if params.sha256 else " (pin it: set ingest.ircad.sha256 in params.yaml)"
+        log.info("ingest: %s\n  SHA-256 %s%s", params.source, digest, pin)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unpacked = Path(tmp) / "unpacked"
         unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")
