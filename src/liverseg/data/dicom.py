@@ -62,14 +62,7 @@ ORTHONORMAL_ATOL = 1e-3
 # DICOM (LPS) to NIfTI/RAS: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-_REQUIRED = (
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelData",
-)
+_REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 
 
 # Largest angle (radians) between the slice step and the slice normal still taken as no tilt:
@@ -103,16 +96,6 @@ class SeriesArrays:
     paths: tuple[Path, ...] = ()  # the slice files in array (k) order
 
 
-def _series_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: no files in the DICOM series folder")
-    return files
-
-
 def _dcmread(path: Path, **kwargs: Any) -> Dataset:
     """Read ``path`` also without the 128-byte preamble + "DICM" marker (some exports omit it)."""
     with warnings.catch_warnings():  # force-parsing a text file warns about its "VR"
@@ -120,7 +103,7 @@ def _dcmread(path: Path, **kwargs: Any) -> Dataset:
         return pydicom.dcmread(path, force=True, **kwargs)
 
 
-def _read_dataset(path: Path) -> Dataset:
+def _read_slice(path: Path) -> _Slice:
     try:
         ds = _dcmread(path)
     except Exception as exc:  # pydicom raises many exception types on garbage input
@@ -137,11 +120,6 @@ def _read_dataset(path: Path) -> Dataset:
             if little
             else ExplicitVRBigEndian
         )
-    return ds
-
-
-def _read_slice(path: Path) -> _Slice:
-    ds = _read_dataset(path)
     for keyword in _REQUIRED:
         if keyword not in ds:
             raise DataError(f"{path}: DICOM attribute {keyword} is missing")
@@ -194,7 +172,14 @@ def read_series_folder(folder: Path) -> SeriesArrays:
     missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
     and slice gaps differing from their median by more than ``SPACING_RTOL``.
     """
-    return series_from_files(_series_files(Path(folder)), Path(folder))
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder does not exist")
+    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: no files in the DICOM series folder")
+    return series_from_files(files, folder)
 
 
 def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
