@@ -80,9 +80,7 @@ def _find_case_dirs(root: Path) -> dict[int, Path]:
     leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
     cases: dict[int, Path] = {}
     for folder in leaves:
-        match = _CASE_DIR.fullmatch(folder.name)
-        assert match is not None
-        number = int(match.group(1))
+        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
         if number in cases:
             raise DataError(
                 f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"

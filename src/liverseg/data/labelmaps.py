@@ -55,10 +55,7 @@ class LabelMap:
 
     def mask(self, *names: str) -> np.ndarray:
         """Boolean union of the named structures (absent names contribute nothing)."""
-        word = 0
-        for b, s in enumerate(self.structures):
-            if s in names:
-                word |= 1 << b
+        word = sum(1 << b for b, s in enumerate(self.structures) if s in names)
         return (self.bits & np.uint32(word)) != 0
 
 
