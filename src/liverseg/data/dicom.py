@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from liverseg.data.download import safe_extract_zip
-from liverseg.data.volumes import Volume, volume_from_image
+from liverseg.data.volumes import Volume, nifti_image, volume_from_image
 from liverseg.errors import DataError
 
 __all__ = [
@@ -386,11 +385,7 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
         # Decoder messages span lines (one per plugin tried): the error stays one line.
         raise DataError(" ".join(str(exc).split())) from exc
     _check_tilt(series.affine, where)
-    img = nib.Nifti1Image(series.hu, series.affine)
-    img.header.set_xyzt_units("mm")
-    img.set_sform(series.affine, code=1)
-    img.set_qform(series.affine, code=1)
-    volume = volume_from_image(img, kind="image", path=where)
+    volume = volume_from_image(nifti_image(series.hu, series.affine), kind="image", path=where)
     headers = tuple(_dcmread(p, stop_before_pixels=True) for p in series.paths)
     frames = {
         str(ds.FrameOfReferenceUID): p

@@ -30,7 +30,7 @@ import numpy as np
 
 from liverseg.data.dicom import read_series_folder
 from liverseg.data.layout import case_id_for
-from liverseg.data.volumes import load_volume, save_nifti
+from liverseg.data.volumes import load_volume, nifti_image, save_nifti
 from liverseg.errors import DataError
 from liverseg.fsutil import write_json
 
@@ -139,12 +139,9 @@ def convert_ircad_masks(masks_zip: Path, number: int, out_dir: Path) -> Path:
     bits = np.zeros(next(iter(masks.values())).shape, np.uint32)
     for b, m in enumerate(masks.values()):
         bits[m] |= np.uint32(1 << b)
-    img = nib.as_closest_canonical(nib.Nifti1Image(bits, affine))
-    img.header.set_xyzt_units("mm")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    canon = nib.as_closest_canonical(nib.Nifti1Image(bits, affine))
     nii, sidecar = labelmap_paths(Path(out_dir), case_id_for(number))
-    save_nifti(img, nii)
+    save_nifti(nifti_image(np.asanyarray(canon.dataobj), canon.affine), nii)
     write_json(
         sidecar,
         {"structures": list(masks), "source": f"3D-IRCADb-01, 3Dircadb1.{number}/MASKS_DICOM"},

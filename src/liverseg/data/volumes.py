@@ -90,13 +90,12 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the RAS array axes."""
-        zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+        sx, sy, sz = nib.affines.voxel_sizes(self.affine)
+        return (float(sx), float(sy), float(sz))
 
     @property
     def voxel_volume_ml(self) -> float:
-        sx, sy, sz = self.spacing
-        return sx * sy * sz / 1000.0
+        return float(np.prod(self.spacing)) / 1000.0
 
 
 def _read(path: Path) -> nib.Nifti1Image:
@@ -345,14 +344,17 @@ def save_pair(
 ) -> None:
     """Write a CT (int16 HU) and its mask (uint8 0/1) as NIfTI files with one affine."""
     ct = np.clip(np.rint(image_hu), -32768, 32767).astype(np.int16)
-    ct_img = nib.Nifti1Image(ct, affine)
-    mk_img = nib.Nifti1Image((mask != 0).astype(np.uint8), affine)
-    for img in (ct_img, mk_img):
-        img.header.set_xyzt_units("mm")
-        img.set_sform(affine, code=1)
-        img.set_qform(affine, code=1)
-    save_nifti(ct_img, Path(image_path))
-    save_nifti(mk_img, Path(mask_path))
+    save_nifti(nifti_image(ct, affine), Path(image_path))
+    save_nifti(nifti_image((mask != 0).astype(np.uint8), affine), Path(mask_path))
+
+
+def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """``data`` on ``affine`` (mm), with sform and qform both set to it as scanner coordinates."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return img
 
 
 def save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
