@@ -23,7 +23,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,12 +264,14 @@ def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
 # ------------------------------------------------------------------------- series in a folder
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One series found in a folder: what the several-series error lists."""
+    """One series found in a folder: what the several-series error lists, and its files with
+    their headers (no pixels), read once."""
 
     uid: str
     modality: str
     description: str
     files: tuple[Path, ...]
+    headers: tuple[Dataset, ...] = field(default=(), repr=False)
 
     def line(self) -> str:
         desc = self.description or "(no description)"
@@ -325,6 +327,7 @@ def find_series(folder: Path) -> list[SeriesInfo]:
                 modality=str(first.get("Modality", "")),
                 description=str(first.get("SeriesDescription", "")),
                 files=tuple(p for p, _ in groups[uid]),
+                headers=tuple(ds for _, ds in groups[uid]),
             )
         )
     return out
@@ -360,7 +363,7 @@ def _check_tilt(affine: np.ndarray, where: Path) -> None:
 
 def _check_size(info: SeriesInfo, where: Path, max_bytes: int) -> None:
     """Refuse a series whose float32 volume would exceed ``max_bytes``, from one header."""
-    first = _dcmread(info.files[0], stop_before_pixels=True)
+    first = info.headers[0]
     try:
         n_bytes = int(first.Rows) * int(first.Columns) * len(info.files) * 4
     except (AttributeError, TypeError, ValueError):
@@ -386,7 +389,8 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
         raise DataError(" ".join(str(exc).split())) from exc
     _check_tilt(series.affine, where)
     volume = volume_from_image(nifti_image(series.hu, series.affine), kind="image", path=where)
-    headers = tuple(_dcmread(p, stop_before_pixels=True) for p in series.paths)
+    header_of = dict(zip(info.files, info.headers, strict=True))
+    headers = tuple(header_of[p] for p in series.paths)
     frames = {
         str(ds.FrameOfReferenceUID): p
         for ds, p in zip(headers, series.paths, strict=True)
