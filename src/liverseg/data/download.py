@@ -147,20 +147,14 @@ def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | 
 
 # ------------------------------------------------------------------------------------- unpack
 def safe_extract_zip(
-    archive: Path,
-    target: Path,
-    *,
-    max_bytes: int,
-    max_ratio: float = MAX_RATIO,
-    ratio_min_bytes: int = RATIO_MIN_BYTES,
-    unpacked_before: int = 0,
+    archive: Path, target: Path, *, max_bytes: int, unpacked_before: int = 0
 ) -> list[Path]:
     """Extract ``archive`` into ``target`` (replacing it) and return the extracted file paths.
 
     The archive comes from the internet, so it is treated as hostile: entries that would land
     outside ``target`` (``../x``, ``/x``, ``C:x``), symlinks and other non-regular entries,
     encrypted entries, a total uncompressed size over ``max_bytes``, an entry compressed more
-    than ``max_ratio``:1 (when larger than ``ratio_min_bytes``), duplicate names and corrupt
+    than ``MAX_RATIO``:1 (when larger than ``RATIO_MIN_BYTES``), duplicate names and corrupt
     data (bad CRC, truncated archive) are refused. Sizes are checked from the central
     directory before anything is written; an entry cannot yield more than its declared size
     (see :func:`_extract_entry`), so a lying header cannot get past the limits either.
@@ -177,7 +171,7 @@ def safe_extract_zip(
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from exc
     with zf:
-        plan = _plan_extraction(archive, zf, max_bytes, max_ratio, ratio_min_bytes, unpacked_before)
+        plan = _plan_extraction(archive, zf, max_bytes, unpacked_before)
         written: list[Path] = []
         with atomic_dir(target) as tmp:
             for info, rel in plan:
@@ -191,12 +185,7 @@ def safe_extract_zip(
 
 
 def _plan_extraction(
-    archive: Path,
-    zf: zipfile.ZipFile,
-    max_bytes: int,
-    max_ratio: float,
-    ratio_min_bytes: int,
-    unpacked_before: int,
+    archive: Path, zf: zipfile.ZipFile, max_bytes: int, unpacked_before: int
 ) -> list[tuple[zipfile.ZipInfo, str]]:
     """Validate every entry before anything is written; return (entry, safe relative path)."""
     plan: list[tuple[zipfile.ZipInfo, str]] = []
@@ -229,13 +218,13 @@ def _plan_extraction(
                 f"{where}: total uncompressed size {total} bytes{before} exceeds "
                 f"max_bytes={max_bytes}"
             )
-        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
+        if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(
             info.compress_size, 1
         ):
             ratio = info.file_size / max(info.compress_size, 1)
             raise DataError(
                 f"{where}: compression ratio {ratio:.0f}:1 ({info.file_size} bytes from "
-                f"{info.compress_size}) exceeds {max_ratio:.0f}:1 (zip bomb?)"
+                f"{info.compress_size}) exceeds {MAX_RATIO:.0f}:1 (zip bomb?)"
             )
         plan.append((info, rel))
     return plan
