@@ -1,9 +1,5 @@
-"""Turn every layout of the real 3D-IRCADb-01 data into the project's one internal format.
-
-Internal format (what :func:`collect_cases` writes into ``out_dir``, flat): per case a NIfTI
-pair named as :mod:`liverseg.data.layout` says (``ircad_eNN_orig.nii.gz`` CT, int16 HU +
-``ircad_eNN_liver.nii.gz`` uint8 0/1 liver mask) on one grid, written with
-:func:`liverseg.data.volumes.save_pair`.
+"""Turn every layout of the real 3D-IRCADb-01 data into the project's one internal format:
+the NIfTI pairs of :mod:`liverseg.data.layout`, written by ``volumes.save_pair``.
 
 Source layouts:
 
