@@ -17,7 +17,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverseg.data.dicom import read_dicom_series
+from liverseg.data.dicom import read_series_folder
 from liverseg.data.ircad import collect_cases, convert_dicom_tree
 from liverseg.data.volumes import load_case
 from liverseg.errors import DataError
@@ -119,7 +119,7 @@ def test_series_order_and_hu(
         pixel_representation=pixel_representation,
         explicit=explicit,
     )
-    hu, _ = read_dicom_series(tmp_path / "s")
+    hu = read_series_folder(tmp_path / "s").hu
     assert hu.shape == (COLS, ROWS, N_SLICES)
     assert hu.dtype == np.float32
     np.testing.assert_array_equal(hu, (slope * stored + intercept).astype(np.float32))
@@ -137,7 +137,7 @@ def test_series_order_and_hu(
 )
 def test_series_voxel_values(tmp_path: Path, i: int, j: int, k: int, expected_hu: float) -> None:
     write_series(tmp_path / "s", pattern(1000), axial_positions())
-    hu, _ = read_dicom_series(tmp_path / "s")
+    hu = read_series_folder(tmp_path / "s").hu
     assert hu[i, j, k] == expected_hu
 
 
@@ -189,7 +189,8 @@ def test_series_affine(
 ) -> None:
     stored = pattern()
     write_series(tmp_path / "s", stored, positions, orientation=orientation)
-    hu, affine = read_dicom_series(tmp_path / "s")
+    series = read_series_folder(tmp_path / "s")
+    hu, affine = series.hu, series.affine
     np.testing.assert_allclose(affine, np.array(expected), atol=1e-9)
     # Slices follow the normal, not the files: slice k is still pattern slice k.
     np.testing.assert_array_equal(hu, stored - 1024.0)
@@ -198,7 +199,7 @@ def test_series_affine(
 def test_series_ignores_hidden_files(tmp_path: Path) -> None:
     write_series(tmp_path / "s", pattern(), axial_positions())
     (tmp_path / "s" / ".DS_Store").write_bytes(b"\0\1junk")
-    hu, _ = read_dicom_series(tmp_path / "s")
+    hu = read_series_folder(tmp_path / "s").hu
     assert hu.shape == (COLS, ROWS, N_SLICES)
 
 
@@ -211,7 +212,7 @@ def test_series_without_preamble(tmp_path: Path) -> None:
     del ds.file_meta
     ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
     assert path.read_bytes()[128:132] != b"DICM"
-    hu, _ = read_dicom_series(tmp_path / "s")
+    hu = read_series_folder(tmp_path / "s").hu
     np.testing.assert_array_equal(hu, pattern() - 1024.0)
 
 
@@ -219,7 +220,8 @@ def test_series_single_slice_uses_thickness(tmp_path: Path) -> None:
     stored = pattern()[:, :, :1]
     (tmp_path / "s").mkdir()
     write_slice(tmp_path / "s" / "image_0", stored[:, :, 0], position=axial_positions()[0])
-    hu, affine = read_dicom_series(tmp_path / "s")
+    series = read_series_folder(tmp_path / "s")
+    hu, affine = series.hu, series.affine
     assert hu.shape == (COLS, ROWS, 1)
     np.testing.assert_allclose(affine, np.array(AXIAL_RAS), atol=1e-9)
 
@@ -227,20 +229,20 @@ def test_series_single_slice_uses_thickness(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ DICOM bad inputs
 def test_series_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.*does not exist"):
-        read_dicom_series(tmp_path / "nope")
+        read_series_folder(tmp_path / "nope")
 
 
 def test_series_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty.*no files"):
-        read_dicom_series(tmp_path / "empty")
+        read_series_folder(tmp_path / "empty")
 
 
 def test_series_unreadable_file(tmp_path: Path) -> None:
     write_series(tmp_path / "s", pattern(), axial_positions())
     (tmp_path / "s" / "image_3").write_text("this is not a DICOM file\n" * 20)
     with pytest.raises(DataError, match="image_3"):
-        read_dicom_series(tmp_path / "s")
+        read_series_folder(tmp_path / "s")
 
 
 def test_series_missing_attribute(tmp_path: Path) -> None:
@@ -250,7 +252,7 @@ def test_series_missing_attribute(tmp_path: Path) -> None:
     del ds.ImagePositionPatient
     ds.save_as(tmp_path / "s" / "image_2")
     with pytest.raises(DataError, match="image_2.*ImagePositionPatient is missing"):
-        read_dicom_series(tmp_path / "s")
+        read_series_folder(tmp_path / "s")
 
 
 def test_series_mixed_shapes(tmp_path: Path) -> None:
@@ -258,7 +260,7 @@ def test_series_mixed_shapes(tmp_path: Path) -> None:
     small = np.zeros((COLS, ROWS - 2), dtype=np.int64)
     write_slice(tmp_path / "s" / "image_4", small, position=axial_positions()[FILE_ORDER[4]])
     with pytest.raises(DataError, match="mixed slice shapes.*image_4"):
-        read_dicom_series(tmp_path / "s")
+        read_series_folder(tmp_path / "s")
 
 
 def test_series_duplicate_position(tmp_path: Path) -> None:
@@ -266,7 +268,7 @@ def test_series_duplicate_position(tmp_path: Path) -> None:
     positions[FILE_ORDER[5]] = positions[FILE_ORDER[1]]  # image_5 lands on image_1's slice
     write_series(tmp_path / "s", pattern(), positions)
     with pytest.raises(DataError, match=r"duplicate slice position.*image_[15].*image_[15]"):
-        read_dicom_series(tmp_path / "s")
+        read_series_folder(tmp_path / "s")
 
 
 @pytest.mark.parametrize(
@@ -279,14 +281,14 @@ def test_series_duplicate_position(tmp_path: Path) -> None:
 def test_series_non_uniform_spacing(tmp_path: Path, z: tuple[float, ...]) -> None:
     write_series(tmp_path / "s", pattern(), [(-100.0, -50.0, zk) for zk in z])
     with pytest.raises(DataError, match="s: slice spacing is not uniform"):
-        read_dicom_series(tmp_path / "s")
+        read_series_folder(tmp_path / "s")
 
 
 def test_series_within_spacing_tolerance(tmp_path: Path) -> None:
     # DS rounding (1e-3 mm) is far inside the 1 % tolerance: accepted, mean step used.
     z = (0.0, 2.501, 5.0, 7.499, 10.0, 12.5)
     write_series(tmp_path / "s", pattern(), [(-100.0, -50.0, zk) for zk in z])
-    _, affine = read_dicom_series(tmp_path / "s")
+    affine = read_series_folder(tmp_path / "s").affine
     assert affine[2, 2] == pytest.approx(2.5)
 
 
@@ -346,7 +348,7 @@ def test_convert_no_patients(tmp_path: Path) -> None:
 
 def test_convert_mask_geometry_mismatch(tmp_path: Path) -> None:
     write_patient(tmp_path / "3Dircadb1.3", mask_gap=2.0)
-    with pytest.raises(DataError, match="liver: mask geometry .* not on one grid"):
+    with pytest.raises(DataError, match="liver: mask affine differs .* not on one grid"):
         convert_dicom_tree(tmp_path, tmp_path / "out")
 
 
@@ -373,7 +375,7 @@ def test_convert_duplicate_patient(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mask_values", "match"),
     [
-        (np.full((COLS, ROWS, N_SLICES), 7), "liver: liver mask is not binary"),
+        (np.full((COLS, ROWS, N_SLICES), 7), "liver: mask is not binary"),
         (np.zeros((COLS, ROWS, N_SLICES), dtype=np.int64), "liver: empty liver mask"),
     ],
 )

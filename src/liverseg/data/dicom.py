@@ -1,15 +1,9 @@
 """A CT series from a DICOM folder or zip, as a :class:`~liverseg.data.volumes.Volume`.
 
-What ``liverseg predict`` and the served model read when the CT is DICOM. Files are grouped by
-SeriesInstanceUID (found recursively; files that are not DICOM, and DICOMDIR indexes, are
-skipped); a folder holding several series is an error that lists them, unless one is chosen by
-its UID. The chosen series goes through :func:`series_from_files` (slices ordered by
-ImagePositionPatient along the slice normal, HU from RescaleSlope/Intercept, the affine from
-the headers, uniform spacing required; the IRCAD importer reads its folders with it too) and is
-then checked for what a 2-D axial model cannot take: a modality other than CT, and a gantry
-tilt (slices stepping obliquely to their own plane, which no orthogonal grid can hold).
+What ``liverseg predict`` and the served model read when the CT is DICOM
+(:func:`read_ct_series`), and the IRCAD importer's series reader (:func:`read_series_folder`).
 
-Array contract of :func:`read_dicom_series`: a 3-D array indexed ``[i, j, k]`` with
+Array contract of :class:`SeriesArrays`: 3-D arrays indexed ``[i, j, k]`` with
 ``i`` = DICOM column (along the first ImageOrientationPatient cosine), ``j`` = DICOM row (along
 the second cosine) and ``k`` = slice, ordered by position along the slice normal (cross product
 of the two cosines), never by file name. The 4x4 affine maps ``(i, j, k, 1)`` to RAS+
@@ -29,18 +23,17 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from liverseg.data.download import safe_extract_zip
-from liverseg.data.volumes import Volume, volume_from_image
+from liverseg.data.volumes import Volume, nifti_image, volume_from_image
 from liverseg.errors import DataError
 
 __all__ = [
@@ -50,9 +43,7 @@ __all__ = [
     "find_series",
     "is_dicom_source",
     "read_ct_series",
-    "read_dicom_series",
     "read_series_folder",
-    "series_from_files",
 ]
 
 # Consecutive slice gaps may differ from the median gap by this fraction: positions are
@@ -70,14 +61,7 @@ ORTHONORMAL_ATOL = 1e-3
 # DICOM (LPS) to NIfTI/RAS: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-_REQUIRED = (
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelData",
-)
+_REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 
 
 # Largest angle (radians) between the slice step and the slice normal still taken as no tilt:
@@ -111,23 +95,16 @@ class SeriesArrays:
     paths: tuple[Path, ...] = ()  # the slice files in array (k) order
 
 
-def _series_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: no files in the DICOM series folder")
-    return files
+def _dcmread(path: Path, **kwargs: Any) -> Dataset:
+    """Read ``path`` also without the 128-byte preamble + "DICM" marker (some exports omit it)."""
+    with warnings.catch_warnings():  # force-parsing a text file warns about its "VR"
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, force=True, **kwargs)
 
 
-def _read_dataset(path: Path) -> Dataset:
+def _read_slice(path: Path) -> _Slice:
     try:
-        try:
-            return pydicom.dcmread(path)
-        except InvalidDicomError:
-            # Some exports have no 128-byte preamble + "DICM" marker: parse the bare data set.
-            ds = pydicom.dcmread(path, force=True)
+        ds = _dcmread(path)
     except Exception as exc:  # pydicom raises many exception types on garbage input
         raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
@@ -142,11 +119,6 @@ def _read_dataset(path: Path) -> Dataset:
             if little
             else ExplicitVRBigEndian
         )
-    return ds
-
-
-def _read_slice(path: Path) -> _Slice:
-    ds = _read_dataset(path)
     for keyword in _REQUIRED:
         if keyword not in ds:
             raise DataError(f"{path}: DICOM attribute {keyword} is missing")
@@ -192,14 +164,24 @@ def _read_slice(path: Path) -> _Slice:
     )
 
 
-def read_series_folder(folder: Path, spacing_rtol: float = SPACING_RTOL) -> SeriesArrays:
-    """The series of the files directly in ``folder`` (one series, as IRCAD stores them)."""
-    return series_from_files(_series_files(Path(folder)), Path(folder), spacing_rtol)
+def read_series_folder(folder: Path) -> SeriesArrays:
+    """The series of the files directly in ``folder`` (one series, as IRCAD stores them).
+
+    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
+    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
+    and slice gaps differing from their median by more than ``SPACING_RTOL``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder does not exist")
+    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: no files in the DICOM series folder")
+    return series_from_files(files, folder)
 
 
-def series_from_files(
-    files: list[Path], folder: Path, spacing_rtol: float = SPACING_RTOL
-) -> SeriesArrays:
+def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
     """One series from its slice files (``folder`` names it in messages)."""
     slices = [_read_slice(p) for p in files]
     first = slices[0]
@@ -244,7 +226,7 @@ def series_from_files(
         )
     if len(slices) > 1:
         median = float(np.median(gaps))
-        if np.any(np.abs(gaps - median) > spacing_rtol * median):
+        if np.any(np.abs(gaps - median) > SPACING_RTOL * median):
             shown = ", ".join(f"{g:.3f}" for g in np.unique(np.round(gaps, 3))[:6])
             raise DataError(
                 f"{folder}: slice spacing is not uniform (gaps {shown} mm, median "
@@ -254,7 +236,7 @@ def series_from_files(
         # Positions must lie on one line: a drifting in-plane offset (varying gantry tilt)
         # cannot be expressed by an affine.
         line = positions[0] + np.arange(len(slices))[:, None] * step
-        if np.max(np.linalg.norm(positions - line, axis=1)) > spacing_rtol * median:
+        if np.max(np.linalg.norm(positions - line, axis=1)) > SPACING_RTOL * median:
             raise DataError(f"{folder}: slice positions do not lie on one straight line")
     elif first.thickness is not None and first.thickness > 0:
         step = normal * first.thickness
@@ -279,30 +261,17 @@ def series_from_files(
     )
 
 
-def read_dicom_series(
-    folder: Path, *, spacing_rtol: float = SPACING_RTOL
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one DICOM series folder as a (columns, rows, slices) float32 HU array + RAS affine.
-
-    Slices are ordered by position along the normal because file names (``image_0`` ...
-    ``image_10``) neither sort numerically as strings nor are guaranteed to follow anatomy.
-    Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
-    missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
-    and slice gaps differing from their median by more than ``spacing_rtol``.
-    """
-    series = read_series_folder(Path(folder), spacing_rtol)
-    return series.hu, series.affine
-
-
 # ------------------------------------------------------------------------- series in a folder
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One series found in a folder: what the several-series error lists."""
+    """One series found in a folder: what the several-series error lists, and its files with
+    their headers (no pixels), read once."""
 
     uid: str
     modality: str
     description: str
     files: tuple[Path, ...]
+    headers: tuple[Dataset, ...] = field(default=(), repr=False)
 
     def line(self) -> str:
         desc = self.description or "(no description)"
@@ -327,12 +296,7 @@ def is_dicom_source(path: Path) -> bool:
 def _header(path: Path) -> Dataset | None:
     """The header of a DICOM file, or None for a file that is not a DICOM image."""
     try:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            with warnings.catch_warnings():  # force-parsing a text file warns about its "VR"
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = _dcmread(path, stop_before_pixels=True)
     except Exception:  # pydicom raises many types on non-DICOM input: such files are skipped
         return None
     if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
@@ -363,6 +327,7 @@ def find_series(folder: Path) -> list[SeriesInfo]:
                 modality=str(first.get("Modality", "")),
                 description=str(first.get("SeriesDescription", "")),
                 files=tuple(p for p, _ in groups[uid]),
+                headers=tuple(ds for _, ds in groups[uid]),
             )
         )
     return out
@@ -398,7 +363,7 @@ def _check_tilt(affine: np.ndarray, where: Path) -> None:
 
 def _check_size(info: SeriesInfo, where: Path, max_bytes: int) -> None:
     """Refuse a series whose float32 volume would exceed ``max_bytes``, from one header."""
-    first = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
+    first = info.headers[0]
     try:
         n_bytes = int(first.Rows) * int(first.Columns) * len(info.files) * 4
     except (AttributeError, TypeError, ValueError):
@@ -423,12 +388,9 @@ def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: i
         # Decoder messages span lines (one per plugin tried): the error stays one line.
         raise DataError(" ".join(str(exc).split())) from exc
     _check_tilt(series.affine, where)
-    img = nib.Nifti1Image(series.hu, series.affine)
-    img.header.set_xyzt_units("mm")
-    img.set_sform(series.affine, code=1)
-    img.set_qform(series.affine, code=1)
-    volume = volume_from_image(img, kind="image", path=where)
-    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in series.paths)
+    volume = volume_from_image(nifti_image(series.hu, series.affine), kind="image", path=where)
+    header_of = dict(zip(info.files, info.headers, strict=True))
+    headers = tuple(header_of[p] for p in series.paths)
     frames = {
         str(ds.FrameOfReferenceUID): p
         for ds, p in zip(headers, series.paths, strict=True)

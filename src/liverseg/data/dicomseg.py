@@ -40,16 +40,6 @@ SEGMENT_LABEL = "Liver"
 SERIES_NUMBER = 9901
 
 
-def algorithm_identification(model: str) -> hd.AlgorithmIdentificationSequence:
-    """``model``: where the weights came from (e.g. ``liver-unet v3`` or a folder name)."""
-    return hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=liverseg.__version__,
-        parameters={"model": model},
-    )
-
-
 def frame_of_reference_uid(series_uid: str) -> str:
     """The Frame of Reference UID given to a series that has none: a function of its UID."""
     return str(generate_uid(entropy_srcs=["liverseg frame of reference", str(series_uid)]))
@@ -75,7 +65,8 @@ def with_frame_of_reference(source: Sequence[Dataset]) -> list[Dataset]:
 def build_seg(
     mask_source: np.ndarray, source: Sequence[Dataset], *, model: str
 ) -> hd.seg.Segmentation:
-    """The SEG data set of a 0/1 mask ``(columns, rows, slices)`` on the ``source`` slices."""
+    """The SEG data set of a 0/1 mask ``(columns, rows, slices)`` on the ``source`` slices;
+    ``model`` says where the weights came from (e.g. ``liver-unet v3`` or a folder name)."""
     if mask_source.ndim != 3 or mask_source.shape[2] != len(source):
         raise DataError(
             f"mask of shape {mask_source.shape} does not match a series of {len(source)} slices"
@@ -93,7 +84,12 @@ def build_seg(
         segmented_property_category=codes.SCT.Organ,
         segmented_property_type=codes.SCT.Liver,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm_identification(model),
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=ALGORITHM_NAME,
+            family=codes.cid7162.ArtificialIntelligence,
+            version=liverseg.__version__,
+            parameters={"model": model},
+        ),
     )
     try:
         return hd.seg.Segmentation(

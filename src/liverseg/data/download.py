@@ -38,7 +38,7 @@ from tqdm import tqdm
 from liverseg.errors import DataError
 from liverseg.fsutil import atomic_dir, atomic_file
 
-__all__ = ["MAX_RATIO", "RATIO_MIN_BYTES", "fetch", "safe_extract_zip", "sha256_file"]
+__all__ = ["MAX_RATIO", "RATIO_MIN_BYTES", "fetch", "safe_extract_zip"]
 
 # Read size for streaming: large enough for throughput, small enough to keep memory flat.
 CHUNK_BYTES = 1 << 20
@@ -51,20 +51,6 @@ MAX_RATIO = 1000.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _USER_AGENT = "liverseg-download"
-
-
-# ------------------------------------------------------------------------------------ hashing
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks so that multi-GB archives need no memory."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(CHUNK_BYTES):
-                digest.update(chunk)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file to hash it: {exc}") from exc
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ download
@@ -128,47 +114,31 @@ def fetch(
 
 @contextmanager
 def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
-    """Open ``source`` for reading and yield it with its announced size (None if unknown)."""
+    """Open ``source`` (urllib reads http(s):// and file:// URLs, redirects followed) and yield
+    it with its announced size (None if unknown)."""
     parts = urllib.parse.urlsplit(source)
     scheme = parts.scheme.lower()
-    if scheme in ("http", "https"):
-        with _open_http(source, timeout) as opened:
-            yield opened
-        return
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise DataError(f"{source}: file:// URL with a remote host is not supported")
-        local = Path(urllib.request.url2pathname(parts.path))
-    elif scheme == "" or _DRIVE.match(source):
-        local = Path(source)
+    if scheme == "" or _DRIVE.match(source):
+        url = Path(source).absolute().as_uri()
+    elif scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise DataError(f"{source}: file:// URL with a remote host is not supported")
+    elif scheme in ("http", "https", "file"):
+        url = source
     else:
         raise DataError(
-            f"{source}: unsupported URL scheme {parts.scheme!r} "
+            f"{source}: unsupported URL scheme {scheme!r} "
             "(expected http://, https://, file:// or a local path)"
         )
-    if not local.is_file():
-        raise DataError(f"{source}: local source {local} does not exist or is not a file")
-    try:
-        fh = local.open("rb")
-    except OSError as exc:
-        raise DataError(f"{source}: cannot open local source: {exc}") from exc
-    with fh:
-        yield fh, local.stat().st_size
-
-
-@contextmanager
-def _open_http(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
-    """Open an HTTP(S) URL (redirects followed) and yield the body with its Content-Length."""
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
-        raise DataError(f"{url}: HTTP error {exc.code} {exc.reason}") from exc
+        raise DataError(f"{source}: HTTP error {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
-        raise DataError(f"{url}: cannot reach the server: {exc.reason}") from exc
+        raise DataError(f"{source}: cannot open: {exc.reason}") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise DataError(f"{url}: request failed ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{source}: request failed ({type(exc).__name__}: {exc})") from exc
     with response:
         header = response.headers.get("Content-Length")
         length = int(header) if header is not None and header.strip().isdigit() else None
@@ -177,20 +147,14 @@ def _open_http(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]
 
 # ------------------------------------------------------------------------------------- unpack
 def safe_extract_zip(
-    archive: Path,
-    target: Path,
-    *,
-    max_bytes: int,
-    max_ratio: float = MAX_RATIO,
-    ratio_min_bytes: int = RATIO_MIN_BYTES,
-    unpacked_before: int = 0,
+    archive: Path, target: Path, *, max_bytes: int, unpacked_before: int = 0
 ) -> list[Path]:
     """Extract ``archive`` into ``target`` (replacing it) and return the extracted file paths.
 
     The archive comes from the internet, so it is treated as hostile: entries that would land
     outside ``target`` (``../x``, ``/x``, ``C:x``), symlinks and other non-regular entries,
     encrypted entries, a total uncompressed size over ``max_bytes``, an entry compressed more
-    than ``max_ratio``:1 (when larger than ``ratio_min_bytes``), duplicate names and corrupt
+    than ``MAX_RATIO``:1 (when larger than ``RATIO_MIN_BYTES``), duplicate names and corrupt
     data (bad CRC, truncated archive) are refused. Sizes are checked from the central
     directory before anything is written; an entry cannot yield more than its declared size
     (see :func:`_extract_entry`), so a lying header cannot get past the limits either.
@@ -207,7 +171,7 @@ def safe_extract_zip(
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from exc
     with zf:
-        plan = _plan_extraction(archive, zf, max_bytes, max_ratio, ratio_min_bytes, unpacked_before)
+        plan = _plan_extraction(archive, zf, max_bytes, unpacked_before)
         written: list[Path] = []
         with atomic_dir(target) as tmp:
             for info, rel in plan:
@@ -221,12 +185,7 @@ def safe_extract_zip(
 
 
 def _plan_extraction(
-    archive: Path,
-    zf: zipfile.ZipFile,
-    max_bytes: int,
-    max_ratio: float,
-    ratio_min_bytes: int,
-    unpacked_before: int,
+    archive: Path, zf: zipfile.ZipFile, max_bytes: int, unpacked_before: int
 ) -> list[tuple[zipfile.ZipInfo, str]]:
     """Validate every entry before anything is written; return (entry, safe relative path)."""
     plan: list[tuple[zipfile.ZipInfo, str]] = []
@@ -259,13 +218,13 @@ def _plan_extraction(
                 f"{where}: total uncompressed size {total} bytes{before} exceeds "
                 f"max_bytes={max_bytes}"
             )
-        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(
+        if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(
             info.compress_size, 1
         ):
             ratio = info.file_size / max(info.compress_size, 1)
             raise DataError(
                 f"{where}: compression ratio {ratio:.0f}:1 ({info.file_size} bytes from "
-                f"{info.compress_size}) exceeds {max_ratio:.0f}:1 (zip bomb?)"
+                f"{info.compress_size}) exceeds {MAX_RATIO:.0f}:1 (zip bomb?)"
             )
         plan.append((info, rel))
     return plan

@@ -1,9 +1,5 @@
-"""Turn every layout of the real 3D-IRCADb-01 data into the project's one internal format.
-
-Internal format (what :func:`collect_cases` writes into ``out_dir``, flat): per case a NIfTI
-pair named as :mod:`liverseg.data.layout` says (``ircad_eNN_orig.nii.gz`` CT, int16 HU +
-``ircad_eNN_liver.nii.gz`` uint8 0/1 liver mask) on one grid, written with
-:func:`liverseg.data.volumes.save_pair`.
+"""Turn every layout of the real 3D-IRCADb-01 data into the project's one internal format:
+the NIfTI pairs of :mod:`liverseg.data.layout`, written by ``volumes.save_pair``.
 
 Source layouts:
 
@@ -22,6 +18,7 @@ unpacked folder) to the internal format.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -30,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liverseg.data.dicom import SPACING_RTOL, SeriesArrays, read_series_folder
+from liverseg.data.dicom import SeriesArrays, read_series_folder
 from liverseg.data.download import fetch, safe_extract_zip
 from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
-from liverseg.data.volumes import load_case, same_grid, save_pair
+from liverseg.data.volumes import binary_mask, check_pair, load_case, save_pair
 from liverseg.errors import DataError
 from liverseg.fsutil import atomic_dir
 
@@ -45,8 +42,9 @@ __all__ = [
     "convert_dicom_tree",
     "ingest_ircad",
     "unpack_archive",
-    "unpack_folder",
 ]
+
+log = logging.getLogger(__name__)
 
 _CASE_DIR = re.compile(r"3Dircadb1\.(\d+)")
 _CT_DIR = "PATIENT_DICOM"
@@ -59,17 +57,12 @@ _INNER_ZIPS = "*_DICOM.zip"
 
 # --------------------------------------------------------------------------- DICOM tree
 def _binary_from_series(series: SeriesArrays, folder: Path) -> np.ndarray:
-    """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1).
-
-    Rescaled values are what the file says the pixels mean, so they are tried first; a mask
-    written with a CT-like RescaleIntercept still has 0/255 stored values, tried second.
-    """
-    for values in (series.hu, series.stored):
-        present = set(np.unique(values).tolist())
-        if present <= {0, 1} or present <= {0, 255}:
-            return (values != 0).astype(np.uint8)
-    shown = ", ".join(f"{v:g}" for v in np.unique(series.hu)[:8])
-    raise DataError(f"{folder}: liver mask is not binary: values {{{shown}}} (expected 0/255)")
+    """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1). Rescaled values
+    come first; a mask written with a CT-like RescaleIntercept still has 0/255 stored."""
+    try:
+        return binary_mask(series.hu, str(folder))
+    except DataError:
+        return binary_mask(series.stored, str(folder))
 
 
 def _find_case_dirs(root: Path) -> dict[int, Path]:
@@ -83,9 +76,7 @@ def _find_case_dirs(root: Path) -> dict[int, Path]:
     leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
     cases: dict[int, Path] = {}
     for folder in leaves:
-        match = _CASE_DIR.fullmatch(folder.name)
-        assert match is not None
-        number = int(match.group(1))
+        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
         if number in cases:
             raise DataError(
                 f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"
@@ -120,18 +111,9 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
     for number, folder in cases.items():
         ct_dir = _require_dir(folder / _CT_DIR)
         mask_dir = _require_dir(_require_dir(folder / _MASKS_DIR) / _LIVER_DIR)
-        ct = read_series_folder(ct_dir, SPACING_RTOL)
-        mask_series = read_series_folder(mask_dir, SPACING_RTOL)
-        if mask_series.hu.shape != ct.hu.shape:
-            raise DataError(
-                f"{mask_dir}: mask series shape {mask_series.hu.shape} does not match CT "
-                f"shape {ct.hu.shape} of {ct_dir}"
-            )
-        if not same_grid(mask_series.affine, ct.affine):
-            raise DataError(
-                f"{mask_dir}: mask geometry (spacing/position/orientation) differs from the "
-                f"CT's ({ct_dir}); the pair is not on one grid"
-            )
+        ct = read_series_folder(ct_dir)
+        mask_series = read_series_folder(mask_dir)
+        check_pair(ct.hu, ct.affine, mask_series.hu, mask_series.affine, ct_dir, mask_dir)
         mask = _binary_from_series(mask_series, mask_dir)
         if not mask.any():
             raise DataError(f"{mask_dir}: empty liver mask (no voxel is liver)")
@@ -170,7 +152,8 @@ def collect_cases(root: Path, layout: str, out_dir: Path) -> list[str]:
 def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: bool) -> None:
     """Unpack ``archive`` into ``target`` with :func:`~liverseg.data.download.safe_extract_zip`,
     then, with ``inner_zips``, every ``*_DICOM.zip`` it holds in place (a zip's folder
-    ``PATIENT_DICOM/`` lands beside the zip, which is removed).
+    ``PATIENT_DICOM/`` lands beside the zip, which is removed). An ``archive`` that is a folder
+    (the official archive unpacked once by hand) is copied instead, and left as it was.
 
     One budget for the whole archive: ``max_bytes`` bounds the bytes unpacked in total, the
     outer archive's entries (the inner zips among them) plus every inner zip's entries; the
@@ -178,29 +161,15 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
     ``target`` is replaced only once everything is unpacked; a refusal leaves it as it was.
     """
     with atomic_dir(target) as tree:
-        used = sum(p.stat().st_size for p in safe_extract_zip(archive, tree, max_bytes=max_bytes))
-        if inner_zips:
-            _unpack_inner_zips(tree, archive, max_bytes=max_bytes, used=used)
-
-
-def unpack_folder(folder: Path, target: Path, *, max_bytes: int) -> None:
-    """The official archive already unpacked once (``3Dircadb1.N/`` folders holding
-    ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``): copied into ``target``, where its inner zips
-    are unpacked as :func:`unpack_archive` does, within ``max_bytes``; ``folder`` is not touched.
-    """
-    with atomic_dir(target) as tree:
-        shutil.copytree(folder, tree, dirs_exist_ok=True)
-        _unpack_inner_zips(tree, folder, max_bytes=max_bytes, used=0)
-
-
-def _unpack_inner_zips(tree: Path, source: Path, *, max_bytes: int, used: int) -> None:
-    for inner in sorted(tree.rglob(_INNER_ZIPS)):
-        used += _unpack_inner(
-            inner,
-            f"{source}: {inner.relative_to(tree).as_posix()}",
-            max_bytes=max_bytes,
-            used=used,
-        )
+        if archive.is_dir():
+            shutil.copytree(archive, tree, dirs_exist_ok=True)
+            used = 0
+        else:
+            files = safe_extract_zip(archive, tree, max_bytes=max_bytes)
+            used = sum(p.stat().st_size for p in files)
+        for inner in sorted(tree.rglob(_INNER_ZIPS)) if inner_zips else ():
+            where = f"{archive}: {inner.relative_to(tree).as_posix()}"
+            used += _unpack_inner(inner, where, max_bytes=max_bytes, used=used)
 
 
 def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
@@ -225,10 +194,10 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
 
     A ``*-dir`` format is read in place. ``dicom-zip`` also takes a local folder holding the
     official archive's ``3Dircadb1.N/`` folders with their inner zips (the archive unpacked once
-    by hand): see :func:`unpack_folder`. Otherwise ``params.source`` (URL or local archive) is
-    fetched into ``cache`` as ``ircad-source.zip``, checked against ``params.sha256`` when set,
-    unpacked into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
-    ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Prints the archive's
+    by hand). Otherwise ``params.source`` (URL or local archive) is fetched into ``cache`` as
+    ``ircad-source.zip`` and checked against ``params.sha256`` when set. Either is unpacked
+    into a temporary folder in ``cache`` within ``params.max_unpacked_gb`` (inner
+    ``*_DICOM.zip`` included, see :func:`unpack_archive`) and converted. Logs the archive's
     SHA-256, so that a first download can be pinned. Returns the case ids sorted.
     """
     layout = "dicom" if params.format.startswith("dicom") else "nifti"
@@ -237,17 +206,15 @@ def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     max_bytes = int(params.max_unpacked_gb * 1e9)
-    if layout == "dicom" and Path(params.source).is_dir():
+    archive = Path(params.source)
+    if layout == "dicom" and archive.is_dir():
         if params.sha256:
             raise DataError(f"{params.source}: ingest.ircad.sha256 checks an archive, not a folder")
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            unpack_folder(Path(params.source), Path(tmp) / "unpacked", max_bytes=max_bytes)
-            return collect_cases(Path(tmp) / "unpacked", layout, out_dir)
-    archive = cache / "ircad-source.zip"
-    digest = fetch(params.source, archive, params.sha256)
-    print(f"ingest: {params.source}\n  SHA-256 {digest}")
-    if not params.sha256:
-        print("  (pin it: set ingest.ircad.sha256 in params.yaml to verify later downloads)")
+    else:
+        archive = cache / "ircad-source.zip"
+        digest = fetch(params.source, archive, params.sha256)
+        pin = "" if params.sha256 else " (pin it: set ingest.ircad.sha256 in params.yaml)"
+        log.info("ingest: %s\n  SHA-256 %s%s", params.source, digest, pin)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         unpacked = Path(tmp) / "unpacked"
         unpack_archive(archive, unpacked, max_bytes=max_bytes, inner_zips=layout == "dicom")

@@ -28,9 +28,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverseg.data.dicom import read_dicom_series
+from liverseg.data.dicom import read_series_folder
 from liverseg.data.layout import case_id_for
-from liverseg.data.volumes import load_volume, save_nifti
+from liverseg.data.volumes import load_volume, nifti_image, save_nifti
 from liverseg.errors import DataError
 from liverseg.fsutil import write_json
 
@@ -55,10 +55,7 @@ class LabelMap:
 
     def mask(self, *names: str) -> np.ndarray:
         """Boolean union of the named structures (absent names contribute nothing)."""
-        word = 0
-        for b, s in enumerate(self.structures):
-            if s in names:
-                word |= 1 << b
+        word = sum(1 << b for b, s in enumerate(self.structures) if s in names)
         return (self.bits & np.uint32(word)) != 0
 
 
@@ -107,7 +104,8 @@ def _structure_masks(masks_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray
     masks: dict[str, np.ndarray] = {}
     affine: np.ndarray | None = None
     for folder in sorted(p for p in masks_dir.iterdir() if p.is_dir()):
-        values, aff = read_dicom_series(folder)
+        series = read_series_folder(folder)
+        values, aff = series.hu, series.affine
         # IRCAD's masks are 0/255, a few 0/1, and one (3Dircadb1.11 artery) 0/255 with one
         # voxel of 1: every non-zero voxel belongs to the structure.
         if not np.isin(values, (0, 1, 255)).all():
@@ -141,12 +139,9 @@ def convert_ircad_masks(masks_zip: Path, number: int, out_dir: Path) -> Path:
     bits = np.zeros(next(iter(masks.values())).shape, np.uint32)
     for b, m in enumerate(masks.values()):
         bits[m] |= np.uint32(1 << b)
-    img = nib.as_closest_canonical(nib.Nifti1Image(bits, affine))
-    img.header.set_xyzt_units("mm")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    canon = nib.as_closest_canonical(nib.Nifti1Image(bits, affine))
     nii, sidecar = labelmap_paths(Path(out_dir), case_id_for(number))
-    save_nifti(img, nii)
+    save_nifti(nifti_image(np.asanyarray(canon.dataobj), canon.affine), nii)
     write_json(
         sidecar,
         {"structures": list(masks), "source": f"3D-IRCADb-01, 3Dircadb1.{number}/MASKS_DICOM"},

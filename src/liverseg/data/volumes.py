@@ -37,10 +37,9 @@ MAX_VOXELS_ENV = "LIVERSEG_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 2000
 
 
-def max_voxels(environ: dict[str, str] | None = None) -> int:
+def max_voxels() -> int:
     """The voxel limit from ``LIVERSEG_MAX_VOXELS`` (a positive integer) or the default."""
-    env = os.environ if environ is None else environ
-    raw = env.get(MAX_VOXELS_ENV, "").strip()
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_VOXELS
     try:
@@ -91,13 +90,12 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the RAS array axes."""
-        zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+        sx, sy, sz = nib.affines.voxel_sizes(self.affine)
+        return (float(sx), float(sy), float(sz))
 
     @property
     def voxel_volume_ml(self) -> float:
-        sx, sy, sz = self.spacing
-        return sx * sy * sz / 1000.0
+        return float(np.prod(self.spacing)) / 1000.0
 
 
 def _read(path: Path) -> nib.Nifti1Image:
@@ -106,14 +104,11 @@ def _read(path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: file not found")
     try:
         img: Any = nib.load(str(path))
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
-    except nib.filebasedimages.ImageFileError as exc:
-        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
-    check_voxel_count(tuple(img.shape), str(path))
-    try:
+        check_voxel_count(tuple(img.shape), str(path))
         # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
         np.asanyarray(img.dataobj)
+    except DataError:
+        raise
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
     except nib.filebasedimages.ImageFileError as exc:
@@ -149,7 +144,7 @@ def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = No
             n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
             raise DataError(f"{where}: {n_bad} NaN or inf voxels in the CT")
     elif kind == "mask":
-        data = _binary_mask(np.asarray(raw), where)
+        data = binary_mask(np.asarray(raw), where)
     elif kind == "labels":  # integer labels or packed bits (liverseg.data.labelmaps), as stored
         data = np.asarray(raw)
         if data.dtype.kind not in "ui":
@@ -165,14 +160,12 @@ def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = No
     )
 
 
-def _binary_mask(raw: np.ndarray, where: str) -> np.ndarray:
+def binary_mask(raw: np.ndarray, where: str) -> np.ndarray:
+    """``raw`` as a uint8 0/1 mask; 0/255 (as some exports store masks) is accepted too."""
     if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
         raise DataError(f"{where}: NaN or inf values in the mask")
     values = np.unique(raw)
-    if set(values.tolist()) <= {0, 1}:
-        return (raw != 0).astype(np.uint8)
-    if set(values.tolist()) <= {0, 255}:
-        # Some exports store masks as 0/255 images: accepted and mapped to 0/1.
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
         return (raw != 0).astype(np.uint8)
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
     raise DataError(f"{where}: mask is not binary: values {{{shown}}} (expected 0/1 or 0/255)")
@@ -292,19 +285,31 @@ def load_case(
     """
     image = load_volume(image_path, kind="image")
     mask = load_volume(mask_path, kind="mask")
-    if image.data.shape != mask.data.shape:
+    check_pair(image.data, image.affine, mask.data, mask.affine, image_path, mask_path)
+    if require_liver and not mask.data.any():
+        raise DataError(f"{mask_path}: empty liver mask (no voxel is 1) in a training case")
+    return Case(case_id=case_id, image=image, mask=mask)
+
+
+def check_pair(
+    image: np.ndarray,
+    image_affine: np.ndarray,
+    mask: np.ndarray,
+    mask_affine: np.ndarray,
+    image_path: Path,
+    mask_path: Path,
+) -> None:
+    """DataError naming ``mask_path`` unless the CT and its mask share one grid."""
+    if image.shape != mask.shape:
         raise DataError(
-            f"{mask_path}: mask shape {mask.data.shape} does not match CT shape "
-            f"{image.data.shape} of {image_path}"
+            f"{mask_path}: mask shape {mask.shape} does not match CT shape {image.shape} of "
+            f"{image_path}"
         )
-    if not same_grid(image.affine, mask.affine):
+    if not same_grid(image_affine, mask_affine):
         raise DataError(
             f"{mask_path}: mask affine differs from the CT's ({image_path}); "
             f"the pair is not on one grid"
         )
-    if require_liver and not mask.data.any():
-        raise DataError(f"{mask_path}: empty liver mask (no voxel is 1) in a training case")
-    return Case(case_id=case_id, image=image, mask=mask)
 
 
 def from_canonical(data_ras: np.ndarray, ref: Volume) -> np.ndarray:
@@ -339,14 +344,17 @@ def save_pair(
 ) -> None:
     """Write a CT (int16 HU) and its mask (uint8 0/1) as NIfTI files with one affine."""
     ct = np.clip(np.rint(image_hu), -32768, 32767).astype(np.int16)
-    ct_img = nib.Nifti1Image(ct, affine)
-    mk_img = nib.Nifti1Image((mask != 0).astype(np.uint8), affine)
-    for img in (ct_img, mk_img):
-        img.header.set_xyzt_units("mm")
-        img.set_sform(affine, code=1)
-        img.set_qform(affine, code=1)
-    save_nifti(ct_img, Path(image_path))
-    save_nifti(mk_img, Path(mask_path))
+    save_nifti(nifti_image(ct, affine), Path(image_path))
+    save_nifti(nifti_image((mask != 0).astype(np.uint8), affine), Path(mask_path))
+
+
+def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """``data`` on ``affine`` (mm), with sform and qform both set to it as scanner coordinates."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return img
 
 
 def save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
