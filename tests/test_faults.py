@@ -166,14 +166,14 @@ def test_voxel_limit_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_server_decoder_refuses_the_header_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
-    from liverseg.serving.forms import nifti_from_payload
+    from liverseg.serving.forms import volume_from_payload
 
     img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
     img.header.set_data_shape((300, 300, 300))  # 108 MB as float32: under the request limit
     payload = base64.b64encode(gzip.compress(img.header.binaryblock + b"\0" * 68)).decode()
     monkeypatch.setenv(MAX_VOXELS_ENV, str(200**3))
     with pytest.raises(DataError, match=r"nifti: header claims shape \(300, 300, 300\)"):
-        nifti_from_payload(payload, limit=1 << 30)
+        volume_from_payload(payload, limit=1 << 30)
 
 
 # ---------------------------------------------------------------------- one-line errors, exit 2

@@ -156,14 +156,10 @@ class Segmenter:
             import keras
 
             self._with_members = False
-            if isinstance(self.model, keras.Model):
-                try:
-                    layer = self.model.get_layer(ENSEMBLE_LAYER)
-                except ValueError:
-                    pass
-                else:
-                    outputs = [self.model.output, *layer.input]
-                    self._with_members = keras.Model(self.model.inputs, outputs)
+            model = self.model
+            if isinstance(model, keras.Model) and ENSEMBLE_LAYER in [x.name for x in model.layers]:
+                outputs = [model.output, *model.get_layer(ENSEMBLE_LAYER).input]
+                self._with_members = keras.Model(model.inputs, outputs)
         return self._with_members or None
 
     def predict_ras(

@@ -45,19 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         choices=FORMATS,
-        default=None,
         help="mask format (default: seg for a .dcm output, else nifti)",
     )
     parser.add_argument(
         "--series",
-        default=None,
         metavar="UID",
         help="SeriesInstanceUID of the CT when the DICOM folder holds several series",
     )
     parser.add_argument(
         "--probabilities",
         type=Path,
-        default=None,
         metavar="PATH",
         help="also write the liver probability map (float32 NIfTI on the input's grid, before "
         "threshold and post-processing)",
@@ -82,11 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _stem(path: Path, suffixes: tuple[str, ...]) -> str:
     name = Path(path).name
     return next((name[: -len(x)] for x in suffixes if name.lower().endswith(x)), name)
-
-
-def quality_path(output: Path) -> Path:
-    """``liver.nii.gz`` -> ``liver.quality.json``; ``mask.dcm`` -> ``mask.quality.json``."""
-    return Path(output).with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
 
 
 def describe_model(source: str) -> str:
@@ -304,7 +296,7 @@ def predict_one(
     if probabilities is not None:
         assert pred.probabilities is not None
         save_probabilities_like(pred.probabilities, volume, probabilities)
-    qpath = quality_path(output)
+    qpath = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
     write_json(
         qpath,
         {

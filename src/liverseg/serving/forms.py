@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -24,7 +23,6 @@ from liverseg.data.volumes import (
     TooLargeError,
     Volume,
     nifti_from_bytes,
-    save_mask_like,
     volume_from_image,
 )
 from liverseg.errors import DataError
@@ -102,18 +100,14 @@ def _decode(payload: Any, column: str, limit: int) -> bytes:
         raise DataError(f"{column}: not valid base64 ({exc})") from exc
 
 
-def nifti_from_payload(payload: Any, limit: int) -> nib.Nifti1Image | nib.Nifti2Image:
-    """The NIfTI image of a base64 ``.nii``/``.nii.gz``; a decoded file or float32 voxel array
-    over ``limit`` bytes is refused before it is read."""
+def volume_from_payload(payload: Any, limit: int) -> Volume:
+    """The CT of a base64 ``.nii``/``.nii.gz``, validated and in RAS (see
+    :func:`volume_from_image`); a decoded file or float32 voxel array over ``limit`` bytes is
+    refused before it is read."""
     try:
-        return nifti_from_bytes(_decode(payload, NIFTI_COLUMN, limit), limit, NIFTI_COLUMN)
+        img = nifti_from_bytes(_decode(payload, NIFTI_COLUMN, limit), limit, NIFTI_COLUMN)
     except TooLargeError as exc:
         raise _too_large(exc.what, exc.n_bytes, exc.limit) from exc
-
-
-def volume_from_payload(payload: Any, limit: int) -> Volume:
-    """The CT of a base64 NIfTI, validated and in RAS (see :func:`volume_from_image`)."""
-    img = nifti_from_payload(payload, limit)
     try:
         return volume_from_image(img, kind="image")
     except DataError as exc:
@@ -166,10 +160,3 @@ def slice_orientation(params: dict[str, Any] | None) -> tuple[str, str, str]:
             "send axial slices (N, H, W)"
         )
     return codes[0], codes[1], codes[2]
-
-
-def mask_to_base64(mask_ras: np.ndarray, volume: Volume) -> str:
-    """Base64 of the ``.nii.gz`` that ``liverseg predict`` would write for this mask."""
-    with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
-        path = save_mask_like(mask_ras, volume, Path(tmp) / "mask.nii.gz")
-        return base64.b64encode(path.read_bytes()).decode("ascii")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.metadata
-import io
 import json
 import logging
 import tempfile
@@ -29,7 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec
 
-from liverseg.data.volumes import from_canonical
+from liverseg.data.volumes import from_canonical, save_mask_like
 from liverseg.errors import DataError
 from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import read_stage_json
@@ -39,7 +38,6 @@ from liverseg.serving.forms import (
     DICOM_COLUMN,
     MAX_REQUEST_ENV,
     NIFTI_COLUMN,
-    mask_to_base64,
     max_request_bytes,
     series_from_payload,
     slice_orientation,
@@ -160,16 +158,17 @@ class LiverSegModel(PythonModel):
             net = seg.predict_ras(volume.data, members=True)
         mask = seg.postprocess(net.mask)
         out: dict[str, Any] = {}
-        if series is not None and fmt == "seg":
-            from liverseg.data.dicomseg import build_seg
+        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
+            if series is not None and fmt == "seg":
+                from liverseg.data.dicomseg import write_seg
 
-            buffer = io.BytesIO()
-            build_seg(from_canonical(mask, volume), series.datasets, model="mlflow pyfunc").save_as(
-                buffer
-            )
-            out["mask_seg"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-        else:
-            out["mask_nifti"] = mask_to_base64(mask, volume)
+                path = Path(tmp) / "mask.dcm"
+                write_seg(
+                    from_canonical(mask, volume), series.datasets, path, model="mlflow pyfunc"
+                )
+            else:
+                path = save_mask_like(mask, volume, Path(tmp) / "mask.nii.gz")
+            out[f"mask_{fmt}"] = base64.b64encode(path.read_bytes()).decode("ascii")
         if series is not None:
             out["series"] = series.info.uid
         voxels = int(np.count_nonzero(mask))
