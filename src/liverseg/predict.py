@@ -144,13 +144,13 @@ def scans_of(inputs: list[Path]) -> list[Path]:
         if not path.is_dir():
             scans.append(path)  # a NIfTI file or a zip; a missing path fails in its own row
             continue
-        children = sorted(c for c in path.iterdir() if not c.name.startswith("."))
         inner = [
             c
-            for c in children
-            if c.is_dir() or c.name.lower().endswith((".nii", ".nii.gz", ".zip"))
+            for c in sorted(path.iterdir())
+            if not c.name.startswith(".")
+            and (c.is_dir() or c.name.lower().endswith((".nii", ".nii.gz", ".zip")))
         ]
-        scans.extend(inner if inner else [path])
+        scans.extend(inner or [path])
     return scans
 
 

@@ -39,9 +39,8 @@ def invocations_url(url: str) -> str:
 def post_json(url: str, body: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
     """POST ``body`` as JSON to the scoring endpoint; the decoded ``predictions``."""
     target = invocations_url(url)
-    data = json.dumps(body).encode()
     request = urllib.request.Request(
-        target, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        target, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
