@@ -174,29 +174,25 @@ class Segmenter:
         :class:`Prediction`). Works through ``batch_size`` axial slices at a time, so memory is
         bounded by the batch and the outputs asked for."""
         x, y, z = hu_ras.shape
-        s = self.image_size
-        net = self._members_model() if members else None
+        s, t = self.image_size, self.post.threshold
+        net: Any = self._members_model() if members else None
         out = np.empty((x, y, z), dtype=bool)
         prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
-        member_out: np.ndarray | None = None
+        member_out = None if net is None else np.empty((len(net.outputs) - 1, x, y, z), bool)
         for b in self._batches(z):
             small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
             batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
-            if net is None:
-                outputs = [self.model.predict_on_batch(batch)]  # type: ignore[attr-defined]
-            else:
-                outputs = list(net.predict_on_batch(batch))  # type: ignore[attr-defined]
-            for n, raw in enumerate(outputs):
+            model: Any = self.model if net is None else net
+            outputs = model.predict_on_batch(batch)
+            for n, raw in enumerate([outputs] if net is None else outputs):
                 p = np.asarray(raw, dtype=np.float32)[..., 0]
                 prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
-                if n == 0:
-                    out[:, :, b] = prob >= self.post.threshold
-                    if prob_out is not None:
-                        prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
+                if n > 0:
+                    member_out[n - 1, :, :, b] = prob >= t  # type: ignore[index]
                     continue
-                if member_out is None:
-                    member_out = np.empty((len(outputs) - 1, x, y, z), dtype=bool)
-                member_out[n - 1, :, :, b] = prob >= self.post.threshold
+                out[:, :, b] = prob >= t
+                if prob_out is not None:
+                    prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
             if progress is not None:
                 progress(b.stop - b.start)
         return Prediction(mask=out, probabilities=prob_out, members=member_out)
