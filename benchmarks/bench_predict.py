@@ -3,7 +3,7 @@
     python benchmarks/bench_predict.py [--model models] [--ct CT.nii.gz] [--repeat 2]
 
 Side by side in one process, on the same volume:
-  * liverseg: Segmenter.segment_volume with the trained model in ``--model`` (default
+  * liverseg: Segmenter.segment_ras with the trained model in ``--model`` (default
     ``models/`` from ``dvc repro``): window, resize to the model's size, batched predict,
     resize back, threshold, largest component, hole filling;
   * notebook: its inference path, a 256x256 U-Net of base 64 filters (depth 4), each slice

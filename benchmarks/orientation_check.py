@@ -11,14 +11,13 @@ RAS answer mapped back to the file's orientation.
 from __future__ import annotations
 
 import argparse
-import threading
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-from liverseg.inference import PostProcessing, Segmenter
-from liverseg.serving import LiverSegModel
+from liverseg.inference import Segmenter
+from liverseg.serving.model import LiverSegModel
 
 
 def main() -> None:
@@ -30,11 +29,7 @@ def main() -> None:
     codes = "".join(nib.aff2axcodes(img.affine))
     stored = np.moveaxis(np.asarray(img.get_fdata(), np.float32), 2, 0)  # (N, H, W) as stored
     ras = np.moveaxis(np.asarray(nib.as_closest_canonical(img).get_fdata(), np.float32), 2, 0)
-    model = LiverSegModel()
-    model.post = PostProcessing()
-    model.segmenter = Segmenter.from_dir(args.model, post=model.post)
-    model.max_bytes = 2**31
-    model._lock = threading.Lock()
+    model = LiverSegModel(Segmenter.from_dir(args.model), max_bytes=2**31)
     as_ras = model.predict(None, stored)
     oriented = model.predict(None, stored, params={"orientation": codes})
     reference = model.predict(None, ras)

@@ -108,7 +108,7 @@ def test_predict_a_packaged_ct_without_frame_of_reference(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     series = read_ct_series(ct)
     vol = series.volume
-    expected = from_canonical(Segmenter.from_dir(models).segment_volume(vol), vol)
+    expected = from_canonical(Segmenter.from_dir(models).segment_ras(vol.data), vol)
     assert expected.any()  # the body is above the first member's level
     np.testing.assert_array_equal(read_seg_mask(out, series.datasets), expected)
     assert (tmp_path / "liver.quality.json").is_file()

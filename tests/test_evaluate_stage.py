@@ -22,7 +22,7 @@ from liverseg.errors import DataError
 from liverseg.evaluation.metrics import volume_metrics
 from liverseg.fsutil import write_json
 from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model_dir import save_model_dir
+from liverseg.model.folder import save_model_dir
 from liverseg.params import PhantomParams
 from liverseg.stages import evaluate as stage
 from test_model_dir import one_conv_model

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from liverseg.cli import resolve_tracking_uri
-from liverseg.model_card import decision_text, model_card
+from liverseg.registry import decision_text, model_card
 from liverseg.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,

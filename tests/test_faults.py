@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import run, tool_env
-from liverseg import runguard, server_log
+from liverseg import runguard
 from liverseg.data.volumes import MAX_VOXELS_ENV, load_volume
 from liverseg.errors import DataError, ParamsError
 from liverseg.fsutil import atomic_dir, write_json
@@ -108,7 +108,7 @@ def one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained model folder as the train stage writes it (model.keras + json)."""
-    from liverseg.model_dir import save_model_dir
+    from liverseg.model.folder import save_model_dir
     from liverseg.params import ModelParams, TrainParams
     from liverseg.training.fit import compile_unet
 
@@ -166,14 +166,14 @@ def test_voxel_limit_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_server_decoder_refuses_the_header_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
-    from liverseg.serving import nifti_from_payload
+    from liverseg.serving.forms import volume_from_payload
 
     img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
     img.header.set_data_shape((300, 300, 300))  # 108 MB as float32: under the request limit
     payload = base64.b64encode(gzip.compress(img.header.binaryblock + b"\0" * 68)).decode()
     monkeypatch.setenv(MAX_VOXELS_ENV, str(200**3))
     with pytest.raises(DataError, match=r"nifti: header claims shape \(300, 300, 300\)"):
-        nifti_from_payload(payload, limit=1 << 30)
+        volume_from_payload(payload, limit=1 << 30)
 
 
 # ---------------------------------------------------------------------- one-line errors, exit 2
@@ -670,9 +670,11 @@ def test_server_log_has_no_traceback_for_a_client_that_hung_up(
 ) -> None:
     from starlette.requests import ClientDisconnect
 
+    from liverseg.serving.model import quiet_client_disconnects
+
     log = logging.getLogger("test.uvicorn.error")
-    server_log.quiet_client_disconnects(log.name)
-    server_log.quiet_client_disconnects(log.name)  # once is enough
+    quiet_client_disconnects(log.name)
+    quiet_client_disconnects(log.name)  # once is enough
     assert len(log.filters) == 1
 
     def raised(exc: BaseException) -> BaseException:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tool_env
-from liverseg.data.volumes import load_volume
+from liverseg.data.volumes import from_canonical, load_volume
 from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model_dir import save_model_dir
+from liverseg.model.folder import save_model_dir
 
 
 class ThresholdModel:
@@ -88,7 +88,7 @@ def test_volume_orientation_is_undone(tmp_path: Path, codes: str) -> None:
             aff[axis, axis] *= -1
     nib.save(nib.Nifti1Image(data.astype(np.int16), aff), str(tmp_path / "ct.nii.gz"))
     vol = load_volume(tmp_path / "ct.nii.gz")
-    native = seg().segment_volume_native(vol)
+    native = from_canonical(seg().segment_ras(vol.data), vol)
     inter = np.logical_and(native, m).sum()
     assert 2 * inter / (native.sum() + m.sum()) > 0.9
 
@@ -137,7 +137,8 @@ def test_predict_cli_keeps_a_non_ras_affine(tmp_path: Path) -> None:
     assert res.get_data_dtype() == np.uint8
     # The mask written equals the in-process Segmenter's mask mapped back to the file's grid.
     s = Segmenter.from_dir(models)
-    expected = s.segment_volume_native(load_volume(ct))
+    vol = load_volume(ct)
+    expected = from_canonical(s.segment_ras(vol.data), vol)
     np.testing.assert_array_equal(np.asanyarray(res.dataobj), expected)
 
 

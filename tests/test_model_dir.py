@@ -14,7 +14,7 @@ import pytest
 from conftest import tool_env
 from liverseg.errors import DataError
 from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, save_model_dir
+from liverseg.model.folder import MODEL_FILE, PREPROCESSING_FILE, save_model_dir
 from liverseg.params import EvaluateParams
 
 

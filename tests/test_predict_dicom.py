@@ -40,7 +40,7 @@ def threshold_net(level: float):
 
 
 def ensemble_dir(folder: Path, levels: tuple[float, ...] = LEVELS) -> Path:
-    from liverseg.model_dir import save_model_dir
+    from liverseg.model.folder import save_model_dir
     from liverseg.training.crossval import ensemble
 
     save_model_dir(folder, ensemble([threshold_net(v) for v in levels]), list(WINDOW), 32)
@@ -77,7 +77,7 @@ def test_members_leave_the_ensemble_mask_unchanged(models: Path, tmp_path: Path)
     assert full.members is not None and full.members.shape == (3, *hu.shape)
     for k, level in enumerate(LEVELS):
         alone = Segmenter(threshold_net(level), window_hu=WINDOW, image_size=32, batch_size=5)
-        np.testing.assert_array_equal(full.members[k], alone.threshold_ras(hu))
+        np.testing.assert_array_equal(full.members[k], alone.predict_ras(hu).mask)
     assert full.probabilities is not None
     np.testing.assert_array_equal(full.probabilities >= 0.5, full.mask)
     # A single network has no members.
@@ -111,7 +111,7 @@ def test_predict_dicom_to_seg_and_nifti_agree(
     # (i < 18, j 12..19, slices 2..9; resizing to the network's 32 x 32 and back blurs edges).
     vol = series.volume
     seg = Segmenter.from_dir(models)
-    expected = from_canonical(seg.segment_volume(vol), vol)
+    expected = from_canonical(seg.segment_ras(vol.data), vol)
     np.testing.assert_array_equal(from_nifti, expected)
     block = ct_hu() > 250
     assert 2 * (block & (expected == 1)).sum() / (block.sum() + expected.sum()) > 0.98

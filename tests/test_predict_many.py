@@ -95,7 +95,7 @@ def test_a_folder_of_nifti_and_dicom_scans(models: Path, tmp_path: Path) -> None
     ):
         assert row["error"] == "" and row["output"] == str(out / f"{name}.nii.gz")
         mask = np.asanyarray(nib.load(row["output"]).dataobj)
-        expected = seg.segment_volume(vol)
+        expected = seg.segment_ras(vol.data)
         np.testing.assert_array_equal(mask, from_canonical(expected, vol))
         report = json.loads((out / f"{name}.quality.json").read_text())
         assert float(row["volume_ml"]) == pytest.approx(report["liver_volume_ml"], abs=0.05)

@@ -43,7 +43,7 @@ def ras_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from liverseg.model_dir import save_model_dir
+    from liverseg.model.folder import save_model_dir
     from liverseg.training.crossval import ensemble
 
     folder = tmp_path_factory.mktemp("m") / "models"
@@ -173,7 +173,7 @@ def test_a_registry_uri_scores_like_its_folder(
     from mlflow import MlflowClient
 
     from liverseg.inference import PostProcessing
-    from liverseg.serving import log_pyfunc
+    from liverseg.serving.model import log_pyfunc
 
     with mlflow.start_run(experiment_id=mlflow_store.experiment("t")):
         info = log_pyfunc(model, PostProcessing(), registered_model_name="liver-unet")

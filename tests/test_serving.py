@@ -23,21 +23,21 @@ import numpy as np
 import pytest
 
 from conftest import mlflow_store_at, stop_group, tool_env
-from liverseg.client import (
+from liverseg.data.volumes import from_canonical
+from liverseg.errors import DataError
+from liverseg.evaluation.results import read_test_metrics
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model.folder import save_model_dir
+from liverseg.params import ModelParams, RegisterParams
+from liverseg.registry import CHALLENGER, CHAMPION, decide
+from liverseg.serving.client import (
     ServingError,
     invocations_url,
     post_json,
     segment_slices,
     segment_volume_file,
 )
-from liverseg.data.volumes import from_canonical
-from liverseg.errors import DataError
-from liverseg.evaluation.results import read_test_metrics
-from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model_dir import save_model_dir
-from liverseg.params import ModelParams, RegisterParams
-from liverseg.registry import CHALLENGER, CHAMPION, decide
-from liverseg.serving import (
+from liverseg.serving.forms import (
     MAX_REQUEST_ENV,
     max_request_bytes,
     slices_from_input,
@@ -404,7 +404,7 @@ def test_volume_mask_is_on_the_input_grid(server: Server, tiny_model: Path, gz: 
     record = answer["predictions"][0]
     mask_img = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(record["mask_nifti"])))
     vol = volume_from_image(nib.Nifti1Image(ct, LPS_AFFINE), kind="image")
-    expected = from_canonical(local_segmenter(tiny_model).segment_volume(vol), vol)
+    expected = from_canonical(local_segmenter(tiny_model).segment_ras(vol.data), vol)
     assert 0 < expected.sum() < expected.size
     assert mask_img.shape == ct.shape
     np.testing.assert_allclose(mask_img.affine, LPS_AFFINE)
@@ -546,7 +546,7 @@ def test_python_client(server: Server, tiny_model: Path, tmp_path: Path) -> None
     ml = segment_volume_file(server.url, ct_path, tmp_path / "mask.nii")
     mask = nib.load(tmp_path / "mask.nii")
     vol = load_volume(ct_path)
-    expected = local_segmenter(tiny_model).segment_volume_native(vol)
+    expected = from_canonical(local_segmenter(tiny_model).segment_ras(vol.data), vol)
     np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
     assert ml == pytest.approx(expected.sum() * vol.voxel_volume_ml)
 
@@ -563,16 +563,16 @@ def test_python_client_dicom_and_orientation(
     server: Server, tiny_model: Path, tmp_path: Path
 ) -> None:
     from dicomfake import write_series
-    from liverseg.client import segment_dicom
     from liverseg.data.dicom import read_ct_series
     from liverseg.data.dicomseg import read_seg_mask
+    from liverseg.serving.client import segment_dicom
 
     hu = blob_ct().astype(np.float32)  # as (columns, rows, slices) of the series
     write_series(tmp_path / "ct", hu, spacing=(1.5, 1.5, 3.0))
     answer = segment_dicom(server.url, tmp_path / "ct", tmp_path / "liver.dcm")
     series = read_ct_series(tmp_path / "ct")
     expected = from_canonical(
-        local_segmenter(tiny_model).segment_volume(series.volume), series.volume
+        local_segmenter(tiny_model).segment_ras(series.volume.data), series.volume
     )
     assert expected.any()
     np.testing.assert_array_equal(read_seg_mask(tmp_path / "liver.dcm", series.datasets), expected)
@@ -635,7 +635,7 @@ def test_register_failures_leave_no_run_running(
 ) -> None:
     from mlflow import MlflowClient
 
-    import liverseg.serving
+    import liverseg.serving.model
 
     bad_link = tmp_path / "run.json"
     bad_link.write_text(json.dumps({"parent_run_id": "0" * 32, "tracking_uri": "elsewhere"}))
@@ -648,7 +648,7 @@ def test_register_failures_leave_no_run_running(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(liverseg.serving, "log_pyfunc", broken)
+    monkeypatch.setattr(liverseg.serving.model, "log_pyfunc", broken)
     with pytest.raises(OSError, match="disk full"):
         register(tiny_model, metrics, store.run_json, tmp_path / "out", cfg, PostProcessing())
     assert not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import zipfile
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from dicomfake import phantom_ijk, write_series
 from liverseg.data.dicom import read_ct_series
 from liverseg.data.dicomseg import read_seg_mask
 from liverseg.data.volumes import from_canonical
-from liverseg.inference import PostProcessing, Segmenter
-from liverseg.serving import LiverSegModel, slice_orientation
+from liverseg.inference import Segmenter
+from liverseg.serving.forms import slice_orientation
+from liverseg.serving.model import LiverSegModel
 
 
 class RightHalfModel:
@@ -34,14 +34,8 @@ class RightHalfModel:
 
 def served(model: object = None) -> LiverSegModel:
     """The pyfunc as the server runs it, around a stand-in network (no artifacts to load)."""
-    pyfunc = LiverSegModel()
-    pyfunc.post = PostProcessing()
-    pyfunc.segmenter = Segmenter(
-        model or RightHalfModel(), window_hu=(-100, 400), image_size=32, batch_size=4
-    )
-    pyfunc.max_bytes = 8 * 1024 * 1024
-    pyfunc._lock = threading.Lock()
-    return pyfunc
+    seg = Segmenter(model or RightHalfModel(), window_hu=(-100, 400), image_size=32, batch_size=4)
+    return LiverSegModel(seg, max_bytes=8 * 1024 * 1024)
 
 
 def zipped(folder: Path) -> str:
@@ -100,7 +94,7 @@ def test_dicom_zip_answers_a_seg_on_the_series(tmp_path: Path) -> None:
     series = read_ct_series(tmp_path / "ct")
     seg_file = tmp_path / "mask.dcm"
     seg_file.write_bytes(base64.b64decode(record["mask_seg"]))
-    expected = from_canonical(served().segmenter.segment_volume(series.volume), series.volume)
+    expected = from_canonical(served().segmenter.segment_ras(series.volume.data), series.volume)
     assert expected.any()
     np.testing.assert_array_equal(read_seg_mask(seg_file, series.datasets), expected)
     assert record["series"] == series.info.uid

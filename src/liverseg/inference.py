@@ -20,9 +20,8 @@ import numpy as np
 
 from liverseg import stop
 from liverseg.data.slices import resize_xy, window
-from liverseg.data.volumes import Volume, from_canonical
 from liverseg.errors import DataError
-from liverseg.model_dir import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
+from liverseg.model.folder import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
 from liverseg.postprocess import fill_holes as fill_holes_fn
 from liverseg.postprocess import postprocess
 
@@ -49,11 +48,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class PostProcessing:
-    """What happens to the probabilities after the network.
-
-    The one owner of these fields: the evaluate params, the served model's
-    ``postprocessing.json``, its signature's params and request overrides all go through
-    :meth:`from_params`, :meth:`to_dict` and :meth:`from_dict`.
+    """What happens to the probabilities after the network: the one owner of these fields (the
+    evaluate params, the served model's ``postprocessing.json``, its params, request overrides).
     """
 
     threshold: float = 0.5
@@ -66,7 +62,7 @@ class PostProcessing:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"threshold": ..., "largest_component": ..., "fill_holes": ...}`` (JSON-ready)."""
+        """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -82,12 +78,12 @@ class PostProcessing:
         missing = [k for k in names if k not in data]
         if missing:
             raise DataError(f"{source}: missing key(s) {missing}")
-        threshold = data["threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise DataError(f"{source}: threshold must be a number, got {threshold!r}")
-        if not (math.isfinite(threshold) and 0.0 < threshold < 1.0):
-            raise DataError(f"{source}: threshold must be in (0, 1), got {threshold}")
-        for key in (k for k in names if k != "threshold"):
+        t = data["threshold"]
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise DataError(f"{source}: threshold must be a number, got {t!r}")
+        if not (math.isfinite(t) and 0.0 < t < 1.0):
+            raise DataError(f"{source}: threshold must be in (0, 1), got {t}")
+        for key in names[1:]:
             if not isinstance(data[key], bool):
                 raise DataError(f"{source}: {key} must be true or false, got {data[key]!r}")
         return cls(**{k: data[k] for k in names})
@@ -120,12 +116,9 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self._with_members: object | None = None
 
-    # ------------------------------------------------------------------ loading
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
-        """Load ``model.keras`` and ``preprocessing.json`` (the train stage's ``models/``, as
-        :func:`liverseg.model_dir.save_model_dir` writes it); a missing or broken folder is a
-        DataError."""
+        """From a model folder (:mod:`liverseg.model.folder`); a broken one is a DataError."""
         model, window_hu, image_size = load_model_dir(folder)
         return cls(model, window_hu=window_hu, image_size=image_size, **kwargs)  # type: ignore[arg-type]
 
@@ -134,7 +127,7 @@ class Segmenter:
         """From a local model folder/file, or an MLflow URI (``models:/liver-unet@champion``,
         ``runs:/<run_id>``): the artifacts are downloaded and searched for the model files."""
         s = str(source)
-        if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
+        if "://" in s or s.startswith(("models:/", "runs:/")):
             import mlflow
             from mlflow.exceptions import MlflowException
 
@@ -151,30 +144,22 @@ class Segmenter:
             return cls.from_dir(found[0].parent, **kwargs)
         return cls.from_dir(Path(s), **kwargs)
 
-    # ------------------------------------------------------------------ prediction
     def _batches(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.batch_size):
             stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
             yield slice(start, min(n, start + self.batch_size))
 
     def _members_model(self) -> object | None:
-        """The ensemble with its members' outputs as extra outputs, or None for one model.
-
-        The ensemble's own output stays the first output, so the mean is computed by the same
-        layer as before and the mask does not change by a voxel.
-        """
+        """The ensemble with its members' outputs after its own (so the mean, and the mask, are
+        unchanged), or None for one model."""
         if self._with_members is None:
             import keras
 
             self._with_members = False
-            if isinstance(self.model, keras.Model):
-                try:
-                    layer = self.model.get_layer(ENSEMBLE_LAYER)
-                except ValueError:
-                    pass
-                else:
-                    outputs = [self.model.output, *layer.input]
-                    self._with_members = keras.Model(self.model.inputs, outputs)
+            model = self.model
+            if isinstance(model, keras.Model) and ENSEMBLE_LAYER in [x.name for x in model.layers]:
+                outputs = [model.output, *model.get_layer(ENSEMBLE_LAYER).input]
+                self._with_members = keras.Model(model.inputs, outputs)
         return self._with_members or None
 
     def predict_ras(
@@ -189,39 +174,28 @@ class Segmenter:
         :class:`Prediction`). Works through ``batch_size`` axial slices at a time, so memory is
         bounded by the batch and the outputs asked for."""
         x, y, z = hu_ras.shape
-        s = self.image_size
-        net = self._members_model() if members else None
+        s, t = self.image_size, self.post.threshold
+        net: Any = self._members_model() if members else None
         out = np.empty((x, y, z), dtype=bool)
         prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
-        member_out: np.ndarray | None = None
+        member_out = None if net is None else np.empty((len(net.outputs) - 1, x, y, z), bool)
         for b in self._batches(z):
             small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
             batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
-            if net is None:
-                outputs = [self.model.predict_on_batch(batch)]  # type: ignore[attr-defined]
-            else:
-                outputs = list(net.predict_on_batch(batch))  # type: ignore[attr-defined]
-            for n, raw in enumerate(outputs):
+            model: Any = self.model if net is None else net
+            outputs = model.predict_on_batch(batch)
+            for n, raw in enumerate([outputs] if net is None else outputs):
                 p = np.asarray(raw, dtype=np.float32)[..., 0]
                 prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
-                if n == 0:
-                    out[:, :, b] = prob >= self.post.threshold
-                    if prob_out is not None:
-                        prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
+                if n > 0:
+                    member_out[n - 1, :, :, b] = prob >= t  # type: ignore[index]
                     continue
-                if member_out is None:
-                    member_out = np.empty((len(outputs) - 1, x, y, z), dtype=bool)
-                member_out[n - 1, :, :, b] = prob >= self.post.threshold
+                out[:, :, b] = prob >= t
+                if prob_out is not None:
+                    prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
             if progress is not None:
                 progress(b.stop - b.start)
         return Prediction(mask=out, probabilities=prob_out, members=member_out)
-
-    def threshold_ras(
-        self, hu_ras: np.ndarray, progress: Callable[[int], object] | None = None
-    ) -> np.ndarray:
-        """Thresholded network output (X, Y, Z) bool for a volume (X, Y, Z) in HU, before any
-        post-processing; memory bounded by the batch and the bool output."""
-        return self.predict_ras(hu_ras, progress).mask
 
     def postprocess(self, mask: np.ndarray) -> np.ndarray:
         """The 3-D post-processing of a thresholded mask, as uint8 0/1."""
@@ -234,25 +208,14 @@ class Segmenter:
         filling; no 3-D connected component, since slices need not be neighbours)."""
         if stack_hu.ndim != 3:
             raise ValueError(f"expected slices of shape (N, H, W), got {stack_hu.shape}")
-        mask = self.threshold_ras(np.moveaxis(stack_hu, 0, 2))
+        mask = self.predict_ras(np.moveaxis(stack_hu, 0, 2)).mask
         if self.post.fill_holes:
             mask = fill_holes_fn(mask)
         return np.ascontiguousarray(np.moveaxis(mask, 2, 0).astype(np.uint8))
 
-    def segment_ras(
-        self, hu_ras: np.ndarray, progress: Callable[[int], object] | None = None
-    ) -> np.ndarray:
-        """Mask (X, Y, Z) uint8 for a RAS volume (X, Y, Z) in HU."""
+    def segment_ras(self, hu_ras: np.ndarray) -> np.ndarray:
+        """Mask (X, Y, Z) uint8 for a RAS volume (X, Y, Z) in HU (on a Volume: its ``data``;
+        :func:`~liverseg.data.volumes.from_canonical` maps it back to the file's grid)."""
         if hu_ras.ndim != 3:
             raise ValueError(f"expected a 3-D volume, got shape {hu_ras.shape}")
-        return self.postprocess(self.threshold_ras(hu_ras, progress))
-
-    def segment_volume(
-        self, volume: Volume, progress: Callable[[int], object] | None = None
-    ) -> np.ndarray:
-        """Mask on ``volume``'s RAS grid (use :func:`save_mask_like` to write it back)."""
-        return self.segment_ras(volume.data, progress)
-
-    def segment_volume_native(self, volume: Volume) -> np.ndarray:
-        """Mask on the grid and orientation of the file ``volume`` was read from."""
-        return from_canonical(self.segment_volume(volume), volume)
+        return self.postprocess(self.predict_ras(hu_ras).mask)

@@ -1,16 +1,8 @@
-"""``liverseg predict CT -o MASK``: segment one CT (NIfTI file, DICOM folder or zip of one).
+"""``liverseg predict IN [IN ...] -o OUT``: segment CT scans (NIfTI files, DICOM folders or zips).
 
-Beside the mask it writes ``<mask>.quality.json``: the quality report of
-:mod:`liverseg.evaluation.quality` (liver volume, ensemble agreement, the liver cut off by the
-scan, the liver on the patient's left, and ``review`` with its reasons).
-
-Many scans in one process (TensorFlow starts and the model loads once):
-``liverseg predict IN [IN ...] -o OUT_DIR``. Each ``IN`` is a NIfTI file, a zip of a DICOM
-series, or a folder: a folder holding only plain files is one DICOM series, any other folder
-stands for its NIfTI files, zips and sub-folders (each sub-folder a series). Each scan's mask
-(``OUT_DIR/<name>.nii.gz``, or ``.dcm`` with ``--format seg``) gets its quality report beside
-it, and ``OUT_DIR/summary.csv`` has a row per scan (:data:`SUMMARY_COLUMNS`). A scan that fails
-gets its one-line error in its row and the others go on; the command then exits non-zero.
+One scan to one mask file (``-o liver.nii.gz`` or ``.dcm``), or many in one process (TensorFlow
+starts and the model loads once) to a folder with ``summary.csv`` (docs/dicom.md). Beside each
+mask, ``<mask>.quality.json``: the report of :mod:`liverseg.evaluation.quality`.
 """
 
 from __future__ import annotations
@@ -23,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from liverseg.errors import DataError, LiversegError
+from liverseg.errors import DataError, error_line
 
 if TYPE_CHECKING:
     from liverseg.inference import Segmenter
@@ -53,19 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         choices=FORMATS,
-        default=None,
         help="mask format (default: seg for a .dcm output, else nifti)",
     )
     parser.add_argument(
         "--series",
-        default=None,
         metavar="UID",
         help="SeriesInstanceUID of the CT when the DICOM folder holds several series",
     )
     parser.add_argument(
         "--probabilities",
         type=Path,
-        default=None,
         metavar="PATH",
         help="also write the liver probability map (float32 NIfTI on the input's grid, before "
         "threshold and post-processing)",
@@ -87,21 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def output_format(output: Path, requested: str | None) -> str:
-    """``requested``, or the format the output's name implies (``.dcm`` -> seg)."""
-    if requested is not None:
-        return requested
-    return "seg" if Path(output).suffix.lower() == ".dcm" else "nifti"
-
-
-def quality_path(output: Path) -> Path:
-    """``liver.nii.gz`` -> ``liver.quality.json``; ``mask.dcm`` -> ``mask.quality.json``."""
-    name = Path(output).name
-    for suffix in MASK_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return Path(output).with_name(name + ".quality.json")
+def _stem(path: Path, suffixes: tuple[str, ...]) -> str:
+    name = Path(path).name
+    return next((name[: -len(x)] for x in suffixes if name.lower().endswith(x)), name)
 
 
 def describe_model(source: str) -> str:
@@ -121,14 +98,6 @@ def describe_model(source: str) -> str:
     return f"{name} v{version}" if name else s
 
 
-def is_single(args: argparse.Namespace) -> bool:
-    """One scan to one mask file (``-o`` names a mask), else many scans to a folder."""
-    names_mask = args.output.name.lower().endswith(MASK_SUFFIXES)
-    if names_mask and len(args.ct) > 1:
-        raise DataError(f"{args.output}: {len(args.ct)} scans need an output folder (-o DIR)")
-    return names_mask
-
-
 def main(args: argparse.Namespace) -> None:
     from liverseg.inference import PostProcessing, Segmenter
 
@@ -143,12 +112,13 @@ def main(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
         )
 
-    if is_single(args):
-        fmt = output_format(args.output, args.format)
+    if args.output.name.lower().endswith(MASK_SUFFIXES):  # one scan to one mask file
+        if len(args.ct) > 1:
+            raise DataError(f"{args.output}: {len(args.ct)} scans need an output folder (-o DIR)")
         row = predict_one(
             args.ct[0],
             args.output,
-            fmt=fmt,
+            fmt=args.format or ("seg" if args.output.suffix.lower() == ".dcm" else "nifti"),
             segmenter=load,
             model=str(args.model),
             series_uid=args.series,
@@ -174,13 +144,13 @@ def scans_of(inputs: list[Path]) -> list[Path]:
         if not path.is_dir():
             scans.append(path)  # a NIfTI file or a zip; a missing path fails in its own row
             continue
-        children = sorted(c for c in path.iterdir() if not c.name.startswith("."))
         inner = [
             c
-            for c in children
-            if c.is_dir() or c.name.lower().endswith((".nii", ".nii.gz", ".zip"))
+            for c in sorted(path.iterdir())
+            if not c.name.startswith(".")
+            and (c.is_dir() or c.name.lower().endswith((".nii", ".nii.gz", ".zip")))
         ]
-        scans.extend(inner if inner else [path])
+        scans.extend(inner or [path])
     return scans
 
 
@@ -188,14 +158,7 @@ def output_names(scans: list[Path]) -> list[str]:
     """A distinct mask name per scan: its own name without suffix; where two scans share it
     (``3Dircadb1.1/PATIENT_DICOM``, ``3Dircadb1.2/PATIENT_DICOM``), the folder's name first."""
 
-    def stem(path: Path) -> str:
-        name = path.name
-        for suffix in (".nii.gz", ".nii", ".zip"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
-
-    names = [stem(p) for p in scans]
+    names = [_stem(p, (".nii.gz", ".nii", ".zip")) for p in scans]
     names = [
         f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n
         for p, n in zip(scans, names, strict=True)
@@ -241,10 +204,8 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
                 model_name=model_name,
                 progress=False,
             )
-        except (LiversegError, OSError) as exc:
-            row["error"] = one_line(exc)
-        except Exception as exc:  # a bug on one scan: the others still run, the row says what
-            row["error"] = f"{type(exc).__name__}: {one_line(exc)}"
+        except Exception as exc:  # even a bug on one scan: the others still run, the row says what
+            row["error"] = " ".join((error_line(exc) or f"{type(exc).__name__}: {exc}").split())
         else:
             report = done["report"]
             row.update(
@@ -266,12 +227,6 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
     print(f"predict: {done_n} of {len(rows)} scans segmented, {flagged} for review: {summary}")
     if failed:
         raise DataError(f"{len(failed)} of {len(rows)} scans failed (their errors: {summary})")
-
-
-def one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(str(exc).split())
 
 
 def predict_one(
@@ -341,7 +296,7 @@ def predict_one(
     if probabilities is not None:
         assert pred.probabilities is not None
         save_probabilities_like(pred.probabilities, volume, probabilities)
-    qpath = quality_path(output)
+    qpath = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
     write_json(
         qpath,
         {

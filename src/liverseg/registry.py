@@ -1,18 +1,10 @@
-"""The MLflow Model Registry side of the project: the champion policy and one registration.
+"""The Model Registry side of ``register``: the champion policy, one registration, the model card.
 
-Policy: a new version takes the alias ``champion`` only when its held-out test Dice (the
-evaluate stage's ``dice_mean``) is at least the current champion's, read from that version's
-``test_dice`` tag; otherwise it takes ``challenger``. A champion without a readable
-``test_dice`` tag (e.g. set by hand) is kept: its quality is unknown, so no number can beat it.
-Registry stages are not used (deprecated in MLflow); aliases only.
-
-Tags on the new version: ``test_dice``, ``champion_dice_before`` (``none`` when there was no
-champion, ``unknown`` when its tag was unreadable), ``champion_version_before``, ``decision``,
-``source_run_id`` (the register run that logged it), ``train_parent_run_id``, ``git_commit``.
-
-The register run is nested (by the ``mlflow.parentRunId`` tag) under the training parent run
-and ends FAILED, not RUNNING, if anything goes wrong. Works against whatever store the caller
-set (the CLI defaults it to the local SQLite store); MLflow is imported only when used.
+A new version takes the alias ``champion`` when its held-out test Dice (evaluate's
+``dice_mean``) is at least the ``test_dice`` tag of the version holding it, else
+``challenger``; a champion without a readable tag is kept (no number can beat an unknown
+quality). Aliases only, no registry stages. The register run is nested under the training
+parent run and ends FAILED, not RUNNING, if anything goes wrong.
 """
 
 from __future__ import annotations
@@ -24,18 +16,23 @@ from typing import TYPE_CHECKING, Any
 from liverseg.errors import DataError
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing
-from liverseg.model_card import MODEL_DESCRIPTION, decision_text, model_card
-from liverseg.model_dir import check_model_dir
+from liverseg.model.folder import check_model_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DICE_TAG = "test_dice"
 NO_CHAMPION = "none"
 UNKNOWN_DICE = "unknown"
+MODEL_DESCRIPTION = (
+    "2D U-Net liver segmentation of abdominal CT (liverseg). Input: CT slices or a NIfTI "
+    "volume in HU; output: a 0/1 liver mask on the input's grid. The alias `@champion` is the "
+    "version with the best held-out test Dice so far; a version that did not beat it is "
+    "`@challenger`. Each version's description is its model card. Research and teaching use "
+    "only: **not a medical device**, not for diagnosis or treatment."
+)
 
 
 def decide(new_dice: float, champion_dice: float | None, has_champion: bool) -> str:
@@ -61,14 +58,11 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float
     version = (model.aliases or {}).get(CHAMPION)
     if version is None:
         return None, None
-    tag = client.get_model_version(name, str(version)).tags.get(DICE_TAG)
     try:
-        dice = float(tag) if tag is not None else None
-    except ValueError:
+        dice: float | None = float(client.get_model_version(name, str(version)).tags[DICE_TAG])
+    except (KeyError, ValueError):
         dice = None
-    if dice is not None and not math.isfinite(dice):
-        dice = None
-    return str(version), dice
+    return str(version), dice if dice is not None and math.isfinite(dice) else None
 
 
 def register_model(
@@ -80,18 +74,14 @@ def register_model(
     post: PostProcessing,
     link_file: Path | str = "run.json",
 ) -> dict[str, Any]:
-    """Log ``model_dir`` as a pyfunc, register it as ``name`` and move the aliases.
-
-    ``test``: the evaluate stage's metrics (``dice_mean`` a number in [0, 1]); ``train_link``:
-    the train stage's run link (``parent_run_id``, ``final_run_id``, ``tracking_uri``);
-    ``post``: the post-processing the model was evaluated with, logged with it; ``link_file``
-    names the link in errors. Returns what the register stage writes to ``register.json``.
-    """
+    """Log ``model_dir`` as a pyfunc with ``post`` (the evaluated post-processing), register it
+    as ``name`` and move the aliases by ``test["dice_mean"]``, nested under the run of
+    ``train_link`` (train's run.json, ``link_file`` in errors); returns ``register.json``."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from liverseg.serving import log_pyfunc
+    from liverseg.serving.model import log_pyfunc
     from liverseg.tracking import NOTE_TAG, follow_moved_store, git_commit
 
     _, prep_file = check_model_dir(Path(model_dir))
@@ -126,13 +116,11 @@ def register_model(
         info = log_pyfunc(Path(model_dir), post, name="model", registered_model_name=name)
         version = str(info.registered_model_version)
         decision = decide(test_dice, before_dice, before_version is not None)
-        if before_version is None:
-            dice_before = NO_CHAMPION
-        else:
-            dice_before = UNKNOWN_DICE if before_dice is None else repr(before_dice)
         version_tags = {
             DICE_TAG: repr(test_dice),
-            "champion_dice_before": dice_before,
+            "champion_dice_before": NO_CHAMPION
+            if before_version is None
+            else (UNKNOWN_DICE if before_dice is None else repr(before_dice)),
             "champion_version_before": before_version or NO_CHAMPION,
             "decision": decision,
             "source_run_id": run_id,
@@ -143,12 +131,22 @@ def register_model(
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, decision, version)
-        card = _model_card(
-            test,
-            read_stage_json(prep_file, "train"),
-            parent,
-            post,
-            decision_text(decision, test_dice, before_version, before_dice),
+        tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
+        pre = read_stage_json(prep_file, "train")
+        card = model_card(
+            decision=decision_text(decision, test_dice, before_version, before_dice),
+            test=test,
+            data={"dvc_md5": tags.get("data_dvc_md5", "?"), "sha256": tags.get("data_sha256", "?")},
+            preprocessing=pre if isinstance(pre, dict) else {},
+            post=post.to_dict(),
+            train={
+                "run_id": parent_id,
+                "cv_val_dice_mean": metrics.get("cv_val_dice_mean"),
+                "learning_rate": float(params.get("learning_rate", "nan")),
+                "batch_size": params.get("batch_size", "?"),
+                "dvc_exp": tags.get("dvc_exp", ""),
+                "git_commit": tags.get("git_commit", "?"),
+            },
         )
         client.update_model_version(name, version, description=card)
         client.update_registered_model(name, description=MODEL_DESCRIPTION)
@@ -180,23 +178,59 @@ def register_model(
     }
 
 
-def _model_card(
-    test: dict[str, Any], pre: Any, parent: Run, post: PostProcessing, decision: str
+def decision_text(
+    decision: str, test_dice: float, before_version: str | None, before_dice: float | None
 ) -> str:
-    """The version's model card from the stage inputs and the training parent run."""
-    tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
-    return model_card(
-        decision=decision,
-        test=test,
-        data={"dvc_md5": tags.get("data_dvc_md5", "?"), "sha256": tags.get("data_sha256", "?")},
-        preprocessing=pre if isinstance(pre, dict) else {},
-        post=post.to_dict(),
-        train={
-            "run_id": parent.info.run_id,
-            "cv_val_dice_mean": metrics.get("cv_val_dice_mean"),
-            "learning_rate": float(params.get("learning_rate", "nan")),
-            "batch_size": params.get("batch_size", "?"),
-            "dvc_exp": tags.get("dvc_exp", ""),
-            "git_commit": tags.get("git_commit", "?"),
-        },
+    """The champion/challenger decision as a sentence."""
+    if before_version is None:
+        return f"{decision}: the first version with a test Dice ({test_dice:.4f})."
+    if before_dice is None:
+        return f"{decision}: champion v{before_version} has no readable test Dice, so it is kept."
+    op = ">=" if test_dice >= before_dice else "<"
+    return (
+        f"{decision}: test Dice {test_dice:.4f} {op} champion v{before_version}'s "
+        f"{before_dice:.4f}."
+    )
+
+
+def model_card(
+    *,
+    decision: str,
+    test: dict[str, Any],
+    data: dict[str, str],
+    preprocessing: dict[str, Any],
+    post: dict[str, Any],
+    train: dict[str, Any],
+) -> str:
+    """The Markdown card of one version (the MLflow UI renders it): ``test`` is evaluate's
+    metrics, ``data`` the prepared data's hashes, ``train`` the training parent run's figures;
+    a missing figure shows as ``?``."""
+    window = preprocessing.get("window", ["?", "?"])
+
+    def num(d: dict[str, Any], key: str, fmt: str) -> str:
+        value = d.get(key)
+        return format(value, fmt) if isinstance(value, int | float) else "?"
+
+    return "\n".join(
+        [
+            f"Decision: {decision}",
+            "",
+            f"- **Test** ({test.get('n_patients', '?')} held-out patients, 3-D): Dice "
+            f"{num(test, 'dice_mean', '.4f')} ± {num(test, 'dice_std', '.4f')}, HD95 "
+            f"{num(test, 'hd95_mm_mean', '.1f')} mm, ASSD {num(test, 'assd_mm_mean', '.2f')} mm",
+            f"- **Cross-validation** Dice {num(train, 'cv_val_dice_mean', '.4f')}; lr "
+            f"{num(train, 'learning_rate', '.3g')}, batch {train.get('batch_size', '?')}",
+            f"- **Data**: `data/prepared` DVC {data.get('dvc_md5', '?')} (SHA-256 "
+            f"{str(data.get('sha256', '?'))[:12]}...)",
+            f"- **Trained by** run `{train.get('run_id', '?')}` (git "
+            f"{str(train.get('git_commit', '?'))[:12]}"
+            + (f", dvc exp `{train['dvc_exp']}`" if train.get("dvc_exp") else "")
+            + ")",
+            f"- **Preprocessing**: RAS axial slices, HU window [{window[0]}, {window[1]}] "
+            f"scaled to [0, 1], resized to {preprocessing.get('image_size', '?')} px",
+            f"- **Post-processing**: threshold {post.get('threshold')}, largest 3-D component "
+            f"{post.get('largest_component')}, fill holes {post.get('fill_holes')}",
+            "- **Intended use**: research and teaching on abdominal CT like the training data. "
+            "**Not a medical device**: not for diagnosis or treatment.",
+        ]
     )

@@ -1,9 +1,7 @@
 """`register` stage: log the model as an MLflow pyfunc, register it, move the aliases.
 
-Reads the evaluate stage's ``metrics.json`` (its ``dice_mean`` decides champion or challenger)
-and the train stage's ``run.json`` (the run to nest under), calls
-:func:`liverseg.registry.register_model` (the champion policy and the registry I/O, described
-there) and writes ``reports/register/register.json``.
+Reads evaluate's ``metrics.json`` and train's ``run.json``, calls
+:func:`liverseg.registry.register_model` and writes ``reports/register/register.json``.
 """
 
 from __future__ import annotations
@@ -56,17 +54,14 @@ def main(args: argparse.Namespace) -> None:
     ev: EvaluateParams = load_section("evaluate", args.params)
     post = PostProcessing.from_params(ev)
     result = register(args.model_dir, args.evaluate, args.train_run, args.out, cfg, post)
-    before = result["metrics"]["champion_dice_before"]
-    versus = (
-        "no previous champion"
-        if result["metrics"]["champion_version_before"] is None
-        else (
-            f"champion v{result['metrics']['champion_version_before']} had "
-            + ("an unknown Dice" if before is None else f"{before:.4f}")
-        )
-    )
+    m = result["metrics"]
+    versus = "no previous champion"
+    if m["champion_version_before"] is not None:
+        before = m["champion_dice_before"]
+        dice = "an unknown Dice" if before is None else f"{before:.4f}"
+        versus = f"champion v{m['champion_version_before']} had {dice}"
     print(
-        f"register: {result['name']} v{result['version']} (test Dice "
-        f"{result['metrics']['test_dice']:.4f}; {versus}) -> {result['decision']}; "
-        f"serve with: mlflow models serve -m {result['alias_uri']} --env-manager local"
+        f"register: {result['name']} v{result['version']} (test Dice {m['test_dice']:.4f}; "
+        f"{versus}) -> {result['decision']}; serve with: mlflow models serve -m "
+        f"{result['alias_uri']} --env-manager local"
     )

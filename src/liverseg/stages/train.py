@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
     cfg: TrainParams = load_section("train", args.params)
     lr, batch_size, source = tuned_values(cfg, args.tuned)
 
-    from liverseg.model_dir import save_model_dir
+    from liverseg.model.folder import save_model_dir
     from liverseg.tracking import write_train_run as write_run
     from liverseg.training.crossval import train
     from liverseg.training.curves import write_curves_csv

@@ -1,12 +1,8 @@
-"""A small client of the served model (``mlflow models serve``), standard library only.
+"""A small HTTP client of the served model (``mlflow models serve``), standard library only.
 
 ``url`` is the server's base address (``http://127.0.0.1:5000``) or its ``/invocations``
-endpoint. Shapes: ``segment_slices`` takes and returns ``(N, H, W)`` arrays (HU in, 0/1 uint8
-out; ``orientation`` names the slices' axes, default RAS); ``segment_volume_file`` sends a
-whole NIfTI CT and writes the mask on the CT's own grid; ``segment_dicom`` sends a DICOM series
-(a folder or a zip) and writes a DICOM SEG (or a NIfTI mask), returning the quality report.
-A refused request raises :class:`ServingError` with the server's message (HTTP 400 for a bad
-input, e.g. ``slices: expected shape (N, H, W) ...``).
+endpoint; the forms and answers are docs/serving.md's. A refused request raises
+:class:`ServingError` with the server's one line.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from liverseg.fsutil import atomic_file
 
 DEFAULT_TIMEOUT_S = 300.0
 _MLFLOW_ERROR_PREFIX = "\nError: "
-_INT_SAFE = 2.0**31  # floats below this that are whole numbers convert to int64 exactly
 
 
 class ServingError(LiversegError, RuntimeError):
@@ -44,9 +39,8 @@ def invocations_url(url: str) -> str:
 def post_json(url: str, body: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
     """POST ``body`` as JSON to the scoring endpoint; the decoded ``predictions``."""
     target = invocations_url(url)
-    data = json.dumps(body, allow_nan=False).encode()
     request = urllib.request.Request(
-        target, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        target, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -67,23 +61,6 @@ def post_json(url: str, body: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S
     return answer["predictions"]
 
 
-def _jsonable_slices(slices: np.ndarray) -> list[Any]:
-    arr = np.asarray(slices)
-    if arr.ndim != 3:
-        raise DataError(f"slices: expected shape (N, H, W), got {arr.shape}")
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise DataError("slices: NaN or inf values cannot be sent")
-        # CT values are mostly whole HU: sending those as integers is lossless and shortens
-        # the JSON about threefold.
-        if np.abs(arr).max() < _INT_SAFE and np.array_equal(arr, np.round(arr)):
-            arr = arr.astype(np.int64)
-    elif arr.dtype.kind not in "iu":
-        raise DataError(f"slices: expected numbers (HU), got dtype {arr.dtype}")
-    out: list[Any] = arr.tolist()
-    return out
-
-
 def segment_slices(
     url: str,
     slices: np.ndarray,
@@ -93,7 +70,12 @@ def segment_slices(
 ) -> np.ndarray:
     """Masks (N, H, W) uint8 0/1 of a stack of axial slices (N, H, W) in HU whose axes
     ``(H, W, N)`` run along ``orientation`` (nibabel axis codes, e.g. ``LAS``)."""
-    body: dict[str, Any] = {"inputs": _jsonable_slices(slices)}
+    arr = np.asarray(slices)
+    # CT values are mostly whole HU: as integers the JSON is about three times shorter. What
+    # the server refuses (NaN, a wrong shape or type), it refuses with its own line.
+    if arr.dtype.kind == "f" and np.all(np.abs(arr) < 2**31) and np.array_equal(arr, np.round(arr)):
+        arr = arr.astype(np.int64)
+    body: dict[str, Any] = {"inputs": arr.tolist()}
     if orientation.upper() != "RAS":
         body["params"] = {"orientation": orientation}
     predictions = post_json(url, body, timeout)
@@ -103,30 +85,37 @@ def segment_slices(
     return masks
 
 
+def _send_volume(
+    url: str, column: str, data: bytes, params: dict[str, Any], timeout: float
+) -> tuple[dict[str, Any], bytes]:
+    """POST one volume in the ``column`` form; the answer's record and its decoded mask."""
+    body: dict[str, Any] = {
+        "dataframe_split": {"columns": [column], "data": [[base64.b64encode(data).decode()]]}
+    }
+    if params:
+        body["params"] = params
+    predictions = post_json(url, body, timeout)
+    key = "mask_seg" if params.get("mask_format", "nifti") == "seg" else "mask_nifti"
+    try:
+        record = dict(predictions[0])
+        return record, base64.b64decode(record.pop(key), validate=True)
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ServingError(f"{url}: unexpected answer for a volume ({exc})") from exc
+
+
 def segment_volume_file(
     url: str, ct_path: Path, out_path: Path, *, timeout: float = DEFAULT_TIMEOUT_S
 ) -> float:
-    """Send a CT NIfTI file, write its liver mask to ``out_path``; the liver volume in mL.
-
-    The mask is written gzip-compressed unless ``out_path`` ends in plain ``.nii``.
-    """
+    """Send a CT NIfTI file, write its liver mask to ``out_path`` (gzip-compressed unless it
+    ends in plain ``.nii``); the liver volume in mL."""
     ct_path, out_path = Path(ct_path), Path(out_path)
     try:
-        payload = base64.b64encode(ct_path.read_bytes()).decode("ascii")
+        record, mask_gz = _send_volume(url, "nifti", ct_path.read_bytes(), {}, timeout)
     except FileNotFoundError as exc:
         raise DataError(f"{ct_path}: file not found") from exc
-    body = {"dataframe_split": {"columns": ["nifti"], "data": [[payload]]}}
-    predictions = post_json(url, body, timeout)
-    try:
-        record = predictions[0]
-        mask_gz = base64.b64decode(record["mask_nifti"], validate=True)
-        volume_ml = float(record["liver_volume_ml"])
-    except (IndexError, KeyError, TypeError, ValueError) as exc:
-        raise ServingError(f"{url}: unexpected answer for a volume ({exc})") from exc
-    data = gzip.decompress(mask_gz) if out_path.name.endswith(".nii") else mask_gz
     with atomic_file(out_path) as tmp:
-        tmp.write_bytes(data)
-    return volume_ml
+        tmp.write_bytes(gzip.decompress(mask_gz) if out_path.name.endswith(".nii") else mask_gz)
+    return float(record["liver_volume_ml"])
 
 
 def _zip_bytes(source: Path) -> bytes:
@@ -156,24 +145,8 @@ def segment_dicom(
     ``out_path`` (a DICOM SEG, or with ``mask_format="nifti"`` a .nii.gz on the series' grid);
     the answer without the mask: ``series``, ``liver_volume_ml``, ``quality`` (with ``review``).
     """
-    source, out_path = Path(source), Path(out_path)
-    params: dict[str, Any] = {"mask_format": mask_format}
-    if series:
-        params["series"] = series
-    body = {
-        "dataframe_split": {
-            "columns": ["dicom_zip"],
-            "data": [[base64.b64encode(_zip_bytes(source)).decode("ascii")]],
-        },
-        "params": params,
-    }
-    predictions = post_json(url, body, timeout)
-    key = "mask_seg" if mask_format == "seg" else "mask_nifti"
-    try:
-        record = dict(predictions[0])
-        data = base64.b64decode(record.pop(key), validate=True)
-    except (IndexError, KeyError, TypeError, ValueError) as exc:
-        raise ServingError(f"{url}: unexpected answer for a DICOM series ({exc})") from exc
-    with atomic_file(out_path) as tmp:
+    params = {"mask_format": mask_format, **({"series": series} if series else {})}
+    record, data = _send_volume(url, "dicom_zip", _zip_bytes(Path(source)), params, timeout)
+    with atomic_file(Path(out_path)) as tmp:
         tmp.write_bytes(data)
     return record

@@ -1,11 +1,9 @@
 """The model folder (the train stage's ``models/``): one writer, one reader.
 
-A model folder holds ``model.keras`` (the Keras model, custom objects from
-:mod:`liverseg.model.keras_metrics`) and ``preprocessing.json`` (``{"window": [low, high],
-"image_size": n}``: the HU window and the slice size the network was trained on). The train
-stage writes it with :func:`save_model_dir`; :meth:`liverseg.inference.Segmenter.from_dir` and
-the served model read it with :func:`load_model_dir`. Kept apart from ``inference.py`` so that
-the train stage, which writes the folder, does not depend on the inference code.
+It holds ``model.keras`` (custom objects from :mod:`liverseg.model.keras_metrics`) and
+``preprocessing.json``: ``{"window": [low, high], "image_size": n}``, the HU window and the
+slice size the network was trained on. Apart from ``inference.py`` so that the train stage,
+which writes it, does not depend on the inference code.
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 
 
 def save_model_dir(folder: Path, model: Any, window: Sequence[float], image_size: int) -> Path:
-    """Write ``folder`` (``model.keras`` and ``preprocessing.json``) atomically: it appears
-    whole or is left as it was."""
+    """Write ``folder`` atomically: it appears whole or is left as it was."""
     with atomic_dir(Path(folder)) as tmp:
         model.save(tmp / MODEL_FILE)
         write_json(tmp / PREPROCESSING_FILE, {"window": list(window), "image_size": image_size})
@@ -47,21 +44,18 @@ def check_model_dir(folder: Path) -> tuple[Path, Path]:
     return model_file, prep_file
 
 
-def read_preprocessing(path: Path) -> tuple[tuple[float, float], int]:
-    """``(window_hu, image_size)`` from a model folder's ``preprocessing.json``."""
-    prep = read_stage_json(Path(path), "train")
-    try:
-        low, high = prep["window"]
-        return (float(low), float(high)), int(prep["image_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a {PREPROCESSING_FILE} of the train stage ({exc})") from exc
-
-
 def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int]:
     """``(keras model, window_hu, image_size)`` of a model folder (or of its model file); a
     missing or broken folder is a DataError naming the path."""
     model_file, prep_file = check_model_dir(folder)
-    window_hu, image_size = read_preprocessing(prep_file)
+    prep = read_stage_json(prep_file, "train")
+    try:
+        low, high = prep["window"]
+        window_hu, image_size = (float(low), float(high)), int(prep["image_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{prep_file}: not a {PREPROCESSING_FILE} of the train stage ({exc})"
+        ) from exc
     # Imported after the checks: a wrong path fails at once, without TensorFlow's start.
     import keras
 

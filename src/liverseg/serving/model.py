@@ -1,0 +1,279 @@
+"""The MLflow pyfunc around :class:`~liverseg.inference.Segmenter`, for ``mlflow models serve``.
+
+The request forms, answers and errors are docs/serving.md's (decoding: :mod:`.forms`). No
+input schema is logged, on purpose: MLflow 3.17 enforces one before ``predict`` runs, and none
+admits both slices (a tensor) and volumes (a string column); the forms are recorded in the
+MLmodel ``metadata`` instead, and ``predict`` checks every request itself, refusing a bad one
+as ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with the project's one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib.metadata
+import json
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ParamSchema, ParamSpec
+
+from liverseg.data.volumes import from_canonical, save_mask_like
+from liverseg.errors import DataError
+from liverseg.evaluation.quality import quality_report
+from liverseg.fsutil import read_stage_json
+from liverseg.inference import PostProcessing, Segmenter
+from liverseg.model.folder import check_model_dir
+from liverseg.serving.forms import (
+    DICOM_COLUMN,
+    MAX_REQUEST_ENV,
+    NIFTI_COLUMN,
+    max_request_bytes,
+    series_from_payload,
+    slice_orientation,
+    slices_from_input,
+    volume_from_payload,
+    volume_payloads,
+)
+from liverseg.tracking import tensorflow_distribution
+
+POSTPROCESSING_FILE = "postprocessing.json"
+MASK_FORMATS = ("seg", "nifti")
+# The distributions the served model imports ("tensorflow": the cpu or the gpu extra's).
+SERVING_DISTRIBUTIONS = (
+    "mlflow",
+    "tensorflow",
+    "keras",
+    "numpy",
+    "scipy",
+    "nibabel",
+    "pydicom",
+    "highdicom",
+)
+# For readers of the MLmodel file, as no input schema says it (see the module docstring).
+INPUT_FORMS = {
+    "slices": {"inputs": "float32 (N, H, W) in HU", "answer": "uint8 (N, H, W) masks"},
+    "volume": {
+        "dataframe_split": f"column {NIFTI_COLUMN}: base64 of a .nii/.nii.gz CT",
+        "answer": "mask_nifti (base64 .nii.gz), liver_volume_ml, liver_voxels, quality",
+    },
+    "dicom": {
+        "dataframe_split": f"column {DICOM_COLUMN}: base64 of a zipped DICOM CT series",
+        "answer": "mask_seg (base64 DICOM SEG), series, liver_volume_ml, liver_voxels, quality",
+    },
+    "max_request_env": MAX_REQUEST_ENV,
+}
+
+
+def _segment_oriented_slices(
+    seg: Segmenter, stack: np.ndarray, codes: tuple[str, str, str]
+) -> np.ndarray:
+    """Masks of slices whose axes ``(H, W, N)`` run along ``codes``: reoriented to RAS for the
+    network (as volumes are) and back, so the masks line up with the slices as sent."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    if codes == ("R", "A", "S"):
+        return seg.segment_slices(stack)
+    here, ras = axcodes2ornt(codes), axcodes2ornt(("R", "A", "S"))
+    vol = apply_orientation(np.moveaxis(stack, 0, 2), ornt_transform(here, ras))
+    masks = seg.segment_slices(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))
+    back = apply_orientation(np.moveaxis(masks, 0, 2), ornt_transform(ras, here))
+    return np.ascontiguousarray(np.moveaxis(back, 2, 0))
+
+
+class LiverSegModel(PythonModel):
+    """The pyfunc: artifacts ``model`` (model.keras), ``preprocessing`` and ``postprocessing``
+    (JSON), loaded once per server process; or, in process, around a given ``segmenter``."""
+
+    segmenter: Segmenter
+
+    def __init__(self, segmenter: Segmenter | None = None, max_bytes: int | None = None) -> None:
+        if segmenter is not None:
+            self.segmenter = segmenter
+        # From LIVERSEG_MAX_REQUEST_MB: a bad value stops the server as it loads the model.
+        self.max_bytes = max_request_bytes() if max_bytes is None else max_bytes
+        # The scoring server runs each request in a thread; one network call at a time keeps
+        # peak memory at one request's worth (TensorFlow already uses every core per call).
+        self._lock = threading.Lock()
+
+    def load_context(self, context: Any) -> None:
+        """Load the network and its logged post-processing."""
+        post_file = Path(context.artifacts["postprocessing"])
+        post = PostProcessing.from_dict(read_stage_json(post_file, "register"), post_file)
+        self.segmenter = Segmenter.from_dir(Path(context.artifacts["model"]), post=post)
+        quiet_client_disconnects()
+
+    def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
+        post = self.segmenter.post.updated(params or {}, "params")
+        if post == self.segmenter.post:
+            return self.segmenter
+        seg = copy.copy(self.segmenter)  # the same network, another post-processing
+        seg.post = post
+        return seg
+
+    # No type hint on the input or the result, on purpose (MLflow warns once at import): MLflow
+    # 3 would derive an input schema from it and then pass only the raw ``inputs`` field,
+    # refusing the ``dataframe_split`` (volume) form.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):
+        """Masks for slices (ndarray) or volumes (DataFrame); bad input -> HTTP 400."""
+        try:
+            seg = self._segmenter_for(params)
+            found = volume_payloads(model_input)
+            if found is None:
+                codes = slice_orientation(params)
+                stack = slices_from_input(model_input, self.max_bytes)
+                with self._lock:
+                    return _segment_oriented_slices(seg, stack, codes)
+            column, payloads = found
+            if len(payloads) != 1:  # the size bound and the server's timeout are per request
+                raise DataError(f"send one volume per request, got {len(payloads)}")
+            return pd.DataFrame([self._one_volume(column, payloads[0], seg, params or {})])
+        except DataError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+    def _one_volume(
+        self, column: str, payload: Any, seg: Segmenter, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        series = None
+        fmt = "nifti"
+        if column == DICOM_COLUMN:
+            fmt = str(params.get("mask_format") or "seg")
+            if fmt not in MASK_FORMATS:
+                raise DataError(f"params: mask_format must be one of {MASK_FORMATS}, got {fmt!r}")
+            series = series_from_payload(payload, self.max_bytes, params.get("series") or None)
+            volume = series.volume
+        else:
+            volume = volume_from_payload(payload, self.max_bytes)
+        with self._lock:
+            net = seg.predict_ras(volume.data, members=True)
+        mask = seg.postprocess(net.mask)
+        out: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
+            if series is not None and fmt == "seg":
+                from liverseg.data.dicomseg import write_seg
+
+                path = Path(tmp) / "mask.dcm"
+                write_seg(
+                    from_canonical(mask, volume), series.datasets, path, model="mlflow pyfunc"
+                )
+            else:
+                path = save_mask_like(mask, volume, Path(tmp) / "mask.nii.gz")
+            out[f"mask_{fmt}"] = base64.b64encode(path.read_bytes()).decode("ascii")
+        if series is not None:
+            out["series"] = series.info.uid
+        voxels = int(np.count_nonzero(mask))
+        out["liver_volume_ml"] = voxels * volume.voxel_volume_ml
+        out["liver_voxels"] = voxels
+        out["quality"] = quality_report(mask, volume.data, volume.spacing, member_masks=net.members)
+        return out
+
+
+# ------------------------------------------------------------------------ the server's log
+def _is_disconnect(exc: BaseException | None, depth: int = 0) -> bool:
+    """A client that hung up: Starlette's ``ClientDisconnect`` or a reset/broken connection,
+    also inside exception groups and chains (the scoring server's middleware wraps it)."""
+    if exc is None or depth > 10:
+        return False
+    if type(exc).__name__ == "ClientDisconnect" or isinstance(exc, ConnectionError):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_disconnect(e, depth + 1) for e in exc.exceptions)
+    return _is_disconnect(exc.__cause__ or exc.__context__, depth + 1)
+
+
+class ClientDisconnectFilter(logging.Filter):
+    """Turns uvicorn's traceback for a client that hung up into one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_disconnect(record.exc_info[1]):
+            record.msg = "client disconnected before the response was sent; request dropped"
+            record.args = ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
+    """Install :class:`ClientDisconnectFilter` on the server's error logger (idempotent)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, ClientDisconnectFilter) for f in log.filters):
+        log.addFilter(ClientDisconnectFilter())
+
+
+# ------------------------------------------------------------------------------- logging it
+def serving_requirements() -> list[str]:
+    """pip requirements of the served model: the installed versions (liverseg pins them)."""
+    dists = [tensorflow_distribution() if d == "tensorflow" else d for d in SERVING_DISTRIBUTIONS]
+    return [f"{d}=={importlib.metadata.version(d)}" for d in dists]
+
+
+def model_signature(post: PostProcessing) -> ModelSignature:
+    """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
+    kinds = {float: "double", bool: "boolean"}
+    return ModelSignature(
+        params=ParamSchema(
+            [
+                *(ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()),
+                ParamSpec("orientation", "string", "RAS"),
+                ParamSpec("series", "string", ""),
+                ParamSpec("mask_format", "string", "seg"),
+            ]
+        )
+    )
+
+
+_MODEL_CODE = (
+    "# Written by liverseg.serving.model.log_pyfunc (MLflow models-from-code).\n"
+    "from mlflow.models import set_model\n\n"
+    "from liverseg.serving.model import LiverSegModel\n\n"
+    "set_model(LiverSegModel())\n"
+)
+
+
+def log_pyfunc(
+    model_dir: Path,
+    post: PostProcessing,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+) -> mlflow.models.model.ModelInfo:
+    """Log ``model_dir`` (``model.keras`` + ``preprocessing.json``) as a pyfunc in the active run.
+
+    The liverseg package travels with it (``code_paths``, first on ``sys.path`` where it is
+    served), so a version keeps the code it was evaluated with and needs no liverseg install;
+    the model is logged from code (a generated two-line script), not pickled.
+    """
+    import liverseg
+
+    model_file, prep_file = check_model_dir(Path(model_dir))
+    with tempfile.TemporaryDirectory(prefix="liverseg-pyfunc-") as tmp:
+        post_file = Path(tmp) / POSTPROCESSING_FILE
+        post_file.write_text(json.dumps(post.to_dict()))
+        code_file = Path(tmp) / "liverseg_pyfunc.py"
+        code_file.write_text(_MODEL_CODE)
+        example = np.linspace(-200.0, 300.0, 16 * 16, dtype=np.float32).reshape(1, 16, 16)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code_file),
+            artifacts={
+                "model": str(model_file),
+                "preprocessing": str(prep_file),
+                "postprocessing": str(post_file),
+            },
+            code_paths=[str(Path(liverseg.__file__).parent)],
+            signature=model_signature(post),
+            input_example=example,
+            pip_requirements=serving_requirements(),
+            metadata={"liverseg": INPUT_FORMS},
+            registered_model_name=registered_model_name,
+        )
