@@ -62,15 +62,13 @@ def score_case(
     net = seg.predict_ras(case.image.data, members=True)
     pred = seg.postprocess(net.mask)
     seconds = time.perf_counter() - t0
-    m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
     q = quality_report(
         pred, case.image.data, case.image.spacing, member_masks=net.members, limits=cfg.quality
     )
     vox_ml = case.image.voxel_volume_ml
-    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
     row = {
         "case": case.case_id,
-        **{k: float(m[k]) for k in metrics},
+        **volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm),
         "volume_true_ml": float(case.mask.data.sum() * vox_ml),
         "volume_pred_ml": float(pred.sum() * vox_ml),
         "agreement": q["agreement"],
@@ -108,13 +106,11 @@ def evaluate(
                     title=f"{cid} z={z}  Dice(3D)={row['dice']:.3f}",
                 )
             log.info("evaluate: %s: Dice %.4f HD95 %.1f mm", cid, row["dice"], row["hd95_mm"])
-        summary: dict[str, Any] = {}
+        result: dict[str, Any] = {}
         for k in metrics:
             vals = np.array([r[k] for r in rows], dtype=float)
-            summary[f"{k}_mean"] = float(vals.mean())
-            summary[f"{k}_std"] = float(vals.std())
-        result = {
-            **summary,
+            result |= {f"{k}_mean": float(vals.mean()), f"{k}_std": float(vals.std())}
+        result |= {
             "n_patients": len(rows),
             "n_review": sum(bool(r["review"]) for r in rows),
             "agreement_vs_dice": agreement_vs_dice(rows),
@@ -152,27 +148,25 @@ def log_to_mlflow(
 
     follow_moved_store()
     exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
-    cases = [r["case"] for r in result["per_patient"]]
+    parent_id = link["parent_run_id"]
     tags = {
         "kind": "evaluate",
         "git_commit": git_commit(),
         NOTE_TAG: (
             f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
-            f"HD95 {result['hd95_mm_mean']:.1f} mm, {len(cases)} patients"
+            f"HD95 {result['hd95_mm_mean']:.1f} mm, {result['n_patients']} patients"
         ),
+        # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
+        "mlflow.parentRunId": parent_id,
+        "train_final_run_id": link.get("final_run_id", ""),
     }
-    parent_id = link["parent_run_id"]
-    # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
-    tags["mlflow.parentRunId"] = parent_id
-    tags["train_final_run_id"] = link.get("final_run_id", "")
     with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
         log_params_flat(as_flat_dict(cfg))
         log_dataset(raw, dvc_out_hash(raw), context="test")
         test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
         test.update(headline_metrics({k: test[k] for k in HEADLINE if k in test}))
         mlflow.log_metrics(test)
-        for r in result["per_patient"]:
-            mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"] for r in result["per_patient"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
         overlays: dict[str, list[tuple[int, Path]]] = {}
