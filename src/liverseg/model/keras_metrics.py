@@ -28,8 +28,10 @@ TRUE_THRESHOLD = 0.5  # masks are 0/1; this only guards against interpolated val
 class _OverlapMetric(keras.metrics.Metric):
     """Accumulates intersection and foreground pixel counts of binarised masks."""
 
-    def __init__(self, name: str, threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
+    default_name = ""
+
+    def __init__(self, name: str | None = None, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(name=name or self.default_name, **kwargs)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"{type(self).__name__}: threshold must be in (0, 1), got {threshold}")
         self.threshold = float(threshold)
@@ -64,8 +66,7 @@ class _OverlapMetric(keras.metrics.Metric):
 class DiceCoefficient(_OverlapMetric):
     """Pooled binary Dice ``2|A∩B| / (|A| + |B|)`` over all pixels seen this epoch."""
 
-    def __init__(self, name: str = "dice", threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, threshold=threshold, **kwargs)
+    default_name = "dice"
 
     def result(self) -> Any:
         return self._ratio(2.0 * self.intersection, self.true_sum + self.pred_sum)
@@ -75,12 +76,10 @@ class DiceCoefficient(_OverlapMetric):
 class IoU(_OverlapMetric):
     """Pooled binary IoU (Jaccard) ``|A∩B| / |A∪B|`` over all pixels seen this epoch."""
 
-    def __init__(self, name: str = "iou", threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, threshold=threshold, **kwargs)
+    default_name = "iou"
 
     def result(self) -> Any:
-        union = self.true_sum + self.pred_sum - self.intersection
-        return self._ratio(self.intersection, union)
+        return self._ratio(self.intersection, self.true_sum + self.pred_sum - self.intersection)
 
 
 # Pass to keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS). Keys are the names

@@ -14,6 +14,9 @@ the decoder level that returns to the resolution of ``enc{k}``, ``logits`` (1x1 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import keras
 
 from liverseg.errors import ParamsError
@@ -25,26 +28,14 @@ BN_MOMENTUM = 0.9
 POOL = 2
 
 
-class _Seeds:
-    """Hands out a distinct seed per initializer so a seeded build is reproducible.
-
-    Keras 3 initializers with an integer seed return the same values on every call, so one
-    shared seeded initializer would give every layer of the same shape identical weights.
-    """
-
-    def __init__(self, seed: int | None) -> None:
-        self._seed = seed
-        self._count = 0
-
-    def next(self) -> int | None:
-        if self._seed is None:
-            return None
-        self._count += 1
-        return self._seed + self._count
+# Seeds: a distinct one per initializer (seed + 1, seed + 2, ...), or None for fresh weights.
+# Keras 3 initializers with an integer seed return the same values on every call, so one shared
+# seeded initializer would give every layer of the same shape identical weights.
+Seeds = Iterator[int | None]
 
 
 def _conv_block(
-    x: keras.KerasTensor, filters: int, prefix: str, params: ModelParams, seeds: _Seeds
+    x: keras.KerasTensor, filters: int, prefix: str, params: ModelParams, seeds: Seeds
 ) -> keras.KerasTensor:
     """Two 3x3 same-padded convolutions, each followed by optional BatchNorm and ReLU."""
     for i in (1, 2):
@@ -52,7 +43,7 @@ def _conv_block(
             filters,
             KERNEL_SIZE,
             padding="same",
-            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),
             # A bias right before BatchNorm is cancelled by its mean subtraction.
             use_bias=not params.batch_norm,
             name=f"{prefix}_conv{i}",
@@ -66,16 +57,6 @@ def _conv_block(
     return x
 
 
-def check_image_size(image_size: int, depth: int) -> None:
-    """Raise ParamsError unless ``depth`` poolings halve ``image_size`` exactly."""
-    factor = 2**depth
-    if image_size < factor or image_size % factor != 0:
-        raise ParamsError(
-            f"params: prepare.image_size={image_size} must be a positive multiple of "
-            f"2**train.model.depth={factor} (depth {depth})"
-        )
-
-
 def build_unet(
     image_size: int | None, params: ModelParams, *, seed: int | None = None
 ) -> keras.Model:
@@ -85,9 +66,13 @@ def build_unet(
     accepts any ``H, W`` divisible by ``2**depth``. ``seed`` makes initial weights and dropout
     masks reproducible (``None``: fresh random weights).
     """
-    if image_size is not None:
-        check_image_size(image_size, params.depth)
-    seeds = _Seeds(seed)
+    factor = 2**params.depth
+    if image_size is not None and (image_size < factor or image_size % factor != 0):
+        raise ParamsError(
+            f"params: prepare.image_size={image_size} must be a positive multiple of "
+            f"2**train.model.depth={factor} (depth {params.depth})"
+        )
+    seeds: Seeds = itertools.repeat(None) if seed is None else itertools.count(seed + 1)
     inputs = keras.Input(shape=(None, None, 1), name="image")
     x = inputs
     skips: list[keras.KerasTensor] = []
@@ -98,7 +83,7 @@ def build_unet(
 
     x = _conv_block(x, params.base_filters * 2**params.depth, "bottleneck", params, seeds)
     if params.dropout > 0:
-        x = keras.layers.Dropout(params.dropout, seed=seeds.next(), name="bottleneck_dropout")(x)
+        x = keras.layers.Dropout(params.dropout, seed=next(seeds), name="bottleneck_dropout")(x)
 
     for level in reversed(range(params.depth)):
         filters = params.base_filters * 2**level
@@ -107,7 +92,7 @@ def build_unet(
             POOL,
             strides=POOL,
             padding="same",
-            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),
             name=f"dec{level}_up",
         )(x)
         x = keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
@@ -116,7 +101,7 @@ def build_unet(
     logits = keras.layers.Conv2D(
         1,
         1,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seeds.next()),
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
         name="logits",
     )(x)
     # Under mixed_bfloat16 the logits are bfloat16; the sigmoid (and so the loss) runs in
