@@ -331,7 +331,7 @@ def test_custom_objects_use_saved_names(key: str, obj: object) -> None:
 def test_fused_batch_norm_matches_keras_batch_normalization(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from liverseg.model.layers import FusedBatchNorm
+    from liverseg.model.unet import FusedBatchNorm
 
     x = tf.constant(np.random.default_rng(0).normal(2, 3, (4, 12, 12, 5)).astype("float32"))
     ours, keras_bn = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)

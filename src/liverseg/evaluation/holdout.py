@@ -2,7 +2,8 @@
 in mm, the per-scan quality report, overlays, and the MLflow run under the training run.
 
 See :mod:`liverseg.stages.evaluate` for what it writes, and :mod:`liverseg.evaluation.results`
-for the files of metrics.
+for the files of metrics. Overlays come from RAS (X, Y) slices shown the radiological way
+(patient's right on the image's left, anterior at the top): transposed, flipped on both axes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.prepared import load_splits
 from liverseg.data.volumes import Case, load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
-from liverseg.evaluation.plots import overlay, overlay_slices
 from liverseg.evaluation.quality import quality_report
 from liverseg.evaluation.results import write_results
 from liverseg.fsutil import atomic_dir
@@ -51,6 +51,46 @@ def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     res = spearmanr(a, d)
     out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
     return out
+
+
+def overlay(
+    ct_hu: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    path: Path,
+    *,
+    title: str = "",
+    window_hu: tuple[float, float] = (-200.0, 300.0),
+) -> None:
+    """Write one axial slice with truth (green) and prediction (red) outlines to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=window_hu[0], vmax=window_hu[1])
+    for m, color, label in ((truth, "lime", "truth"), (pred, "red", "prediction")):
+        if m.any():
+            ax.contour(m.astype(float).T[::-1, ::-1], levels=[0.5], colors=color, linewidths=1)
+            ax.plot([], [], color=color, label=label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def overlay_slices(truth: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
+    """``n`` axial indices spread over the liver (truth or prediction), for overlays."""
+    z = np.flatnonzero((truth | pred).any(axis=(0, 1)))
+    if z.size == 0 or n == 0:
+        return []
+    picks = np.linspace(z[0], z[-1], n + 2)[1:-1] if n < z.size else z
+    return sorted({int(round(p)) for p in picks})
 
 
 def score_case(

@@ -18,9 +18,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from liverseg.model.layers import FusedBatchNorm
 from liverseg.model.losses import dice_bce_loss, dice_loss
 from liverseg.model.optimizers import FusedAdam
+from liverseg.model.unet import FusedBatchNorm
 
 TRUE_THRESHOLD = 0.5  # masks are 0/1; this only guards against interpolated values
 
