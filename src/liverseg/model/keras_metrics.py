@@ -40,16 +40,11 @@ class _OverlapMetric(keras.metrics.Metric):
         self.pred_sum = self.add_variable(shape=(), initializer="zeros", name="pred_sum")
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-        """Add this batch's counts; ``sample_weight`` is per image (N,) or per pixel."""
+        """Add this batch's counts (training weighs no samples: a weight is refused)."""
+        if sample_weight is not None:
+            raise ValueError(f"{type(self).__name__}: sample weights are not supported")
         t = ops.cast(ops.cast(y_true, "float32") >= TRUE_THRESHOLD, self.dtype)
         p = ops.cast(ops.cast(y_pred, "float32") >= self.threshold, self.dtype)
-        if sample_weight is not None:
-            w = ops.cast(sample_weight, self.dtype)
-            if len(w.shape) == 1:
-                w = ops.reshape(w, (-1,) + (1,) * (len(t.shape) - 1))
-            w = ops.broadcast_to(w, ops.shape(t))
-            t = t * w
-            p = p * w
         self.intersection.assign_add(ops.sum(t * p))
         self.true_sum.assign_add(ops.sum(t))
         self.pred_sum.assign_add(ops.sum(p))
