@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlflow
 import numpy as np
 
+from liverseg import tracking
 from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.prepared import load_splits
 from liverseg.data.volumes import Case, load_case
@@ -42,15 +44,11 @@ def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     pairs = [(r["agreement"], r["dice"]) for r in rows if r["agreement"] is not None]
-    out: dict[str, Any] = {"n": len(pairs), "rho": None, "p": None}
-    if len(pairs) < 3:
-        return out
-    a, d = np.array(pairs, dtype=float).T
-    if np.ptp(a) == 0 or np.ptp(d) == 0:
-        return out
-    res = spearmanr(a, d)
-    out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
-    return out
+    a, d = np.array(pairs, dtype=float).reshape(-1, 2).T
+    if len(pairs) >= 3 and np.ptp(a) > 0 and np.ptp(d) > 0:
+        res = spearmanr(a, d)
+        return {"n": len(pairs), "rho": float(res.statistic), "p": float(res.pvalue)}
+    return {"n": len(pairs), "rho": None, "p": None}
 
 
 def overlay(
@@ -171,28 +169,16 @@ def log_to_mlflow(
     ``run.json``), with the test data as its input and the overlays as images; the headline
     test figures also go onto the parent run so that the ``cv`` row of the runs table shows
     them."""
-    import mlflow
     from mlflow.entities import Metric
     from PIL import Image
 
-    from liverseg.tracking import (
-        NOTE_TAG,
-        dvc_out_hash,
-        ensure_experiment,
-        follow_moved_store,
-        git_commit,
-        headline_metrics,
-        log_dataset,
-        log_params_flat,
-    )
-
-    follow_moved_store()
-    exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
+    tracking.follow_moved_store()
+    exp_id = link.get("experiment_id") or tracking.ensure_experiment(cfg.experiment)
     parent_id = link["parent_run_id"]
     tags = {
         "kind": "evaluate",
-        "git_commit": git_commit(),
-        NOTE_TAG: (
+        "git_commit": tracking.git_commit(),
+        tracking.NOTE_TAG: (
             f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
             f"HD95 {result['hd95_mm_mean']:.1f} mm, {result['n_patients']} patients"
         ),
@@ -201,10 +187,10 @@ def log_to_mlflow(
         "train_final_run_id": link.get("final_run_id", ""),
     }
     with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
-        log_params_flat(as_flat_dict(cfg))
-        log_dataset(raw, dvc_out_hash(raw), context="test")
+        tracking.log_params_flat(as_flat_dict(cfg))
+        tracking.log_dataset(raw, tracking.dvc_out_hash(raw), context="test")
         test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
-        test.update(headline_metrics({k: test[k] for k in HEADLINE if k in test}))
+        test.update(tracking.headline_metrics({k: test[k] for k in HEADLINE if k in test}))
         mlflow.log_metrics(test)
         mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"] for r in result["per_patient"]})
         if result["agreement_vs_dice"]["rho"] is not None:
