@@ -20,6 +20,7 @@ the default 8-filter U-Net that chain was 42 % of a training step on CPU
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,17 +186,12 @@ def count_flops(model: keras.Model, image_size: int) -> float:
         return 0.0
     probe = keras.Model(model.inputs, [layer.output for layer in convs])
     in_shape = (1, image_size, image_size, model.inputs[0].shape[-1])
-    specs = probe.compute_output_spec(keras.KerasTensor(in_shape))
-    if not isinstance(specs, list | tuple):
-        specs = [specs]
+    specs = keras.tree.flatten(probe.compute_output_spec(keras.KerasTensor(in_shape)))
     total = 0.0
     for layer, spec in zip(convs, specs, strict=True):
-        kh, kw, a, b = layer.kernel.shape
         _, h, w, _ = spec.shape
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            # Kernel is (kh, kw, out, in); every input pixel scatters kh*kw*out MACs.
-            sh, sw = layer.strides
-            total += 2.0 * (h // sh) * (w // sw) * kh * kw * a * b
-        else:
-            total += 2.0 * h * w * kh * kw * a * b
+        # A transposed conv's kernel is (kh, kw, out, in): each *input* pixel scatters kh*kw*out
+        # MACs, so its count is over the input's pixels, its output's divided by the strides.
+        sh, sw = layer.strides if isinstance(layer, keras.layers.Conv2DTranspose) else (1, 1)
+        total += 2.0 * (h // sh) * (w // sw) * math.prod(layer.kernel.shape)
     return total
