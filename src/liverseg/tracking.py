@@ -166,21 +166,18 @@ DVC_WRITTEN = (":(exclude)dvc.lock", ":(exclude)reports")
 
 def git_commit() -> str:
     """The working tree's commit (with ``-dirty`` when it has changes), or ``unknown``."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        sha = git("rev-parse", "HEAD").strip()
         # dvc.lock and the committed metrics/plots are what `dvc repro` itself rewrites: they
         # record results, not the code that produced them, so they do not make a run dirty.
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITTEN],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITTEN)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return sha + ("-dirty" if dirty else "")
+    return sha + ("-dirty" if dirty.strip() else "")
 
 
 def dvc_out_hash(path: Path, lock: Path = Path("dvc.lock")) -> str:
