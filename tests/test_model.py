@@ -250,12 +250,10 @@ def test_metrics_prediction_on_empty_truth(cls: type, expected: float) -> None:
     assert float(metric.result()) == expected
 
 
-def test_metrics_per_image_sample_weight() -> None:
-    metric = DiceCoefficient()
-    both_true = np.concatenate([B1_TRUE, B2_TRUE])
-    both_pred = np.concatenate([B1_PRED, B2_PRED])
-    metric.update_state(both_true, both_pred, sample_weight=np.array([0.0, 1.0]))
-    assert float(metric.result()) == pytest.approx(2 / 3)  # only batch 2 counts
+def test_metrics_refuse_sample_weights() -> None:
+    # Training weighs no samples; a weight would otherwise be ignored silently.
+    with pytest.raises(ValueError, match="sample weights are not supported"):
+        DiceCoefficient().update_state(B1_TRUE, B1_PRED, sample_weight=np.array([1.0]))
 
 
 @pytest.mark.parametrize("cls", [DiceCoefficient, IoU])
@@ -331,7 +329,7 @@ def test_custom_objects_use_saved_names(key: str, obj: object) -> None:
 def test_fused_batch_norm_matches_keras_batch_normalization(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from liverseg.model.layers import FusedBatchNorm
+    from liverseg.model.unet import FusedBatchNorm
 
     x = tf.constant(np.random.default_rng(0).normal(2, 3, (4, 12, 12, 5)).astype("float32"))
     ours, keras_bn = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)

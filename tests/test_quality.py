@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from liverseg.evaluation.quality import QualityLimits, member_agreement, quality_report
+from liverseg.evaluation.quality import member_agreement, quality_report
+from liverseg.params import QualityParams
 
 SPACING = (2.0, 2.0, 5.0)  # 0.02 mL per voxel
 
@@ -19,7 +20,7 @@ def scan() -> tuple[np.ndarray, np.ndarray]:
     return ct, mask
 
 
-LIMITS = QualityLimits(min_volume_ml=50.0, max_volume_ml=500.0, min_agreement=0.9)
+LIMITS = QualityParams(min_volume_ml=50.0, max_volume_ml=500.0, min_agreement=0.9)
 
 
 def test_a_plausible_mask_raises_no_flag() -> None:
@@ -68,7 +69,7 @@ def test_volume_outside_the_plausible_range(x_len: int, flagged: bool) -> None:
     mask = np.zeros(ct.shape, np.uint8)
     lo = 69 - x_len
     mask[lo:69, 20:40, 3:17] = 1
-    limits = QualityLimits(min_volume_ml=25.0, max_volume_ml=300.0)
+    limits = QualityParams(min_volume_ml=25.0, max_volume_ml=300.0)
     r = quality_report(mask, ct, SPACING, limits=limits)
     assert r["liver_volume_ml"] == pytest.approx(x_len * 5.6)
     assert any("outside the plausible" in s for s in r["reasons"]) is flagged

@@ -1,10 +1,9 @@
-"""``make compare``: ``dvc exp show --csv`` cut to the columns that matter, in 100 characters.
+"""``make compare``: ``dvc exp show --csv`` (on stdin) cut to the columns that matter.
 
 ``dvc exp show`` has a column per param and metric (about 60 here) and truncates what does not
-fit the terminal; this keeps the baseline and every experiment with CV Dice, test Dice, HD95,
-learning rate, batch size and model cost, numbers rounded; then the params (the keys of
-``params.yaml``) whose values differ between them, such as ``train.epochs``. Reads the CSV on
-stdin.
+fit the terminal; this prints, in 100 characters, the baseline and every experiment with CV
+Dice, test Dice, HD95, learning rate, batch size and model cost, rounded; then the params whose
+values differ between them, such as ``train.epochs``.
 
 Usage: ``dvc exp show --csv | python -m liverseg.compare``
 """
@@ -49,18 +48,13 @@ def differing(rows: list[dict[str, str]], keys: list[str]) -> list[str]:
     return [k for k in keys if len({row.get(k, "") for row in rows}) > 1]
 
 
-def name_of(row: dict[str, str]) -> str:
-    name = row.get("Experiment") or row.get("rev", "?")
-    if row.get("typ", "").startswith("branch_"):
-        name = f"  {name}"  # experiments indented under their baseline, as DVC does
-    return name
-
-
 def table(rows: list[dict[str, str]], columns: dict[str, tuple[str, str]] = COLUMNS) -> str:
     """Aligned text table: one line per revision/experiment (``-`` where a figure is missing)."""
     lines = [["experiment", *(h for h, _ in columns.values())]]
     for row in rows:
-        cells = [name_of(row)]
+        # experiments indented under their baseline, as DVC does
+        indent = "  " if row.get("typ", "").startswith("branch_") else ""
+        cells = [indent + (row.get("Experiment") or row.get("rev", "?"))]
         for key, (_, fmt) in columns.items():
             value = row.get(key, "")
             try:
@@ -68,13 +62,10 @@ def table(rows: list[dict[str, str]], columns: dict[str, tuple[str, str]] = COLU
             except ValueError:
                 cells.append(value or "-")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    widths = [max(map(len, column)) for column in zip(*lines, strict=True)]
+    just = [str.ljust] + [str.rjust] * (len(widths) - 1)  # names left, figures right
     return "\n".join(
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
+        "  ".join(j(c, w) for j, c, w in zip(just, line, widths, strict=True)) for line in lines
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from liverseg import stop
+from liverseg.errors import DataError
 
 
 def _umask() -> int:
@@ -46,10 +47,20 @@ def _remove_dead_leftovers(final: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _name_output(exc: OSError, final: Path) -> None:
-    # ENOSPC and EFBIG on a write carry no file name: name the output being written.
-    if exc.filename is None:
-        exc.filename = str(final)
+@contextmanager
+def _removed_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove ``tmp`` if the block raises; an OSError without a file name (ENOSPC and EFBIG on
+    a write carry none) is given ``final``'s."""
+    try:
+        yield
+    except BaseException as exc:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(final)
+        raise
 
 
 @contextmanager
@@ -65,7 +76,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
-    try:
+    with _removed_on_error(tmp, final):
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
         stop.check()
@@ -75,13 +86,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _name_output(exc, final)
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -99,17 +103,10 @@ def atomic_file(final: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_tmp_prefix(final), dir=final.parent)
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _removed_on_error(tmp, final):
         tmp.chmod(0o666 & ~_umask())
         yield tmp
         os.replace(tmp, final)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        _name_output(exc, final)
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_output_path(final: Path) -> None:
@@ -135,8 +132,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_stage_json(path: Path, stage: str) -> Any:
     """The JSON file another stage wrote; a missing or broken file is a DataError naming it."""
-    from liverseg.errors import DataError
-
     path = Path(path)
     try:
         return json.loads(path.read_text())

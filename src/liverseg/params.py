@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
-from pydantic import AfterValidator, PlainValidator, Strict, model_validator
+from pydantic import AfterValidator, Field, PlainValidator, Strict, model_validator
 
 from liverseg.errors import ParamsError
 
@@ -43,18 +45,14 @@ def _check(ok: Callable[[Any], bool], msg: str) -> AfterValidator:
 
 def _range(
     lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False
-) -> AfterValidator:
-    """``must be >= lo`` (or ``> lo``), or ``must be in [lo, hi]`` with open ends as asked."""
+) -> Any:
+    """``>= lo`` (or ``> lo``), pydantic's own check; or ``must be in [lo, hi]``, open as asked."""
     if hi is None:
-        msg = f"must be {'>' if lo_open else '>='} {lo}"
-    else:
-        msg = f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def ok(v: float) -> bool:
-        above = v > lo if lo_open else v >= lo
-        return above and (hi is None or (v < hi if hi_open else v <= hi))
-
-    return _check(ok, msg)
+        return Field(gt=lo) if lo_open else Field(ge=lo)
+    above = operator.gt if lo_open else operator.ge
+    below = operator.lt if hi_open else operator.le
+    msg = f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return _check(lambda v: above(v, lo) and below(v, hi), msg)
 
 
 def _processes(value: object) -> str | int:
@@ -68,6 +66,10 @@ def _processes(value: object) -> str | int:
 
 Processes = Annotated[str | int, PlainValidator(_processes)]
 Name = Annotated[Str, _check(bool, "must be a name")]
+LowHighMM = Annotated[
+    tuple[Float, Float],
+    _check(lambda v: 0 < v[0] <= v[1], "must be [low, high] with 0 < low <= high (mm)"),
+]
 
 
 class _KeyError(ValueError):
@@ -85,6 +87,8 @@ _MESSAGES = {
     "string_type": "must be a string, got {input!r}",
     "tuple_type": "must be a list, got {input!r}",
     "too_long": "must have at most {max_length} items",
+    "greater_than_equal": "must be >= {ge:g}",
+    "greater_than": "must be > {gt:g}",
     "missing": "missing (too few items)",
     "literal_error": "must be {expected}, got {input!r}",
     "unexpected_keyword_argument": "unknown key",
@@ -153,33 +157,24 @@ class PhantomParams:
     seed: Int = 0
 
 
-def _lo_hi(v: tuple[float, float]) -> bool:
-    return 0 < v[0] <= v[1]
-
-
 @_params("ingest.synth")
 class SynthParams:
     """``ingest.synth``: synthetic CT from the label maps (liverseg.data.synth)."""
 
-    pixel_mm: Annotated[
-        tuple[Float, Float], _check(_lo_hi, "must be [low, high] with 0 < low <= high (mm)")
-    ] = (0.5, 1.0)
-    thickness_mm: Annotated[
-        tuple[Float, Float], _check(_lo_hi, "must be [low, high] with 0 < low <= high (mm)")
-    ] = (1.0, 5.0)
+    pixel_mm: LowHighMM = (0.5, 1.0)
+    thickness_mm: LowHighMM = (1.0, 5.0)
     matrix: Annotated[Int, _range(64, 1024)] = 256
     cut_prob: Annotated[Float, _range(0, 1)] = 0.5
     seed: Int = 0
 
 
-def _is_sha256(s: str) -> bool:
-    return s == "" or (len(s) == 64 and all(c in "0123456789abcdefABCDEF" for c in s))
-
-
 @_params("ingest.ircad")
 class IrcadParams:
     source: Str = ""
-    sha256: Annotated[Str, _check(_is_sha256, "must be empty or 64 hex digits")] = ""
+    sha256: Annotated[
+        Str,
+        _check(lambda s: re.fullmatch("([0-9a-fA-F]{64})?", s), "must be empty or 64 hex digits"),
+    ] = ""
     format: Literal["nifti-zip", "dicom-zip", "nifti-dir", "dicom-dir"] = "nifti-zip"
     max_unpacked_gb: Annotated[Float, _range(0, lo_open=True)] = 20.0
 
@@ -370,8 +365,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:
-    """Read ``params.yaml`` (the raw mapping); duplicate keys and unknown sections are errors."""
+def load_section(section: str, path: Path = Path("params.yaml")) -> Any:
+    """Load one stage's section of ``params.yaml`` as its frozen dataclass; duplicate keys and
+    unknown sections of the file are errors too."""
+    if section not in SECTIONS:
+        raise ParamsError(f"params: {section}: unknown section (known: {sorted(SECTIONS)})")
     path = Path(path)
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
@@ -389,16 +387,9 @@ def read_params(path: Path = Path("params.yaml")) -> dict[str, Any]:
     if unknown:
         known = ", ".join(SECTIONS)
         raise ParamsError(f"params: {unknown[0]}: unknown section in {path} (known: {known})")
-    return data
-
-
-def load_section(section: str, path: Path = Path("params.yaml")) -> Any:
-    """Load one stage's section of ``params.yaml`` as its frozen dataclass."""
-    if section not in SECTIONS:
-        raise ParamsError(f"params: {section}: unknown section (known: {sorted(SECTIONS)})")
-    data = read_params(path).get(section)
+    raw = data.get(section)
     try:
-        return pydantic.TypeAdapter(SECTIONS[section]).validate_python({} if data is None else data)
+        return pydantic.TypeAdapter(SECTIONS[section]).validate_python({} if raw is None else raw)
     except pydantic.ValidationError as exc:
         raise ParamsError(_message(exc, section)) from None
 

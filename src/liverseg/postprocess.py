@@ -1,7 +1,5 @@
-"""Clean-up of a predicted liver mask: keep the largest 3-D component, fill in-plane holes.
-
-The last step of :mod:`liverseg.inference` (the served model's too), below it and below
-:mod:`liverseg.evaluation`, which takes :func:`as_binary` from here.
+"""Clean-up of a predicted liver mask (the last step of :mod:`liverseg.inference`): keep the
+largest 3-D component, fill in-plane holes.
 
 Array contract: masks are 3-D ``(x, y, z)`` arrays in the RAS orientation of
 :mod:`liverseg.data.volumes`, so ``mask[:, :, k]`` is axial slice ``k``; values are 0/1 (any bool,
@@ -34,11 +32,8 @@ _AXIAL_FILL_STRUCTURE = ndimage.generate_binary_structure(2, 1)[:, :, np.newaxis
 
 
 def as_binary(mask: np.ndarray, name: str) -> np.ndarray:
-    """Return ``mask`` as bool, refusing anything but 0/1 (``name`` goes in the message).
-
-    A probability map or a label map with other classes is refused rather than thresholded
-    silently at an arbitrary level.
-    """
+    """``mask`` as bool, refusing anything but 0/1 (``name`` goes in the message): a probability
+    map or a label map with other classes is refused rather than thresholded silently."""
     arr = np.asarray(mask)
     if arr.dtype == np.bool_:
         return arr
@@ -59,34 +54,27 @@ def _as_binary_3d(mask: np.ndarray) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep only the largest 26-connected component (the liver), dropping false positives.
-
-    On a tie in size the component met first in C (index) order is kept, so the result is
-    deterministic.
-    """
+    """Keep only the largest 26-connected component (the liver), dropping false positives. On a
+    tie in size the component met first in C (index) order is kept."""
     binary = _as_binary_3d(mask)
     labels, n = ndimage.label(binary, structure=_COMPONENT_STRUCTURE)
-    if n <= 1:
-        return np.asarray(binary, dtype=np.asarray(mask).dtype).copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # background
-    kept = labels == int(np.argmax(sizes))
-    return kept.astype(np.asarray(mask).dtype)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0  # background
+        binary = labels == int(np.argmax(sizes))
+    return binary.astype(np.asarray(mask).dtype)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of every axial slice (vessels, unsegmented lesions inside the liver)."""
     binary = _as_binary_3d(mask)
     filled = ndimage.binary_fill_holes(binary, structure=_AXIAL_FILL_STRUCTURE)
-    return np.asarray(filled).astype(np.asarray(mask).dtype)
+    return filled.astype(np.asarray(mask).dtype)
 
 
 def postprocess(mask: np.ndarray, *, largest: bool, fill: bool) -> np.ndarray:
-    """Apply the chosen clean-up steps: largest component first, then hole filling.
-
-    In this order the fill works on the organ that is kept, and its result is still a single
-    component (a filled hole touches the slice's foreground that encloses it).
-    """
+    """Largest component first, then hole filling: so the fill works on the organ that is kept,
+    and its result is still one component (a filled hole touches the foreground around it)."""
     out = _as_binary_3d(mask)
     if largest:
         out = largest_component(out)

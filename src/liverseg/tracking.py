@@ -36,16 +36,9 @@ EXPERIMENT_DESCRIPTION = (
 )
 
 
-def sqlite_database(uri: str) -> Path | None:
-    """The database file of a SQLite store's URI; None for servers."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
-
-
-def default_artifact_root(uri: str) -> Path | None:
-    """For a SQLite store, ``artifacts/`` beside its database file; None for servers."""
-    database = sqlite_database(uri)
-    return None if database is None else database.parent / "artifacts"
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI (artifacts go beside it); None for servers."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 # Where MLflow 3.17's SQLite store writes the artifact locations it made absolute (it resolves
@@ -60,20 +53,18 @@ ARTIFACT_LOCATION_COLUMNS = (
 )
 
 
-def follow_moved_store(uri: str | None = None) -> list[str]:
+def follow_moved_store() -> None:
     """Make a moved or copied SQLite store (``cp -a``, ``mv`` of the repository) keep its
-    artifacts beside it again: the artifact locations that still name ``artifacts/`` beside
-    the store's database at its old place (``/old/repo/mlruns/artifacts``) are rewritten to
-    the one beside it now, so new runs write into this copy and old runs read the copied
-    files. Locations of the user's choosing elsewhere are left alone. The old locations
-    rewritten; nothing for a tracking server or a store where they already match."""
+    artifacts beside it again: artifact locations that still name ``artifacts/`` beside the
+    database at its old place are rewritten to the one beside it now, so new runs write into
+    this copy and old runs read the copied files. Locations elsewhere are left alone."""
     import sqlite3
     from contextlib import closing
     from urllib.parse import unquote, urlparse
 
-    database = sqlite_database(uri or mlflow.get_tracking_uri())
+    database = _sqlite_database(mlflow.get_tracking_uri())
     if database is None or not database.is_file():
-        return []
+        return
     root = (database.parent / "artifacts").resolve()
     here = root.as_uri()
     with closing(sqlite3.connect(database, timeout=60)) as db, db:
@@ -97,7 +88,6 @@ def follow_moved_store(uri: str | None = None) -> list[str]:
             old,
             here,
         )
-    return moved
 
 
 def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
@@ -109,9 +99,10 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        root = artifact_root or default_artifact_root(mlflow.get_tracking_uri())
+        database = _sqlite_database(mlflow.get_tracking_uri())
+        root = artifact_root or (database and database.parent / "artifacts")
         location = None
-        if root is not None:
+        if root:
             root.mkdir(parents=True, exist_ok=True)
             location = root.resolve().as_uri()
         try:
@@ -175,21 +166,18 @@ DVC_WRITTEN = (":(exclude)dvc.lock", ":(exclude)reports")
 
 def git_commit() -> str:
     """The working tree's commit (with ``-dirty`` when it has changes), or ``unknown``."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        sha = git("rev-parse", "HEAD").strip()
         # dvc.lock and the committed metrics/plots are what `dvc repro` itself rewrites: they
         # record results, not the code that produced them, so they do not make a run dirty.
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITTEN],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITTEN)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return sha + ("-dirty" if dirty else "")
+    return sha + ("-dirty" if dirty.strip() else "")
 
 
 def dvc_out_hash(path: Path, lock: Path = Path("dvc.lock")) -> str:
@@ -216,11 +204,10 @@ def content_hash(folder: Path) -> str:
 
 
 def log_params_flat(params: dict[str, Any]) -> None:
-    """Log a flat dict of params (lists as strings), in batches MLflow accepts."""
-    items = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()}
-    keys = list(items)
-    for i in range(0, len(keys), 90):
-        mlflow.log_params({k: items[k] for k in keys[i : i + 90]})
+    """Log a flat dict of params, lists as ``a,b`` (MLflow splits it into batches itself)."""
+    mlflow.log_params(
+        {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in params.items()}
+    )
 
 
 def tensorflow_distribution() -> str:
@@ -228,13 +215,11 @@ def tensorflow_distribution() -> str:
     ``tensorflow`` (the ``gpu`` extra), for the pip requirements logged with a model."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("tensorflow-cpu", "tensorflow"):
-        try:
-            version(dist)
-        except PackageNotFoundError:
-            continue
-        return dist
-    return "tensorflow"
+    try:
+        version("tensorflow-cpu")
+        return "tensorflow-cpu"
+    except PackageNotFoundError:
+        return "tensorflow"
 
 
 def write_train_run(path: Path, run: dict[str, str]) -> None:

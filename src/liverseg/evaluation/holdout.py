@@ -2,7 +2,8 @@
 in mm, the per-scan quality report, overlays, and the MLflow run under the training run.
 
 See :mod:`liverseg.stages.evaluate` for what it writes, and :mod:`liverseg.evaluation.results`
-for the files of metrics.
+for the files of metrics. Overlays come from RAS (X, Y) slices shown the radiological way
+(patient's right on the image's left, anterior at the top): transposed, flipped on both axes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlflow
 import numpy as np
 
+from liverseg import tracking
 from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.prepared import load_splits
 from liverseg.data.volumes import Case, load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
-from liverseg.evaluation.plots import overlay, overlay_slices
 from liverseg.evaluation.quality import quality_report
 from liverseg.evaluation.results import write_results
 from liverseg.fsutil import atomic_dir
@@ -42,15 +44,51 @@ def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     pairs = [(r["agreement"], r["dice"]) for r in rows if r["agreement"] is not None]
-    out: dict[str, Any] = {"n": len(pairs), "rho": None, "p": None}
-    if len(pairs) < 3:
-        return out
-    a, d = np.array(pairs, dtype=float).T
-    if np.ptp(a) == 0 or np.ptp(d) == 0:
-        return out
-    res = spearmanr(a, d)
-    out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
-    return out
+    a, d = np.array(pairs, dtype=float).reshape(-1, 2).T
+    if len(pairs) >= 3 and np.ptp(a) > 0 and np.ptp(d) > 0:
+        res = spearmanr(a, d)
+        return {"n": len(pairs), "rho": float(res.statistic), "p": float(res.pvalue)}
+    return {"n": len(pairs), "rho": None, "p": None}
+
+
+def overlay(
+    ct_hu: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    path: Path,
+    *,
+    title: str = "",
+    window_hu: tuple[float, float] = (-200.0, 300.0),
+) -> None:
+    """Write one axial slice with truth (green) and prediction (red) outlines to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=window_hu[0], vmax=window_hu[1])
+    for m, color, label in ((truth, "lime", "truth"), (pred, "red", "prediction")):
+        if m.any():
+            ax.contour(m.astype(float).T[::-1, ::-1], levels=[0.5], colors=color, linewidths=1)
+            ax.plot([], [], color=color, label=label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def overlay_slices(truth: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
+    """``n`` axial indices spread over the liver (truth or prediction), for overlays."""
+    z = np.flatnonzero((truth | pred).any(axis=(0, 1)))
+    if z.size == 0 or n == 0:
+        return []
+    picks = np.linspace(z[0], z[-1], n + 2)[1:-1] if n < z.size else z
+    return sorted({int(round(p)) for p in picks})
 
 
 def score_case(
@@ -62,15 +100,13 @@ def score_case(
     net = seg.predict_ras(case.image.data, members=True)
     pred = seg.postprocess(net.mask)
     seconds = time.perf_counter() - t0
-    m = volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm)
     q = quality_report(
         pred, case.image.data, case.image.spacing, member_masks=net.members, limits=cfg.quality
     )
     vox_ml = case.image.voxel_volume_ml
-    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
     row = {
         "case": case.case_id,
-        **{k: float(m[k]) for k in metrics},
+        **volume_metrics(pred, case.mask.data, case.image.spacing, cfg.nsd_tolerances_mm),
         "volume_true_ml": float(case.mask.data.sum() * vox_ml),
         "volume_pred_ml": float(pred.sum() * vox_ml),
         "agreement": q["agreement"],
@@ -108,13 +144,11 @@ def evaluate(
                     title=f"{cid} z={z}  Dice(3D)={row['dice']:.3f}",
                 )
             log.info("evaluate: %s: Dice %.4f HD95 %.1f mm", cid, row["dice"], row["hd95_mm"])
-        summary: dict[str, Any] = {}
+        result: dict[str, Any] = {}
         for k in metrics:
             vals = np.array([r[k] for r in rows], dtype=float)
-            summary[f"{k}_mean"] = float(vals.mean())
-            summary[f"{k}_std"] = float(vals.std())
-        result = {
-            **summary,
+            result |= {f"{k}_mean": float(vals.mean()), f"{k}_std": float(vals.std())}
+        result |= {
             "n_patients": len(rows),
             "n_review": sum(bool(r["review"]) for r in rows),
             "agreement_vs_dice": agreement_vs_dice(rows),
@@ -135,44 +169,30 @@ def log_to_mlflow(
     ``run.json``), with the test data as its input and the overlays as images; the headline
     test figures also go onto the parent run so that the ``cv`` row of the runs table shows
     them."""
-    import mlflow
     from mlflow.entities import Metric
     from PIL import Image
 
-    from liverseg.tracking import (
-        NOTE_TAG,
-        dvc_out_hash,
-        ensure_experiment,
-        follow_moved_store,
-        git_commit,
-        headline_metrics,
-        log_dataset,
-        log_params_flat,
-    )
-
-    follow_moved_store()
-    exp_id = link.get("experiment_id") or ensure_experiment(cfg.experiment)
-    cases = [r["case"] for r in result["per_patient"]]
+    tracking.follow_moved_store()
+    exp_id = link.get("experiment_id") or tracking.ensure_experiment(cfg.experiment)
+    parent_id = link["parent_run_id"]
     tags = {
         "kind": "evaluate",
-        "git_commit": git_commit(),
-        NOTE_TAG: (
+        "git_commit": tracking.git_commit(),
+        tracking.NOTE_TAG: (
             f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
-            f"HD95 {result['hd95_mm_mean']:.1f} mm, {len(cases)} patients"
+            f"HD95 {result['hd95_mm_mean']:.1f} mm, {result['n_patients']} patients"
         ),
+        # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
+        "mlflow.parentRunId": parent_id,
+        "train_final_run_id": link.get("final_run_id", ""),
     }
-    parent_id = link["parent_run_id"]
-    # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
-    tags["mlflow.parentRunId"] = parent_id
-    tags["train_final_run_id"] = link.get("final_run_id", "")
     with mlflow.start_run(experiment_id=exp_id, run_name="evaluate", tags=tags) as run:
-        log_params_flat(as_flat_dict(cfg))
-        log_dataset(raw, dvc_out_hash(raw), context="test")
+        tracking.log_params_flat(as_flat_dict(cfg))
+        tracking.log_dataset(raw, tracking.dvc_out_hash(raw), context="test")
         test = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
-        test.update(headline_metrics({k: test[k] for k in HEADLINE if k in test}))
+        test.update(tracking.headline_metrics({k: test[k] for k in HEADLINE if k in test}))
         mlflow.log_metrics(test)
-        for r in result["per_patient"]:
-            mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"]})
+        mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"] for r in result["per_patient"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
         overlays: dict[str, list[tuple[int, Path]]] = {}

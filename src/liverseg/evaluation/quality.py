@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 
 from liverseg.evaluation.metrics import dice
-from liverseg.params import QualityParams as QualityLimits
-
-__all__ = ["QualityLimits", "member_agreement", "quality_report"]
+from liverseg.params import QualityParams
 
 
 def member_agreement(member_masks: Sequence[np.ndarray] | np.ndarray | None) -> float | None:
@@ -44,19 +42,13 @@ def member_agreement(member_masks: Sequence[np.ndarray] | np.ndarray | None) -> 
 def _centroid_offset_mm(
     mask: np.ndarray, ct: np.ndarray, spacing_x: float, body_hu: float
 ) -> float | None:
-    liver_x = np.flatnonzero(mask.any(axis=(1, 2)))
-    if liver_x.size == 0:
-        return None
-    body = ct > body_hu
-    if not body.any():
-        return None
     # Centroids along x only: projected counts keep this cheap on a 512 x 512 x 500 volume.
-    xs = np.arange(mask.shape[0], dtype=np.float64)
     liver_w = mask.sum(axis=(1, 2), dtype=np.float64)
-    body_w = body.sum(axis=(1, 2), dtype=np.float64)
-    liver_c = float((xs * liver_w).sum() / liver_w.sum())
-    body_c = float((xs * body_w).sum() / body_w.sum())
-    return (liver_c - body_c) * spacing_x
+    body_w = (ct > body_hu).sum(axis=(1, 2), dtype=np.float64)
+    if not (liver_w.any() and body_w.any()):
+        return None
+    xs = np.arange(mask.shape[0])
+    return float(np.average(xs, weights=liver_w) - np.average(xs, weights=body_w)) * spacing_x
 
 
 def quality_report(
@@ -65,18 +57,17 @@ def quality_report(
     spacing: Sequence[float],
     *,
     member_masks: Sequence[np.ndarray] | np.ndarray | None = None,
-    limits: QualityLimits | None = None,
+    limits: QualityParams | None = None,
 ) -> dict[str, Any]:
     """The report of one predicted mask (RAS ``(x, y, z)``, 0/1) on its CT (HU)."""
-    limits = limits or QualityLimits()
+    limits = limits or QualityParams()
     m = np.asarray(mask) != 0
     if m.shape != ct.shape or m.ndim != 3:
         raise ValueError(f"mask shape {m.shape} and CT shape {ct.shape} must be one 3-D grid")
     sx, sy, sz = (float(s) for s in spacing)
     volume_ml = float(np.count_nonzero(m)) * sx * sy * sz / 1000.0
     agreement = member_agreement(member_masks)
-    first = bool(m[:, :, 0].any())
-    last = bool(m[:, :, -1].any())
+    first, last = bool(m[:, :, 0].any()), bool(m[:, :, -1].any())
     offset = _centroid_offset_mm(m, ct, sx, limits.body_hu)
 
     reasons: list[str] = []

@@ -18,9 +18,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from liverseg.model.layers import FusedBatchNorm
 from liverseg.model.losses import dice_bce_loss, dice_loss
 from liverseg.model.optimizers import FusedAdam
+from liverseg.model.unet import FusedBatchNorm
 
 TRUE_THRESHOLD = 0.5  # masks are 0/1; this only guards against interpolated values
 
@@ -28,8 +28,10 @@ TRUE_THRESHOLD = 0.5  # masks are 0/1; this only guards against interpolated val
 class _OverlapMetric(keras.metrics.Metric):
     """Accumulates intersection and foreground pixel counts of binarised masks."""
 
-    def __init__(self, name: str, threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
+    default_name = ""
+
+    def __init__(self, name: str | None = None, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(name=name or self.default_name, **kwargs)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"{type(self).__name__}: threshold must be in (0, 1), got {threshold}")
         self.threshold = float(threshold)
@@ -38,16 +40,11 @@ class _OverlapMetric(keras.metrics.Metric):
         self.pred_sum = self.add_variable(shape=(), initializer="zeros", name="pred_sum")
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-        """Add this batch's counts; ``sample_weight`` is per image (N,) or per pixel."""
+        """Add this batch's counts (training weighs no samples: a weight is refused)."""
+        if sample_weight is not None:
+            raise ValueError(f"{type(self).__name__}: sample weights are not supported")
         t = ops.cast(ops.cast(y_true, "float32") >= TRUE_THRESHOLD, self.dtype)
         p = ops.cast(ops.cast(y_pred, "float32") >= self.threshold, self.dtype)
-        if sample_weight is not None:
-            w = ops.cast(sample_weight, self.dtype)
-            if len(w.shape) == 1:
-                w = ops.reshape(w, (-1,) + (1,) * (len(t.shape) - 1))
-            w = ops.broadcast_to(w, ops.shape(t))
-            t = t * w
-            p = p * w
         self.intersection.assign_add(ops.sum(t * p))
         self.true_sum.assign_add(ops.sum(t))
         self.pred_sum.assign_add(ops.sum(p))
@@ -64,8 +61,7 @@ class _OverlapMetric(keras.metrics.Metric):
 class DiceCoefficient(_OverlapMetric):
     """Pooled binary Dice ``2|A∩B| / (|A| + |B|)`` over all pixels seen this epoch."""
 
-    def __init__(self, name: str = "dice", threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, threshold=threshold, **kwargs)
+    default_name = "dice"
 
     def result(self) -> Any:
         return self._ratio(2.0 * self.intersection, self.true_sum + self.pred_sum)
@@ -75,12 +71,10 @@ class DiceCoefficient(_OverlapMetric):
 class IoU(_OverlapMetric):
     """Pooled binary IoU (Jaccard) ``|A∩B| / |A∪B|`` over all pixels seen this epoch."""
 
-    def __init__(self, name: str = "iou", threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(name=name, threshold=threshold, **kwargs)
+    default_name = "iou"
 
     def result(self) -> Any:
-        union = self.true_sum + self.pred_sum - self.intersection
-        return self._ratio(self.intersection, union)
+        return self._ratio(self.intersection, self.true_sum + self.pred_sum - self.intersection)
 
 
 # Pass to keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS). Keys are the names

@@ -21,42 +21,26 @@ from keras import ops
 LossFn = Callable[..., Any]
 
 
-def _per_image_dice(y_true: Any, y_pred: Any, smooth: float) -> Any:
-    """Soft Dice of each image, shape (N,).
-
-    ``smooth`` keeps the ratio defined on liver-free slices (both sums 0: Dice 1, loss 0) and
-    softens the gradient on tiny livers.
-    """
-    y_true = ops.cast(y_true, "float32")
-    y_pred = ops.cast(y_pred, "float32")
+@keras.saving.register_keras_serializable(package="liverseg")
+def dice_loss(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
+    """``1 - soft Dice`` per image: per image rather than pooled over the batch so that small
+    livers (top/bottom of the organ) weigh as much as large ones. ``smooth`` keeps it defined
+    on liver-free slices (both sums 0: loss 0) and softens the gradient on tiny livers."""
+    y_true, y_pred = ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")
     axes = tuple(range(1, len(y_pred.shape)))
     intersection = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    return (2.0 * intersection + smooth) / (total + smooth)
-
-
-@keras.saving.register_keras_serializable(package="liverseg")
-def dice_loss(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
-    """``1 - soft Dice`` per image.
-
-    Per image rather than pooled over the batch so that small livers (top/bottom of the organ)
-    weigh as much as large ones.
-    """
-    return 1.0 - _per_image_dice(y_true, y_pred, smooth)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
 @keras.saving.register_keras_serializable(package="liverseg")
 def dice_bce_loss(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
-    """Pixel-mean binary cross-entropy plus :func:`dice_loss`, per image.
-
-    BCE gives well-behaved per-pixel gradients early in training when Dice is flat; Dice
-    counters the class imbalance (liver is a small fraction of the slice).
-    """
-    y_true32 = ops.cast(y_true, "float32")
-    y_pred32 = ops.cast(y_pred, "float32")
-    bce = ops.binary_crossentropy(y_true32, y_pred32, from_logits=False)
-    per_image_bce = ops.mean(bce, axis=tuple(range(1, len(bce.shape))))
-    return per_image_bce + dice_loss(y_true32, y_pred32, smooth)
+    """Pixel-mean binary cross-entropy plus :func:`dice_loss`, per image: BCE gives
+    well-behaved per-pixel gradients early in training when Dice is flat; Dice counters the
+    class imbalance (liver is a small fraction of the slice)."""
+    y_true, y_pred = ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")
+    bce = ops.binary_crossentropy(y_true, y_pred, from_logits=False)
+    return ops.mean(bce, axis=tuple(range(1, len(bce.shape)))) + dice_loss(y_true, y_pred, smooth)
 
 
 LOSSES: dict[str, LossFn] = {"dice": dice_loss, "dice_bce": dice_bce_loss}

@@ -1,9 +1,7 @@
-"""Keras optimizers of the U-Net that Keras does not provide in the form we need.
+"""Keras' ``Adam`` on TensorFlow's fused kernel (``ResourceApplyAdam``).
 
-:class:`FusedAdam` is Keras' ``Adam`` (same variables, arguments, saved config and update rule)
-applied with TensorFlow's fused kernel (``ResourceApplyAdam``): one kernel per variable and
-step instead of Keras 3's chain of about a dozen element-wise ops. On the default U-Net (64
-variables) that chain cost 8 % of a training step on one CPU thread, and 2.5 to 3.6 CPU s of
+On the default U-Net (64 variables) Keras 3's chain of about a dozen element-wise ops per
+variable and step cost 8 % of a training step on one CPU thread, and 2.5 to 3.6 CPU s of
 tracing per compiled model while the first step was traced twice (before ``compile_unet``
 built the optimizer up front; ``benchmarks/bench_processes.py``, benchmarks/README.md).
 """
@@ -17,14 +15,12 @@ import keras
 
 @keras.saving.register_keras_serializable(package="liverseg")
 class FusedAdam(keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` with TensorFlow's fused ``ResourceApplyAdam`` kernel.
-
-    The rule is Keras' (``alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``; ``m`` and ``v``
-    moving averages; ``var -= alpha * m / (sqrt(v) + epsilon)``, ``t`` the step count after
-    this step), evaluated by one kernel per variable; the results agree with Keras' to float32
-    rounding (the order of the multiplications differs). Any other case (AMSGrad, a
-    ``tf.distribute`` strategy, variables or gradients other than dense float32, a backend
-    other than TensorFlow) runs Keras' own code.
+    """``keras.optimizers.Adam`` (same variables, arguments, saved config and rule: ``alpha = lr
+    * sqrt(1 - beta_2^t) / (1 - beta_1^t)``, ``var -= alpha * m / (sqrt(v) + epsilon)``) with
+    one fused kernel per variable; the results agree with Keras' to float32 rounding (the
+    multiplications run in another order). Any other case (AMSGrad, a ``tf.distribute``
+    strategy, variables or gradients other than dense float32, a backend other than
+    TensorFlow) runs Keras' own code.
     """
 
     def _fusable(self, grads: list[Any], variables: list[Any]) -> bool:

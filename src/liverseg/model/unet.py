@@ -10,14 +10,23 @@ Layer names: ``enc{k}_conv{1,2}`` / ``_bn{1,2}`` / ``_relu{1,2}`` / ``_pool`` fo
 ``k`` (0 = full resolution), ``bottleneck_*``, ``dec{k}_up`` / ``_concat`` / ``_conv{1,2}`` ... for
 the decoder level that returns to the resolution of ``enc{k}``, ``logits`` (1x1 conv) and
 ``mask`` (the sigmoid, always float32 so the model is usable under ``mixed_bfloat16``).
+
+Batch normalisation is :class:`FusedBatchNorm`: Keras 3 computes it from ``ops.moments`` and
+element-wise ops, a chain of about ten kernels per layer and as many again for the gradient; on
+the default 8-filter U-Net that chain was 42 % of a training step on CPU
+(``benchmarks/bench_train.py --bn``).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
 import keras
 
 from liverseg.errors import ParamsError
-from liverseg.model.layers import FusedBatchNorm
 from liverseg.params import ModelParams
 
 KERNEL_SIZE = 3
@@ -25,26 +34,65 @@ BN_MOMENTUM = 0.9
 POOL = 2
 
 
-class _Seeds:
-    """Hands out a distinct seed per initializer so a seeded build is reproducible.
+@keras.saving.register_keras_serializable(package="liverseg")
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` over the last axis of NHWC float32 tensors, with the
+    fused TensorFlow kernel.
 
-    Keras 3 initializers with an integer seed return the same values on every call, so one
-    shared seeded initializer would give every layer of the same shape identical weights.
+    The moving statistics follow Keras' rule ``moving = momentum * moving + (1 - momentum) *
+    batch``; the only difference is the batch variance folded into ``moving_variance``, which the
+    fused kernel takes unbiased (times ``n / (n - 1)`` for ``n`` values per channel: at least
+    144 in the default model, so at most 0.7 %). The normalised output uses the biased
+    variance, as Keras does. Any other case (another axis or rank, ``mixed_bfloat16``,
+    renormalisation, masks, a backend other than TensorFlow) runs Keras' own code.
     """
 
-    def __init__(self, seed: int | None) -> None:
-        self._seed = seed
-        self._count = 0
+    def _fusable(self, inputs: Any, mask: Any) -> bool:
+        return (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and not self.renorm
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.center
+            and self.scale
+            and self.compute_dtype == "float32"
+            and not self.synchronized
+        )
 
-    def next(self) -> int | None:
-        if self._seed is None:
-            return None
-        self._count += 1
-        return self._seed + self._count
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        training = bool(training and self.trainable)
+        # Training: with exponential_avg_factor the kernel returns the updated moving
+        # statistics. Inference: it normalises with them.
+        extra = {"exponential_avg_factor": 1.0 - self.momentum} if training else {}
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs,
+            self.gamma,
+            self.beta,
+            mean=self.moving_mean,
+            variance=self.moving_variance,
+            epsilon=self.epsilon,
+            is_training=training,
+            **extra,
+        )
+        if training:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
+        return y
+
+
+# Seeds: a distinct one per initializer (seed + 1, seed + 2, ...), or None for fresh weights.
+# Keras 3 initializers with an integer seed return the same values on every call, so one shared
+# seeded initializer would give every layer of the same shape identical weights.
+Seeds = Iterator[int | None]
 
 
 def _conv_block(
-    x: keras.KerasTensor, filters: int, prefix: str, params: ModelParams, seeds: _Seeds
+    x: keras.KerasTensor, filters: int, prefix: str, params: ModelParams, seeds: Seeds
 ) -> keras.KerasTensor:
     """Two 3x3 same-padded convolutions, each followed by optional BatchNorm and ReLU."""
     for i in (1, 2):
@@ -52,7 +100,7 @@ def _conv_block(
             filters,
             KERNEL_SIZE,
             padding="same",
-            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),
             # A bias right before BatchNorm is cancelled by its mean subtraction.
             use_bias=not params.batch_norm,
             name=f"{prefix}_conv{i}",
@@ -66,16 +114,6 @@ def _conv_block(
     return x
 
 
-def check_image_size(image_size: int, depth: int) -> None:
-    """Raise ParamsError unless ``depth`` poolings halve ``image_size`` exactly."""
-    factor = 2**depth
-    if image_size < factor or image_size % factor != 0:
-        raise ParamsError(
-            f"params: prepare.image_size={image_size} must be a positive multiple of "
-            f"2**train.model.depth={factor} (depth {depth})"
-        )
-
-
 def build_unet(
     image_size: int | None, params: ModelParams, *, seed: int | None = None
 ) -> keras.Model:
@@ -85,9 +123,13 @@ def build_unet(
     accepts any ``H, W`` divisible by ``2**depth``. ``seed`` makes initial weights and dropout
     masks reproducible (``None``: fresh random weights).
     """
-    if image_size is not None:
-        check_image_size(image_size, params.depth)
-    seeds = _Seeds(seed)
+    factor = 2**params.depth
+    if image_size is not None and (image_size < factor or image_size % factor != 0):
+        raise ParamsError(
+            f"params: prepare.image_size={image_size} must be a positive multiple of "
+            f"2**train.model.depth={factor} (depth {params.depth})"
+        )
+    seeds: Seeds = itertools.repeat(None) if seed is None else itertools.count(seed + 1)
     inputs = keras.Input(shape=(None, None, 1), name="image")
     x = inputs
     skips: list[keras.KerasTensor] = []
@@ -98,7 +140,7 @@ def build_unet(
 
     x = _conv_block(x, params.base_filters * 2**params.depth, "bottleneck", params, seeds)
     if params.dropout > 0:
-        x = keras.layers.Dropout(params.dropout, seed=seeds.next(), name="bottleneck_dropout")(x)
+        x = keras.layers.Dropout(params.dropout, seed=next(seeds), name="bottleneck_dropout")(x)
 
     for level in reversed(range(params.depth)):
         filters = params.base_filters * 2**level
@@ -107,7 +149,7 @@ def build_unet(
             POOL,
             strides=POOL,
             padding="same",
-            kernel_initializer=keras.initializers.HeNormal(seed=seeds.next()),
+            kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),
             name=f"dec{level}_up",
         )(x)
         x = keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
@@ -116,7 +158,7 @@ def build_unet(
     logits = keras.layers.Conv2D(
         1,
         1,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seeds.next()),
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
         name="logits",
     )(x)
     # Under mixed_bfloat16 the logits are bfloat16; the sigmoid (and so the loss) runs in
@@ -144,17 +186,12 @@ def count_flops(model: keras.Model, image_size: int) -> float:
         return 0.0
     probe = keras.Model(model.inputs, [layer.output for layer in convs])
     in_shape = (1, image_size, image_size, model.inputs[0].shape[-1])
-    specs = probe.compute_output_spec(keras.KerasTensor(in_shape))
-    if not isinstance(specs, list | tuple):
-        specs = [specs]
+    specs = keras.tree.flatten(probe.compute_output_spec(keras.KerasTensor(in_shape)))
     total = 0.0
     for layer, spec in zip(convs, specs, strict=True):
-        kh, kw, a, b = layer.kernel.shape
         _, h, w, _ = spec.shape
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            # Kernel is (kh, kw, out, in); every input pixel scatters kh*kw*out MACs.
-            sh, sw = layer.strides
-            total += 2.0 * (h // sh) * (w // sw) * kh * kw * a * b
-        else:
-            total += 2.0 * h * w * kh * kw * a * b
+        # A transposed conv's kernel is (kh, kw, out, in): each *input* pixel scatters kh*kw*out
+        # MACs, so its count is over the input's pixels, its output's divided by the strides.
+        sh, sw = layer.strides if isinstance(layer, keras.layers.Conv2DTranspose) else (1, 1)
+        total += 2.0 * (h // sh) * (w // sw) * math.prod(layer.kernel.shape)
     return total

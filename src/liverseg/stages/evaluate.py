@@ -1,12 +1,9 @@
-"""`evaluate` stage: the Segmenter on every held-out test patient, 3-D metrics in mm.
+"""`evaluate` stage: the Segmenter on every held-out test patient, 3-D metrics in mm, the
+quality report of :mod:`liverseg.evaluation.quality` and how well its agreement ranks the true
+Dice (Spearman's rho: what ``evaluate.quality.min_agreement`` rests on).
 
 Writes ``reports/evaluate/``: ``metrics.json`` (mean, std and per patient), ``per_patient.csv``
 and ``overlays/<case>_z<k>.png``; logs the same to an MLflow run under the training run.
-
-Per patient, beside the metrics: the quality report of :mod:`liverseg.evaluation.quality`
-(what a user sees at prediction time: ensemble agreement, the review flag and its reasons);
-over the patients, how well the agreement ranks the true Dice (Spearman's rho), which is what
-the agreement threshold of the flag (``evaluate.quality.min_agreement``) rests on.
 """
 
 from __future__ import annotations
