@@ -408,16 +408,17 @@ def start(repo: Path, *cmd: str) -> subprocess.Popen[str]:
 
 
 def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 240) -> list[str]:
-    """Read ``proc``'s stdout until a line contains ``text``."""
-    assert proc.stdout is not None
+    """Read ``proc``'s stderr (where the progress lines go) until a line contains ``text``;
+    the lines read."""
+    assert proc.stderr is not None
     seen: list[str] = []
     deadline = time.monotonic() + timeout
-    for line in proc.stdout:
+    for line in proc.stderr:
         seen.append(line)
         if text in line:
             return seen
         assert time.monotonic() < deadline, "".join(seen)
-    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}\n{proc.stderr.read()}")  # type: ignore[union-attr]
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}\n{proc.stdout.read()}")  # type: ignore[union-attr]
 
 
 TRAIN = (
@@ -477,10 +478,11 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
 
     # 2. rerun: the dead process's runs end KILLED, fold 0 is reused; SIGTERM in fold 1
     proc = start(repo, *TRAIN)
-    wait_for_line(proc, "train: fold 0: reused finished run")
+    seen = wait_for_line(proc, "train: fold 0: reused finished run")
     wait_for_run(db, "fold-1", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
     assert proc.returncode == 143, err[-3000:]
     assert "ended 2 stale RUNNING MLflow run(s) of dead process" in err
     last = err.strip().splitlines()[-1]
@@ -492,7 +494,7 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
 
     # 3. rerun to the end: fold 0 reused again, one fold-0 run for this key, none RUNNING
     res = run([sys.executable, "-m", "liverseg.cli", *TRAIN], repo)
-    assert "fold 0: reused finished run" in res.stdout and "fold 1: best val Dice" in res.stdout
+    assert "fold 0: reused finished run" in res.stderr and "fold 1: best val Dice" in res.stderr
     assert running(db) == []
     parent = json.loads((repo / "reports" / "train" / "run.json").read_text())["parent_run_id"]
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
@@ -570,7 +572,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
 
     # 4. rerun to the end: both folds trained by workers, no RUNNING run, a new model
     res = run([sys.executable, "-m", "liverseg.cli", *TRAIN], repo)
-    assert "in 2 processes of" in res.stdout
+    assert "in 2 processes of" in res.stderr
     assert running(db) == []
     metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
