@@ -39,7 +39,7 @@ from liverseg.data.volumes import MAX_VOXELS_ENV, load_volume
 from liverseg.errors import DataError, ParamsError
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import load_section
-from liverseg.tuning.study import fail_dead_trials
+from liverseg.tuning.study import fail_trials
 
 BOMB_SHAPE = (2000, 2000, 2000)
 # What `liverseg predict` may use to refuse the bomb (Python, numpy, nibabel, scipy; no model).
@@ -376,7 +376,7 @@ def test_dead_trials_are_failed(tmp_path: Path) -> None:
     dead.set_user_attr("process", runguard.process_tags(_dead_pid()))
     live = study.ask()
     live.set_user_attr("process", runguard.process_tags(os.getppid()))
-    assert fail_dead_trials(study) == [dead.number]
+    assert fail_trials(study) == [dead.number]
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.RUNNING]
 
