@@ -29,7 +29,7 @@ from liverseg import runguard, show_progress, stop
 from liverseg.errors import error_line
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its trial or fold and MLflow runs
-WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 bytes)
+WORKER_NAME = b"liverseg-worker"  # in ps and top (at most 15 bytes)
 
 
 def processes_for(setting: str | int, items: int) -> int:

@@ -105,15 +105,10 @@ def run_study(
     data_hash = content_hash(prepared)
     name = study_name(data_hash, tune, train)
     storage = open_storage(url)
-    stop.check()
-    study = create_study(
-        storage,
-        name,
-        tune,
-        worker_index=worker_index,
-        inputs=study_inputs(data_hash, tune, train),
-    )
     stop.check()  # start-up takes seconds: a stop asked meanwhile ends it between its steps
+    inputs = study_inputs(data_hash, tune, train)
+    study = create_study(storage, name, tune, worker_index=worker_index, inputs=inputs)
+    stop.check()
     dead = fail_trials(study)
     if dead:
         print(

@@ -38,7 +38,15 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batched ``(image, mask)`` dataset over in-memory slices: ``training``, shuffled each
     epoch and augmented (with ``augment``); else in their order, untouched."""
-    images, masks = _check_arrays(images, masks)
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
+    if masks.shape != images.shape:
+        raise DataError(
+            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
+        )
+    if images.shape[0] == 0:
+        raise DataError("make_dataset: no slices (N = 0)")
+    images, masks = images.astype(np.float32, copy=False), masks.astype(np.float32, copy=False)
     if batch_size < 1:
         raise ValueError(f"make_dataset: batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
@@ -59,18 +67,6 @@ def make_dataset(
             deterministic=True,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _check_arrays(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if images.ndim != 4 or images.shape[-1] != 1:
-        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
-    if masks.shape != images.shape:
-        raise DataError(
-            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
-        )
-    if images.shape[0] == 0:
-        raise DataError("make_dataset: no slices (N = 0)")
-    return images.astype(np.float32, copy=False), masks.astype(np.float32, copy=False)
 
 
 def _augment_batch(

@@ -9,6 +9,7 @@ by later fits in the process, and the per-epoch MLflow logging does not wait for
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -282,15 +283,10 @@ def fit(
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
 
-    def validation_dataset(images: np.ndarray, masks: np.ndarray) -> Any:
-        return make_dataset(
-            images,
-            masks,
-            batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
-            training=False,
-            augment=None,
-            seed=seed,
-        )
+    val_batch = max(batch_size, VALIDATION_BATCH_SIZE)
+    validation_dataset = functools.partial(
+        make_dataset, batch_size=val_batch, training=False, augment=None, seed=seed
+    )
 
     if val is not None:
         val_ds = validation_dataset(val[0][::val_stride], val[1][::val_stride])
@@ -325,9 +321,8 @@ def fit(
         copy = _seeded_unet(image_size, spec, 0)
         _copy_variables(model, copy)
         model = copy
-    result = FitResult(model=model, history=history, seconds=seconds)
-    if val is not None and history.get("val_dice"):
-        best = int(np.argmax(history["val_dice"]))
-        result.best_epoch = best
-        result.best = all_val or {k: history[k][best] for k in history if k.startswith("val_")}
-    return result
+    if val is None or not history.get("val_dice"):
+        return FitResult(model=model, history=history, seconds=seconds)
+    best = int(np.argmax(history["val_dice"]))
+    best_val = all_val or {k: history[k][best] for k in history if k.startswith("val_")}
+    return FitResult(model, history, best, best_val, seconds)

@@ -1,19 +1,13 @@
-"""One cross-validation fold as an MLflow run, trained in this process or in worker processes,
-and the finished folds of an interrupted ``train`` reused.
+"""One cross-validation fold as an MLflow run (``fold-k``, a child of the ``cv`` run), trained
+in this process (``train.processes: 1``) or in worker processes (:mod:`liverseg.workers`);
+what a fold computes depends on its thread count, not on which process trains it.
 
-:func:`train_fold` trains fold ``k`` as the child run ``fold-k`` of the ``cv`` run.
-:func:`run_folds` trains the folds still to do: one after the other in this process
-(``train.processes: 1``), or at once in worker processes (:mod:`liverseg.workers`), each with
-``max(1, cores // processes)`` CPU threads. What a fold computes depends on its thread count,
-not on which process trains it, so a configuration gives the same models on every run.
-
-Resuming: the cache is MLflow itself. Every fold run is tagged ``fold_key``, a hash of what
-defines the fold's model (the data's content hash, every training param, the fold and its
-cases, the source of ``liverseg.training`` and ``liverseg.model``, the Keras version), and
-holds ``fold.json`` (summary row and history) beside its model. A later ``train`` reuses a
-FINISHED fold run with its key whose ``cv`` parent ended KILLED or FAILED, moving it under the
-new ``cv`` run (tag ``resumed_from_parent``); folds of a FINISHED ``cv`` are never taken
-(``dvc repro -f`` retrains). Not one DVC stage per fold (``foreach``): that would split one
+The finished folds of an interrupted ``train`` are reused, with MLflow as the cache: every
+fold run is tagged ``fold_key`` (a hash of the data's content hash, every training param, the
+fold and its cases, the source of ``liverseg.training`` and ``liverseg.model``, the Keras
+version) and holds ``fold.json`` (summary row and history). A FINISHED fold run with the key
+whose ``cv`` parent ended KILLED or FAILED is moved under the new ``cv`` run (tag
+``resumed_from_parent``). Not one DVC stage per fold (``foreach``): that would split one
 MLflow ``cv`` run over several processes, while the fold runs already hold every model.
 """
 
@@ -72,7 +66,7 @@ class FoldOutcome:
 
 
 def fold_key(data_sha256: str, params: dict[str, Any], fold: int, train: list, val: list) -> str:
-    """Hash of what defines fold ``fold``'s model (see the module docstring)."""
+    """Hash of what defines fold ``fold``'s model (the module docstring says what)."""
     import keras
 
     root = Path(__file__).resolve().parents[1]

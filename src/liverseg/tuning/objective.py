@@ -48,8 +48,8 @@ class TrialDiverged(Exception):
 
 
 def search_space_failures() -> tuple[type[Exception], ...]:
-    """Trial errors that are results about the search space (a diverging or out-of-memory
-    configuration): the trial is recorded FAIL and the study goes on. Imports TensorFlow."""
+    """Trial errors that are results about the search space (diverged, out of memory): the
+    trial is FAIL and the study goes on."""
     import tensorflow as tf
 
     return (TrialDiverged, tf.errors.ResourceExhaustedError)
