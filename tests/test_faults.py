@@ -441,17 +441,19 @@ def set_train_param(repo: Path, key: str, value: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def processes_named(prefix: str) -> list[int]:
-    """PIDs of this machine's live processes whose name starts with ``prefix``."""
+def processes_named(prefix: str, cwd: Path) -> list[int]:
+    """PIDs of this machine's live processes whose name starts with ``prefix`` and whose
+    working directory is ``cwd`` (other sessions on the machine may run workers too)."""
     pids = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat_file.read_text()
+            here = (stat_file.parent / "cwd").resolve(strict=True) == cwd.resolve()
         except OSError:
             continue
         name = text[text.index("(") + 1 : text.rindex(")")]
         state = text.rsplit(")", 1)[1].split()[0]
-        if name.startswith(prefix) and state != "Z":
+        if name.startswith(prefix) and state != "Z" and here:
             pids.append(int(stat_file.parent.name))
     return pids
 
@@ -525,13 +527,13 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     proc = start(repo, *TRAIN)
     wait_for_run(db, "fold-0", proc)
     wait_for_run(db, "fold-1", proc)
-    assert len(processes_named("liverseg-worker")) == 2
+    assert len(processes_named("liverseg-worker", repo)) == 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 60
-    while processes_named("liverseg-worker") and time.monotonic() < deadline:
+    while processes_named("liverseg-worker", repo) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_named("liverseg-worker") == []
+    assert processes_named("liverseg-worker", repo) == []
     assert running(db) == [("cv", "RUNNING")]
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
@@ -546,7 +548,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     assert last.startswith("liverseg train: interrupted by SIGTERM;") and "KILLED" in last
     assert "Traceback" not in err
     assert running(db) == []
-    assert processes_named("liverseg-worker") == []
+    assert processes_named("liverseg-worker", repo) == []
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
     # 3. a worker's error: a corrupt prepared case (every fold trains or validates on it)
@@ -624,9 +626,9 @@ def test_killed_tune_trial_is_failed_and_rerun(
         assert running(mlflow_db)  # the trial and its study run
     else:
         deadline = time.monotonic() + 60
-        while processes_named("liverseg-worker") and time.monotonic() < deadline:
+        while processes_named("liverseg-worker", repo) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert processes_named("liverseg-worker") == []
+        assert processes_named("liverseg-worker", repo) == []
         assert trials("RUNNING") == []
         (killed,) = trials("FAIL")
         # the worker ended its trial's run KILLED; the dead stage's study run is left
