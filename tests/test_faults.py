@@ -39,7 +39,7 @@ from liverseg.data.volumes import MAX_VOXELS_ENV, load_volume
 from liverseg.errors import DataError, ParamsError
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.params import load_section
-from liverseg.tuning.study import fail_dead_trials
+from liverseg.tuning.study import fail_trials
 
 BOMB_SHAPE = (2000, 2000, 2000)
 # What `liverseg predict` may use to refuse the bomb (Python, numpy, nibabel, scipy; no model).
@@ -376,7 +376,7 @@ def test_dead_trials_are_failed(tmp_path: Path) -> None:
     dead.set_user_attr("process", runguard.process_tags(_dead_pid()))
     live = study.ask()
     live.set_user_attr("process", runguard.process_tags(os.getppid()))
-    assert fail_dead_trials(study) == [dead.number]
+    assert fail_trials(study) == [dead.number]
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.RUNNING]
 
@@ -408,16 +408,17 @@ def start(repo: Path, *cmd: str) -> subprocess.Popen[str]:
 
 
 def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 240) -> list[str]:
-    """Read ``proc``'s stdout until a line contains ``text``."""
-    assert proc.stdout is not None
+    """Read ``proc``'s stderr (where the progress lines go) until a line contains ``text``;
+    the lines read."""
+    assert proc.stderr is not None
     seen: list[str] = []
     deadline = time.monotonic() + timeout
-    for line in proc.stdout:
+    for line in proc.stderr:
         seen.append(line)
         if text in line:
             return seen
         assert time.monotonic() < deadline, "".join(seen)
-    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}\n{proc.stderr.read()}")  # type: ignore[union-attr]
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}\n{proc.stdout.read()}")  # type: ignore[union-attr]
 
 
 TRAIN = (
@@ -440,17 +441,19 @@ def set_train_param(repo: Path, key: str, value: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def processes_named(prefix: str) -> list[int]:
-    """PIDs of this machine's live processes whose name starts with ``prefix``."""
+def processes_named(prefix: str, cwd: Path) -> list[int]:
+    """PIDs of this machine's live processes whose name starts with ``prefix`` and whose
+    working directory is ``cwd`` (other sessions on the machine may run workers too)."""
     pids = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat_file.read_text()
+            here = (stat_file.parent / "cwd").resolve(strict=True) == cwd.resolve()
         except OSError:
             continue
         name = text[text.index("(") + 1 : text.rindex(")")]
         state = text.rsplit(")", 1)[1].split()[0]
-        if name.startswith(prefix) and state != "Z":
+        if name.startswith(prefix) and state != "Z" and here:
             pids.append(int(stat_file.parent.name))
     return pids
 
@@ -477,10 +480,11 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
 
     # 2. rerun: the dead process's runs end KILLED, fold 0 is reused; SIGTERM in fold 1
     proc = start(repo, *TRAIN)
-    wait_for_line(proc, "train: fold 0: reused finished run")
+    seen = wait_for_line(proc, "train: fold 0: reused finished run")
     wait_for_run(db, "fold-1", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
     assert proc.returncode == 143, err[-3000:]
     assert "ended 2 stale RUNNING MLflow run(s) of dead process" in err
     last = err.strip().splitlines()[-1]
@@ -492,7 +496,7 @@ def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path:
 
     # 3. rerun to the end: fold 0 reused again, one fold-0 run for this key, none RUNNING
     res = run([sys.executable, "-m", "liverseg.cli", *TRAIN], repo)
-    assert "fold 0: reused finished run" in res.stdout and "fold 1: best val Dice" in res.stdout
+    assert "fold 0: reused finished run" in res.stderr and "fold 1: best val Dice" in res.stderr
     assert running(db) == []
     parent = json.loads((repo / "reports" / "train" / "run.json").read_text())["parent_run_id"]
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
@@ -523,13 +527,13 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     proc = start(repo, *TRAIN)
     wait_for_run(db, "fold-0", proc)
     wait_for_run(db, "fold-1", proc)
-    assert len(processes_named("liverseg-worker")) == 2
+    assert len(processes_named("liverseg-worker", repo)) == 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 60
-    while processes_named("liverseg-worker") and time.monotonic() < deadline:
+    while processes_named("liverseg-worker", repo) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_named("liverseg-worker") == []
+    assert processes_named("liverseg-worker", repo) == []
     assert running(db) == [("cv", "RUNNING")]
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
@@ -544,7 +548,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     assert last.startswith("liverseg train: interrupted by SIGTERM;") and "KILLED" in last
     assert "Traceback" not in err
     assert running(db) == []
-    assert processes_named("liverseg-worker") == []
+    assert processes_named("liverseg-worker", repo) == []
     assert (repo / "models" / "model.keras").read_bytes() == model_before
 
     # 3. a worker's error: a corrupt prepared case (every fold trains or validates on it)
@@ -570,7 +574,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
 
     # 4. rerun to the end: both folds trained by workers, no RUNNING run, a new model
     res = run([sys.executable, "-m", "liverseg.cli", *TRAIN], repo)
-    assert "in 2 processes of" in res.stdout
+    assert "in 2 processes of" in res.stderr
     assert running(db) == []
     metrics = json.loads((repo / "reports" / "train" / "metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
@@ -622,9 +626,9 @@ def test_killed_tune_trial_is_failed_and_rerun(
         assert running(mlflow_db)  # the trial and its study run
     else:
         deadline = time.monotonic() + 60
-        while processes_named("liverseg-worker") and time.monotonic() < deadline:
+        while processes_named("liverseg-worker", repo) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert processes_named("liverseg-worker") == []
+        assert processes_named("liverseg-worker", repo) == []
         assert trials("RUNNING") == []
         (killed,) = trials("FAIL")
         # the worker ended its trial's run KILLED; the dead stage's study run is left

@@ -13,7 +13,12 @@ from liverseg.params import ModelParams, TrainParams
 from liverseg.training import crossval, folds
 
 TINY_TRAIN = TrainParams(
-    model=ModelParams(depth=2, base_filters=4), epochs=2, patience=2, batch_size=8, seed=3
+    model=ModelParams(depth=2, base_filters=4),
+    epochs=2,
+    patience=2,
+    batch_size=8,
+    seed=3,
+    experiment="t",
 )
 
 
@@ -28,28 +33,21 @@ def _runs(exp_id: str):
 
 
 def test_cross_validation_records(tiny_prepared: Path, store: str) -> None:
-    res = crossval.cross_validate(
-        tiny_prepared,
-        TINY_TRAIN,
-        learning_rate=1e-3,
-        batch_size=8,
-        experiment_id=store,
-        tags={"seed": "3"},
-    )
+    res = crossval.train(tiny_prepared, TINY_TRAIN, learning_rate=1e-3, batch_size=8)
     runs = _runs(store)
     names = sorted(runs["tags.mlflow.runName"])
     assert names == ["cv", "final", "fold-0", "fold-1"]
     assert set(runs["status"]) == {"FINISHED"}
     parent = runs[runs["tags.mlflow.runName"] == "cv"].iloc[0]
-    assert parent["run_id"] == res.parent_run_id
+    assert parent["run_id"] == res.run["parent_run_id"]
     assert parent["params.model.depth"] == "2" and parent["tags.seed"] == "3"
     for k in ("cv_val_dice_mean", "cv_val_dice_std", "cv_val_iou_mean", "cv_val_iou_std"):
         assert 0.0 <= parent[f"metrics.{k}"] <= 1.0
         # rounded for the runs table, exact beside it
-        assert parent[f"metrics.{k}"] == round(res.summary[k], 4), k
-        assert parent[f"metrics.{k}_exact"] == res.summary[k], k
+        assert parent[f"metrics.{k}"] == round(res.metrics[k], 4), k
+        assert parent[f"metrics.{k}_exact"] == res.metrics[k], k
     folds = runs[runs["tags.mlflow.runName"].str.startswith("fold")]
-    assert (folds["tags.mlflow.parentRunId"] == res.parent_run_id).all()
+    assert (folds["tags.mlflow.parentRunId"] == res.run["parent_run_id"]).all()
     # the fold's case ids are recorded and disjoint
     v0, v1 = (set(s.split(",")) for s in folds.sort_values("tags.mlflow.runName")["tags.val_cases"])
     assert v0 and v1 and not v0 & v1
@@ -64,7 +62,7 @@ def test_cross_validation_records(tiny_prepared: Path, store: str) -> None:
             filter_string=f"source_run_id = '{run_id}'",
             output_format="list",
         )
-    assert len(res.summary["folds"]) == 2
+    assert len(res.metrics["folds"]) == 2
 
 
 def test_error_ends_runs_failed(
@@ -81,13 +79,8 @@ def test_error_ends_runs_failed(
 
     monkeypatch.setattr(folds, "fit", failing_fit)
     with pytest.raises(RuntimeError, match="injected failure"):
-        crossval.cross_validate(
-            tiny_prepared,
-            replace(TINY_TRAIN, epochs=1),
-            learning_rate=1e-3,
-            batch_size=8,
-            experiment_id=store,
-            tags={},
+        crossval.train(
+            tiny_prepared, replace(TINY_TRAIN, epochs=1), learning_rate=1e-3, batch_size=8
         )
     runs = _runs(store)
     status = dict(zip(runs["tags.mlflow.runName"], runs["status"], strict=True))

@@ -43,11 +43,13 @@ from liverseg.tracking import content_hash, ensure_experiment
 from liverseg.tuning.generations import TrialJob, optimize_in_generations
 from liverseg.tuning.objective import OBJECTIVE_METRIC, make_objective
 from liverseg.tuning.report import summarize, write_report
-from liverseg.tuning.storage import SQLITE_BUSY_TIMEOUT_S, open_storage, redact
 from liverseg.tuning.study import (
+    SQLITE_BUSY_TIMEOUT_S,
     TuningError,
     count_finished,
     create_study,
+    open_storage,
+    redact,
     sampler_seed,
     study_name,
 )
@@ -354,7 +356,7 @@ def test_open_storage_rejects(url: str, match: str) -> None:
 
 
 def test_unreachable_database_is_a_tuning_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("liverseg.tuning.storage.STORAGE_RETRY_S", 0.0)
+    monkeypatch.setattr("liverseg.tuning.study.STORAGE_RETRY_S", 0.0)
     with pytest.raises(TuningError, match="127.0.0.1:1/x.*cannot open"):
         open_storage("postgresql://u:secret@127.0.0.1:1/x")
     assert redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
@@ -367,8 +369,8 @@ def test_a_dead_workers_trial_is_failed_and_its_run_ended(
     mlflow_store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A trial whose process died: RUNNING, last heartbeat older than the grace period.
-    monkeypatch.setattr("liverseg.tuning.storage.HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr("liverseg.tuning.storage.HEARTBEAT_GRACE_S", 1)
+    monkeypatch.setattr("liverseg.tuning.study.HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr("liverseg.tuning.study.HEARTBEAT_GRACE_S", 1)
     storage = open_storage(f"sqlite:///{tmp_path}/o.db")
     study = create_study(storage, "s", tiny_tune())
     exp_id = ensure_experiment(EXPERIMENT)

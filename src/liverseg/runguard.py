@@ -1,18 +1,11 @@
 """MLflow runs and the process that owns them.
 
-Every MLflow run started through ``mlflow.start_run`` carries the tags of :func:`process_tags`
-(host, PID and the PID's start time), added by the :class:`RunContext` plugin that
-``pyproject.toml`` registers with MLflow. With them:
-
-* :func:`end_stale_runs` (the CLI, before a stage that tracks in MLflow) ends KILLED the
-  RUNNING runs whose process provably no longer exists on this host (SIGKILL, a crashed
-  machine) and says so. The start time guards against a recycled PID; runs of other hosts are
-  left alone (nothing here can prove those dead);
-* :func:`end_own_runs` (the CLI and the workers, after a stop) ends this process's unfinished
-  runs KILLED.
-
-Module-level imports are kept to the standard library: MLflow loads this module as a plugin
-in every process that imports it.
+Every run started through ``mlflow.start_run`` carries :func:`process_tags` (host, PID and
+the PID's start time, against a recycled PID), added by the :class:`RunContext` plugin that
+``pyproject.toml`` registers. With them, :func:`end_stale_runs` ends KILLED the RUNNING runs
+whose process provably no longer exists on this host (SIGKILL, a crash; other hosts' runs are
+left alone), and :func:`end_own_runs` ends this process's unfinished runs after a stop.
+Module-level imports: standard library only (MLflow loads this plugin in every process).
 """
 
 from __future__ import annotations
@@ -49,11 +42,8 @@ def process_tags(pid: int | None = None) -> dict[str, str]:
 
 
 def is_dead(tags: dict[str, Any]) -> bool:
-    """True when ``tags`` name a process of this host that no longer exists.
-
-    False when unsure: another host, no PID, or a live process with that PID and start time
-    (or a live one where the start time cannot be read).
-    """
+    """True when ``tags`` name a process of this host that no longer exists (False when
+    unsure: another host, no PID, a live process whose start time matches or is unreadable)."""
     if tags.get(HOST_TAG) != socket.gethostname():
         return False
     try:
@@ -74,8 +64,7 @@ def is_dead(tags: dict[str, Any]) -> bool:
 
 
 class RunContext:
-    """MLflow run context provider (entry point ``mlflow.run_context_provider``): adds
-    :func:`process_tags` to every run that ``mlflow.start_run`` creates."""
+    """MLflow run context provider: :func:`process_tags` on every run ``start_run`` creates."""
 
     def in_context(self) -> bool:
         return True
@@ -84,7 +73,6 @@ class RunContext:
         return process_tags()
 
 
-# ----------------------------------------------------------------------------------- MLflow runs
 def _runs(filter_string: str) -> list[Any]:
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -149,16 +137,25 @@ def end_own_runs(status: str = "KILLED") -> int:
     return len(ended)
 
 
-def _retry_busy(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, retried while the tracking store answers "temporarily
-    unavailable" (a SQLite store locked by another writer, seen under heavy load)."""
-    from mlflow.exceptions import MlflowException
-
+def retry(fn: Any, *args: Any, attempts: int, delay_s: float, when: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried ``attempts`` times in all, ``delay_s * 2**i`` apart,
+    while the error it raises satisfies ``when``; the last error is raised."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except MlflowException as exc:
-            if exc.error_code != "TEMPORARILY_UNAVAILABLE" or i == attempts - 1:
+        except Exception as exc:
+            if not when(exc) or i == attempts - 1:
                 raise
-            time.sleep(0.25 * 2**i)
+            time.sleep(delay_s * 2**i)
     return None
+
+
+def _retry_busy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Retried while the tracking store answers "temporarily unavailable" (a SQLite store
+    locked by another writer, seen under heavy load)."""
+    from mlflow.exceptions import MlflowException
+
+    def busy(exc: Exception) -> bool:
+        return isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE"
+
+    return retry(fn, *args, attempts=8, delay_s=0.25, when=busy, **kwargs)

@@ -1,14 +1,10 @@
-"""Stopping on SIGINT or SIGTERM: the handler records the request, loops check it.
+"""Stopping on SIGINT (Ctrl+C) or SIGTERM (``timeout``, CI, ``docker stop``, Kubernetes).
 
-SIGTERM is what ``timeout``, CI cancellation, ``docker stop`` and Kubernetes send; SIGINT is
-Ctrl+C. :func:`install` makes both only record the request, so that nothing is ever raised in
-the middle of TensorFlow, SQLAlchemy or the MLflow store. :func:`check` raises
-:class:`Interrupted` where stopping is safe: training's Keras callback after each batch (or
-execution), the fold, trial and worker loops between units, the slice batches of inference and
-:func:`liverseg.fsutil.atomic_dir` before it replaces an output. On the way out, ``finally``
-blocks end MLflow runs and remove temporary outputs; the CLI ends this process's runs KILLED
-(:func:`liverseg.runguard.end_own_runs`) and exits 128 + the signal number (130, 143).
-
+The handler (:func:`install`) only records the request, so nothing is ever raised inside
+TensorFlow, SQLAlchemy or the MLflow store. :func:`check` raises :class:`Interrupted` where
+stopping is safe: training's Keras callback, the fold, trial and worker loops, inference's
+slice batches and :func:`liverseg.fsutil.atomic_dir`. ``finally`` blocks end MLflow runs and
+remove temporary outputs; the CLI ends this process's runs KILLED and exits 128 + the signal.
 Standard library only: worker processes and the CLI import it before anything heavy.
 """
 
@@ -22,8 +18,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop was asked by ``signum``; ``message`` (optional) says what is kept and how to go
-    on."""
+    """A stop was asked by ``signum``; ``message``: what is kept and how to go on."""
 
     def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message or f"signal {signum}")

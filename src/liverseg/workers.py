@@ -1,21 +1,14 @@
 """Worker processes for the training of folds and tuning trials on one machine.
 
-The default U-Net is narrow: TensorFlow's second thread adds little to one training process
-(its ops are too small to split well), while one single-threaded process per core keeps every
-core busy (``benchmarks/bench_train.py``; figures in benchmarks/README.md). Processes, not
-threads: they share nothing but the MLflow and Optuna stores, through which the stage's
-process collects what they did.
+The default U-Net is narrow: one single-threaded process per core keeps every core busier than
+TensorFlow's threads in one process (``benchmarks/bench_train.py``). Processes share nothing but
+the MLflow and Optuna stores. :class:`Pool` spawns them once (a fork would copy TensorFlow's
+threads' state); a worker is a loop over the items (fold or trial numbers) it is sent.
 
-:class:`Pool` starts worker processes with ``spawn`` (a fork would copy TensorFlow's threads'
-state), each with ``threads`` CPU threads, once; :meth:`Pool.run` spreads ``items`` (fold or
-trial numbers) over them and returns what ``target(payload, item)`` returned for each item, or
-the error of the items that failed. A worker is a loop over the items it is sent.
-
-Faults: a stop of the stage (:mod:`liverseg.stop`) is seen while it waits for its workers; it
-sends each SIGTERM, which the worker records and takes at its next stop point (its MLflow runs
-end KILLED), and raises once they have exited. A worker whose stage is killed gets SIGTERM from
-the kernel (Linux) and does the same. A worker's error ends only its own item, with the
-one-line message the CLI would print (a bug keeps its traceback).
+Faults: a stop of the stage is seen while it waits for its workers; it sends each SIGTERM,
+which the worker takes at its next stop point (its MLflow runs end KILLED), and raises once
+they have exited. A worker whose stage is killed gets SIGTERM from the kernel (Linux). A
+worker's error ends only its own item, with the CLI's one-line message (a bug: its traceback).
 """
 
 from __future__ import annotations
@@ -36,14 +29,13 @@ from liverseg import runguard, show_progress, stop
 from liverseg.errors import error_line
 
 WORKER_STOP_TIMEOUT_S = 60  # a stopped worker first ends its trial or fold and MLflow runs
-WORKER_NAME = b"liverseg-worker"  # the workers' name in ps and top (at most 15 bytes)
+WORKER_NAME = b"liverseg-worker"  # in ps and top (at most 15 bytes)
 
 
 def processes_for(setting: str | int, items: int) -> int:
     """Processes for ``items`` independent trainings: ``setting`` as an integer, or ``auto``:
-    1 when TensorFlow sees a GPU (one process holds it); else one per item, or one per core
-    when there are at least two items per core (each process then trains several items with
-    one compiled model: Keras traces its training step once per process, not per item)."""
+    1 on a GPU; else one per item, or one per core when there are at least two items per core
+    (a process then reuses its compiled model: Keras traces once per process, not per item)."""
     if setting != "auto":
         return int(setting)
     from liverseg.tracking import tensorflow_distribution
@@ -64,8 +56,7 @@ def threads_per_process(processes: int) -> int:
 
 
 def _name_and_tie_to_parent() -> None:
-    """Linux: name this process :data:`WORKER_NAME` and have the kernel send it SIGTERM when
-    its parent dies (a killed stage leaves no orphan training). Elsewhere: nothing."""
+    """Linux: name this process :data:`WORKER_NAME`; SIGTERM when its parent dies."""
     pr_set_pdeathsig, pr_set_name = 1, 15
     try:
         libc = ctypes.CDLL(None)
@@ -78,9 +69,8 @@ def _name_and_tie_to_parent() -> None:
 def _worker(
     target: Callable[[Any, int], Any], payload: Any, threads: int, progress: bool, conn: Connection
 ) -> None:
-    """A worker: ``target(payload, item)`` for each item the stage sends, each result (or its
-    error) sent back, until the stage closes its end; exit status 0, or 128 + signal after a
-    stop (multiprocessing exits with what ``sys.exit`` is given)."""
+    """``target(payload, item)`` for each item the stage sends, each result (or its error) sent
+    back, until the stage closes its end; exit status 0, or 128 + signal after a stop."""
     _name_and_tie_to_parent()
     stop.install()
     try:
@@ -114,10 +104,9 @@ def _worker(
 
 
 class Pool:
-    """``min(processes, max_items)`` worker processes of ``threads`` CPU threads each, that
-    run ``target(payload, item)`` (a module-level function, a picklable payload). They print
-    progress when this process' ``liverseg`` logger does (the CLI's). A context manager:
-    leaving it ends the workers (stopped with SIGTERM if it is left by an exception)."""
+    """``min(processes, max_items)`` worker processes of ``threads`` CPU threads each, that run
+    ``target(payload, item)`` (module-level, picklable payload); they log progress when this
+    process does. Leaving the context ends them (with SIGTERM after an exception)."""
 
     def __init__(
         self,
@@ -151,9 +140,9 @@ class Pool:
         self.close(terminate=kind is not None)
 
     def run(self, items: list[int]) -> tuple[dict[int, Any], dict[int, str]]:
-        """Item ``i`` of ``items`` goes to worker ``i % n``; returns (results by item, error
-        message by item). An item whose worker died without a word gets a message naming
-        the worker's exit. A stop asked meanwhile stops the workers and is raised."""
+        """Item ``i`` goes to worker ``i % n``; returns (results by item, error message by
+        item; a worker that died names its exit). A stop asked meanwhile stops the workers
+        and is raised."""
         owner: dict[Connection, list[int]] = {c: [] for c in self.conns}
         for i, item in enumerate(items):
             conn = self.conns[i % len(self.conns)]
@@ -185,8 +174,7 @@ class Pool:
         return results, {k: str(v) for k, v in errors.items()}
 
     def close(self, terminate: bool = False) -> None:
-        """End the workers: they exit when their end of the pipe closes (idle) or, with
-        ``terminate``, at the stop point that SIGTERM makes them reach."""
+        """End the workers: idle ones exit when their pipe closes; ``terminate`` sends SIGTERM."""
         for conn in self.conns:
             conn.close()
         for p in self.procs:

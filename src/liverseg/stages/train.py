@@ -1,11 +1,6 @@
-"""`train` stage: k-fold cross-validation and the final model, tracked in MLflow.
-
-Writes ``models/`` (``model.keras`` and ``preprocessing.json``, what inference needs) and
-``reports/train/`` (``metrics.json`` per fold and mean/std, ``curves.csv`` the folds' per-epoch
-curves (epochs from 1),
-``run.json`` with the MLflow run ids that evaluate and register link to). The work is
-:func:`liverseg.training.crossval.train`; this module reads the params and the tuned values and
-writes the outputs.
+"""`train` stage: k-fold cross-validation and the final model, tracked in MLflow
+(:func:`liverseg.training.crossval.train`). Writes ``models/`` (``model.keras``,
+``preprocessing.json``) and ``reports/train/`` (``metrics.json``, ``curves.csv``, ``run.json``).
 """
 
 from __future__ import annotations

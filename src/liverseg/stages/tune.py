@@ -1,22 +1,12 @@
 """`tune` stage: an Optuna study over learning rate and batch size (see :mod:`liverseg.tuning`).
 
-Writes ``reports/tune/``: ``best_params.json`` (what ``train`` reads when ``train.use_tuned``)
-and the study's plots, also logged to the MLflow run ``study-<name>`` of this invocation.
-
-The trials run in generations (:mod:`liverseg.tuning.generations`), in this process or in
-``tune.processes`` worker processes. Parallel work, all through the study storage
-(``tune.storage`` or ``--storage``):
-
-* ``--workers N``: N trials at a time on this machine, in N worker processes (sets
-  ``tune.processes`` to N and ``tune.generation_size`` to at least N);
-* ``--worker-only``: run the same loop on the study and write nothing; one per machine against
-  a shared PostgreSQL/MySQL database or journal file, then one plain ``liverseg tune`` writes
-  the report (it runs only the trials still missing, none when the study is done).
-
-A stop (SIGINT/SIGTERM, :mod:`liverseg.stop`) ends the running trials FAIL with their MLflow
-runs KILLED, keeps the finished ones and writes no report (exit 130 / 143). After a SIGKILL,
-the next ``tune`` marks the RUNNING trials of the dead process FAIL at once (no heartbeat wait)
-and reruns them (:func:`liverseg.tuning.study.fail_dead_trials`).
+Writes ``reports/tune/`` (``best_params.json``, what ``train`` reads when ``train.use_tuned``,
+and the study's plots), also logged to the MLflow run ``study-<name>``. ``--workers N`` runs N
+trials at a time in worker processes; ``--worker-only`` runs the same loop on a shared study
+(PostgreSQL/MySQL, journal file) and writes nothing, then one plain ``liverseg tune`` writes
+the report. A stop ends the running trials FAIL (their MLflow runs KILLED), keeps the finished
+ones and writes no report; after a SIGKILL the next ``tune`` fails the dead process's RUNNING
+trials at once and reruns them.
 """
 
 from __future__ import annotations
@@ -26,7 +16,6 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from liverseg.errors import ParamsError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict, load_section
@@ -76,11 +65,6 @@ def main(args: argparse.Namespace) -> None:
     )
 
 
-def _parent_params(tune: TuneParams, storage: str) -> dict[str, Any]:
-    flat = {f"tune.{k}": v for k, v in as_flat_dict(tune).items() if k != "storage"}
-    return {**flat, "tune.storage": storage}
-
-
 def run_study(
     prepared: Path,
     tune: TuneParams,
@@ -91,9 +75,8 @@ def run_study(
     worker_index: int = 0,
 ) -> None:
     """Optimise the study of ``prepared`` x ``tune`` x ``train``'s model spec in storage
-    ``url`` until it has ``tune.n_trials`` finished trials, under this invocation's MLflow run
-    ``study-<name>``; then write the report to ``out`` and log it on that run (with ``out``
-    None, a worker's: only the best trial so far). Prints one line."""
+    ``url`` under the MLflow run ``study-<name>``; then write the report to ``out`` and log it
+    (``out`` None, a worker: only the best trial so far)."""
     import mlflow
 
     from liverseg import stop
@@ -107,12 +90,13 @@ def run_study(
         log_dataset,
     )
     from liverseg.tuning import report
-    from liverseg.tuning.generations import TrialJob, generation_processes, optimize_in_generations
-    from liverseg.tuning.storage import open_storage, redact
+    from liverseg.tuning.generations import TrialJob, optimize_in_generations
     from liverseg.tuning.study import (
         count_trials,
         create_study,
-        fail_dead_trials,
+        fail_trials,
+        open_storage,
+        redact,
         study_inputs,
         study_name,
     )
@@ -121,16 +105,11 @@ def run_study(
     data_hash = content_hash(prepared)
     name = study_name(data_hash, tune, train)
     storage = open_storage(url)
-    stop.check()
-    study = create_study(
-        storage,
-        name,
-        tune,
-        worker_index=worker_index,
-        inputs=study_inputs(data_hash, tune, train),
-    )
     stop.check()  # start-up takes seconds: a stop asked meanwhile ends it between its steps
-    dead = fail_dead_trials(study)
+    inputs = study_inputs(data_hash, tune, train)
+    study = create_study(storage, name, tune, worker_index=worker_index, inputs=inputs)
+    stop.check()
+    dead = fail_trials(study)
     if dead:
         print(
             f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
@@ -150,23 +129,12 @@ def run_study(
     }
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=f"study-{name}", tags=tags) as run:
-            mlflow.log_params(_parent_params(tune, redact(url)))
+            flat = {f"tune.{k}": v for k, v in as_flat_dict(tune).items() if k != "storage"}
+            mlflow.log_params({**flat, "tune.storage": redact(url)})
             dvc_md5 = dvc_out_hash(prepared)
             log_dataset(prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training")
-            stop.check()  # before TensorFlow's import, which takes seconds
-            objective = None
-            if generation_processes(tune) == 1:
-                # (worker processes set up their own Keras: this one need not import it)
-                from liverseg.training.fit import keras_session
-                from liverseg.tuning.objective import make_objective
-
-                stop.check()
-                keras_session(train.precision, tune.seed)
-                objective = make_objective(
-                    prepared, tune, train, experiment_id=exp_id, parent_run_id=run.info.run_id
-                )
             job = TrialJob(prepared, tune, train, url, name, exp_id, run.info.run_id)
-            ran = optimize_in_generations(study, tune, job, objective)
+            ran = optimize_in_generations(study, tune, job)
             if out is None:
                 counts = count_trials(study)
                 if counts["COMPLETE"]:
@@ -177,7 +145,12 @@ def run_study(
             report.log_best(summary)
             mlflow.log_artifacts(str(out), artifact_path="tune")
             report.log_plot_images(out)
-            mlflow.set_tag(NOTE_TAG, report.study_description(name, tune, summary))
+            mlflow.set_tag(
+                NOTE_TAG,
+                f"{tune.n_trials} trials; best: trial {summary['trial_number']}, val Dice "
+                f"{summary['value']:.4f} (lr {summary['learning_rate']:.3g}, batch "
+                f"{summary['batch_size']})",
+            )
     except KeyboardInterrupt as exc:
         raise stop.Interrupted(
             getattr(exc, "signum", signal.SIGINT),

@@ -1,10 +1,5 @@
-"""Per-epoch training curves of the folds: one long table, and the figure drawn from it.
-
-Epochs count from 1 everywhere (the CSV, the figure, MLflow's steps), as the CLI prints them.
-The table has one row per (fold, epoch): ``fold`` (``fold-0`` ...), ``epoch`` and every Keras
-metric of that epoch; ``dvc plots show`` draws it with a line per fold (``dvc.yaml``'s
-top-level ``plots``, template ``.dvc/plots/fold_lines.json``), and :func:`curves_figure` draws
-the same two panels (validation Dice and validation loss) for MLflow.
+"""Per-epoch training curves of the folds: one long table (a row per fold and epoch, epochs
+from 1), which ``dvc plots show`` draws with a line per fold, and the same figure for MLflow.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ def write_curves_csv(path: Path, histories: dict[str, dict[str, list[float]]]) -
 
 
 def curves_figure(histories: dict[str, dict[str, list[float]]]) -> Any:
-    """A matplotlib figure: validation Dice and loss per epoch, a line per fold."""
+    """Validation Dice and loss per epoch, a line per fold."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(10, 4), dpi=100)
     for ax, (key, label) in zip(axes, PANELS, strict=True):
         for name, hist in histories.items():

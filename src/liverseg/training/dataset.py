@@ -1,22 +1,12 @@
 """tf.data input pipeline: prepared slices in memory -> shuffled, augmented batches.
 
-Shape contract: ``images`` and ``masks`` are ``(N, H, W, 1)`` float32; images are HU-windowed
-CT scaled to [0, 1] (0 = at or below the window's low end, i.e. air and fat), masks are 0/1.
-Every batch the dataset yields is ``(B, H, W, 1), (B, H, W, 1)`` float32 with the same
-contract (B = ``batch_size`` except the last, smaller batch).
-
-Augmentation runs per batch, vectorised over the batch, after batching:
-
-* geometry (flip, rotation, zoom) is ONE affine map per slice applied to image and mask
-  stacked on the channel axis, so both move identically; bilinear sampling, the mask channel
-  is re-binarised at 0.5, pixels coming from outside the slice are 0 (air / background);
-* intensity (contrast/brightness) and Gaussian blur touch the image only.
-
-Determinism: the shuffle order and the per-batch augmentation seeds come from seeded tf.data
-sources that re-randomise on every pass (epoch), and all augmentation draws are stateless ops
-keyed on that per-batch seed. Two datasets built with the same ``seed`` (under the same global
-TensorFlow seed, which ``keras.utils.set_random_seed`` sets) yield identical batches epoch
-after epoch, while successive epochs differ.
+Shape contract: ``(N, H, W, 1)`` float32 in, ``(B, H, W, 1)`` float32 batches out; images are
+HU-windowed CT in [0, 1], masks 0/1. Augmentation runs per batch, vectorised: geometry (flip,
+rotation, zoom) is one affine map per slice applied to image and mask stacked on the channel
+axis (bilinear, the mask re-binarised at 0.5, outside pixels 0); intensity and Gaussian blur
+touch the image only. Determinism: shuffle order and per-batch augmentation seeds come from
+seeded tf.data sources that re-randomise every epoch, and every draw is stateless on that
+seed: two datasets with the same ``seed`` yield identical batches, successive epochs differ.
 """
 
 from __future__ import annotations
@@ -29,9 +19,8 @@ import tensorflow as tf
 from liverseg.errors import DataError
 from liverseg.params import AugmentParams
 
-# Gaussian blur strength, drawn per blurred slice. Not in params.yaml: blur_prob is the knob;
-# sigma 0.5-1.0 px mimics the spread between sharp and soft reconstruction kernels at
-# ~1-2.5 mm pixels without erasing the liver edge.
+# Blur sigma per blurred slice (blur_prob is the knob): 0.5-1.0 px mimics sharp vs soft
+# reconstruction kernels at ~1-2.5 mm pixels without erasing the liver edge.
 BLUR_SIGMA_RANGE = (0.5, 1.0)
 MASK_THRESHOLD = 0.5
 _N_DRAWS = 8  # independent random streams per batch (see _augment_batch)
@@ -47,13 +36,17 @@ def make_dataset(
     augment: AugmentParams | None,
     seed: int,
 ) -> tf.data.Dataset:
-    """Batched ``(image, mask)`` dataset over in-memory slices.
-
-    ``training``: shuffle (full buffer, reshuffled each epoch) and, if ``augment`` is given,
-    augment on the fly. Not training: slices in their given order, untouched (``augment`` is
-    ignored), so validation is the same every epoch.
-    """
-    images, masks = _check_arrays(images, masks)
+    """Batched ``(image, mask)`` dataset over in-memory slices: ``training``, shuffled each
+    epoch and augmented (with ``augment``); else in their order, untouched."""
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
+    if masks.shape != images.shape:
+        raise DataError(
+            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
+        )
+    if images.shape[0] == 0:
+        raise DataError("make_dataset: no slices (N = 0)")
+    images, masks = images.astype(np.float32, copy=False), masks.astype(np.float32, copy=False)
     if batch_size < 1:
         raise ValueError(f"make_dataset: batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
@@ -76,19 +69,6 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _check_arrays(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate the array contract and return float32 views/copies."""
-    if images.ndim != 4 or images.shape[-1] != 1:
-        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
-    if masks.shape != images.shape:
-        raise DataError(
-            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
-        )
-    if images.shape[0] == 0:
-        raise DataError("make_dataset: no slices (N = 0)")
-    return images.astype(np.float32, copy=False), masks.astype(np.float32, copy=False)
-
-
 def _augment_batch(
     images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, params: AugmentParams
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -102,13 +82,9 @@ def _augment_batch(
         return tf.random.stateless_uniform([b], draws[i], minval=low, maxval=high)
 
     # --- geometry: output pixel (x, y) samples input at C + M (out - C), with
-    # M = R(angle) F / zoom, C the slice centre, F = diag(-1, 1) when mirrored.
-    # Flip: only left-right, and only when params.flip is set. The data are RAS-canonical
-    # (volumes.py), so at inference the liver is always on the same side and the spine always
-    # posterior; an up-down flip (spine on top) never occurs and is never applied. A
-    # left-right mirror also never occurs in canonical data and removes the laterality cue
-    # that separates liver from spleen (similar HU), so train.augment.flip should normally
-    # be false; it is kept for data whose orientation is not normalised.
+    # M = R(angle) F / zoom, C the slice centre, F = diag(-1, 1) when mirrored. Only a
+    # left-right flip, only with params.flip: RAS-canonical data never has the spine on top,
+    # and a mirror removes the laterality cue that separates liver from spleen (similar HU).
     geometric = params.flip or params.rotate_deg > 0 or params.scale > 0
     if geometric:
         flip_prob = 0.5 if params.flip else 0.0
@@ -155,11 +131,8 @@ def _augment_batch(
 
 
 def _gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Separable Gaussian blur with a different ``sigma`` per slice, as two depthwise convs.
-
-    The batch axis is moved onto the channel axis so each slice gets its own kernel;
-    reflect padding keeps the border intensity instead of darkening it.
-    """
+    """Separable Gaussian blur with a ``sigma`` per slice (the batch axis on the channel axis
+    gets each its own kernel); reflect padding keeps the border from darkening."""
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernel = tf.exp(-(offsets[None, :] ** 2) / (2.0 * sigma[:, None] ** 2))  # (B, K)
     kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)

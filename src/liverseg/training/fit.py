@@ -1,24 +1,19 @@
 """Fit one U-Net (one fold, one tuning trial or the final model) and log its epochs to MLflow.
 
 Arrays follow the pipeline contract: (N, H, W, 1) float32 images in [0, 1] and masks 0/1.
-
-Speed (measured in benchmarks/bench_train.py, figures in benchmarks/README.md): the default
-model is narrow, so a training step costs little and Keras' per-step work (a Python call,
-callbacks, the tf.data hand-over) was a large share of an epoch. One execution therefore runs
-a whole epoch's steps (``steps_per_execution``), and the per-epoch MLflow logging does not
-wait for the database (asynchronous, flushed when training ends).
-
-Progress: :class:`EpochProgress` writes one line per epoch to the ``liverseg`` logger, which
-the ``liverseg`` command sends to stderr (so DVC shows it); library callers (tests) stay quiet
-unless they configure that logger.
+The default model is narrow, so Keras' per-step work was a large share of an epoch
+(benchmarks/README.md): one execution runs a whole epoch's steps, a compiled model is reused
+by later fits in the process, and the per-epoch MLflow logging does not wait for the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,30 +31,18 @@ from liverseg.params import ModelSpec
 from liverseg.training import distribute as distributed
 from liverseg.training.dataset import make_dataset
 
-# Validation runs the model forward only, in batches of at least this many slices: fewer, larger
-# calls cost less than the training batch size's many small ones (measured: validation was most
-# of the loop's overhead), and the epoch's pooled Dice does not depend on the batching.
+# Validation batches of at least this many slices: fewer, larger calls cost less (validation
+# was most of the loop's overhead), and the pooled Dice does not depend on the batching.
 VALIDATION_BATCH_SIZE = 32
-
-# steps_per_execution for one execution per epoch: an upper bound on any epoch's step count.
-ONE_EXECUTION_PER_EPOCH = 1 << 20
-
-# Progress lines go to this logger (the CLI sends it to stderr).
+ONE_EXECUTION_PER_EPOCH = 1 << 20  # steps_per_execution: more than any epoch's steps
 log = logging.getLogger("liverseg.progress")
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics and the learning rate to one MLflow run, step = epoch
-    counted from 1 (as the CLI's progress lines and the curves' CSV count epochs) plus
-    ``step_offset`` (a tuning trial's later folds go on from its earlier folds' steps).
-
-    Values follow one rule, :meth:`values`; NaN and infinite ones are not logged. ``first``,
-    given the epoch's values, returns metrics logged first in the epoch's batch (a tuning
-    trial's objective so far: MLflow's compare view plots the runs' first shared metric).
-
-    ``synchronous=False`` (the default) queues each epoch's batch and waits for all of them
-    when training ends, so training does not wait for the tracking store between epochs.
-    """
+    """Logs every epoch's finite metrics (:meth:`values`) and the learning rate to one MLflow
+    run at step ``step_offset`` + the epoch counted from 1. ``first``, given the epoch's
+    values, returns metrics logged first in the batch. Not ``synchronous``: each epoch's batch
+    is queued, and all are waited for when training ends."""
 
     def __init__(
         self,
@@ -80,8 +63,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     @staticmethod
     def values(logs: dict[str, Any] | None) -> dict[str, float]:
-        """Keras' epoch logs as floats: every real scalar (Python, NumPy or a TensorFlow
-        tensor), NaN and infinity included; anything else (text, booleans, arrays) left out."""
+        """Keras' epoch logs as floats: every real scalar (NaN and infinity included); text,
+        booleans and arrays left out."""
         values = {}
         for key, value in (logs or {}).items():
             array = np.asarray(value)
@@ -138,10 +121,9 @@ class EpochProgress(keras.callbacks.Callback):
 
 
 class CheckStop(keras.callbacks.Callback):
-    """Training's stop point (:func:`liverseg.stop.check`): before each batch, or each
-    execution of ``steps_per_execution`` batches (a whole epoch by default), of training and
-    validation, and after each epoch's callbacks (those before it have logged the epoch).
-    Batch-begin hooks leave Keras' asynchronous dispatch of batch-end callbacks on."""
+    """Training's stop point (:func:`liverseg.stop.check`): before each execution of training
+    and validation, and after the epoch's other callbacks have logged it. (Batch-begin hooks
+    leave Keras' asynchronous dispatch of batch-end callbacks on.)"""
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         stop.check()
@@ -154,9 +136,7 @@ class CheckStop(keras.callbacks.Callback):
 
 
 def keras_session(precision: str, seed: int) -> None:
-    """Set Keras' global dtype policy to ``precision`` (``train.precision``) and seed Python,
-    NumPy and TensorFlow with ``seed``: what the train and tune stages (and their workers) set
-    up before they train."""
+    """Keras' global dtype policy ``precision``; Python, NumPy and TensorFlow seeded."""
     if precision != "float32":
         keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(seed)
@@ -173,16 +153,22 @@ class FitResult:
     seconds: float = 0.0
 
 
-def _seeded_unet(image_size: int, spec: ModelSpec, seed: int) -> keras.Model:
-    """A freshly initialised U-Net of ``spec`` (seeded), its layers in ``spec.precision``;
-    Keras' global dtype policy is restored afterwards."""
-    keras.utils.set_random_seed(seed)
+@contextlib.contextmanager
+def _policy(precision: str) -> Iterator[None]:
+    """Keras' global dtype policy ``precision`` inside, restored after."""
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(spec.precision)
+    keras.mixed_precision.set_global_policy(precision)
     try:
-        return build_unet(image_size, spec.model, seed=seed)
+        yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def _seeded_unet(image_size: int, spec: ModelSpec, seed: int) -> keras.Model:
+    """A freshly initialised U-Net of ``spec`` (seeded), its layers in ``spec.precision``."""
+    keras.utils.set_random_seed(seed)
+    with _policy(spec.precision):
+        return build_unet(image_size, spec.model, seed=seed)
 
 
 def compile_unet(
@@ -194,17 +180,10 @@ def compile_unet(
     steps_per_execution: int = 1,
     jit_compile: bool = False,
 ) -> keras.Model:
-    """A freshly initialised (seeded) U-Net of ``spec`` compiled with its loss and metrics.
-
-    The model's layers (and the optimizer compile wraps them in) take ``spec.precision`` as
-    their dtype policy; Keras' global policy is restored afterwards.
-    ``steps_per_execution``: training steps per call into TensorFlow (callbacks then see
-    batches in groups of that size; epoch-level callbacks are unaffected).
-    """
+    """A freshly initialised (seeded) U-Net of ``spec`` compiled with its loss and metrics, its
+    layers and optimizer in ``spec.precision``."""
     model = _seeded_unet(image_size, spec, seed)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(spec.precision)
-    try:
+    with _policy(spec.precision):
         model.compile(
             optimizer=FusedAdam(learning_rate=learning_rate),
             loss=get_loss(spec.loss),
@@ -216,13 +195,10 @@ def compile_unet(
         # traced twice by tf.function (once more without creating them), 2.2 CPU s on the
         # default U-Net (benchmarks/README.md).
         model.optimizer.build(model.trainable_variables)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     return model
 
 
-# Compiled U-Nets of this process, one per (image size, architecture, loss, precision, steps per
-# execution, jit), for reuse by later fits (see _compiled_unet).
+# Compiled U-Nets of this process for reuse by later fits (see _compiled_unet).
 _COMPILED: dict[tuple[Any, ...], keras.Model] = {}
 
 
@@ -232,41 +208,25 @@ def forget_compiled_models() -> None:
 
 
 def _compiled_unet(
-    image_size: int,
-    spec: ModelSpec,
-    learning_rate: float,
-    seed: int,
-    *,
-    steps_per_execution: int,
-    jit_compile: bool,
+    image_size: int, spec: ModelSpec, learning_rate: float, seed: int, steps: int, jit: bool
 ) -> keras.Model:
     """A compiled U-Net in exactly the state :func:`compile_unet` gives, reused if possible.
 
-    Keras traces a model's training and validation steps on its first epoch: on the default
-    U-Net that costs about 10 CPU s, more than two epochs (benchmarks/README.md), once per new
-    model, i.e. per fold and per tuning trial. A model compiled earlier in this process with
-    the same architecture, loss, precision and execution settings is reused instead, its
-    traced steps with it: every variable (weights, BatchNorm statistics, dropout seed states)
-    is set to those of a newly built seeded model, and the optimizer's state to a new
-    optimizer's (zero moments and step count, this fit's learning rate). Training is then the
-    same as on a new model (tests/test_fit.py checks the histories are equal).
+    Keras traces a new model's steps on its first epoch: about 10 CPU s on the default U-Net,
+    more than two epochs (benchmarks/README.md). A model compiled earlier with the same key is
+    reused instead, its variables set to a newly built seeded model's and its optimizer's to a
+    new optimizer's: training is then the same (tests/test_fit.py).
     """
     # The augmentation acts on the data, not the model: not part of the key.
-    key = (image_size, spec.model, spec.loss, spec.precision, steps_per_execution, jit_compile)
+    key = (image_size, spec.model, spec.loss, spec.precision, steps, jit)
     model = _COMPILED.get(key)
     if model is None:
-        model = compile_unet(
-            image_size,
-            spec,
-            learning_rate,
-            seed,
-            steps_per_execution=steps_per_execution,
-            jit_compile=jit_compile,
+        _COMPILED[key] = compile_unet(
+            image_size, spec, learning_rate, seed, steps_per_execution=steps, jit_compile=jit
         )
-        _COMPILED[key] = model
-        return model
+        return _COMPILED[key]
     _copy_variables(_seeded_unet(image_size, spec, seed), model)
-    for var in model.optimizer.variables:
+    for var in model.optimizer.variables:  # zero moments and step count
         var.assign(keras.ops.zeros(var.shape, var.dtype))
     model.optimizer.learning_rate = learning_rate
     return model
@@ -276,13 +236,6 @@ def _copy_variables(src: keras.Model, dst: keras.Model) -> None:
     """Every variable of ``src`` (weights, BatchNorm statistics, seed states) into ``dst``."""
     for target, value in zip(dst.variables, src.variables, strict=True):
         target.assign(value)
-
-
-def detached_copy(model: keras.Model, image_size: int, spec: ModelSpec) -> keras.Model:
-    """A new, uncompiled U-Net with ``model``'s variables (``model`` may be reused later)."""
-    copy = _seeded_unet(image_size, spec, 0)
-    _copy_variables(model, copy)
-    return copy
 
 
 def fit(
@@ -305,48 +258,23 @@ def fit(
     """Train a new U-Net of ``spec`` on ``train``; with ``val``, keep the weights of the best
     epoch by validation Dice (early stopping after ``patience`` epochs without improvement).
 
-    ``val_stride``: each epoch validates on every ``val_stride``-th slice of ``val`` (what
-    early stopping, the best epoch and the history's ``val_*`` see); ``best`` is then the best
-    epoch's model evaluated on all of ``val``. Neighbouring slices of a scan are nearly alike,
-    so a stride of 2 halves validation's cost and chose the same epochs on the default data
-    (benchmarks/README.md, "Validation on every second slice").
-
-    Everything else is an argument: the optimiser's ``learning_rate``, the global
-    ``batch_size``, ``epochs``, the ``seed`` of weights and batches, and ``distribute``
-    (``train.distribute``: how, not what, is trained).
-
-    ``progress``: a label such as ``train: fold-0``; one line per epoch goes to the
-    ``liverseg.progress`` logger. ``steps_per_execution``: default, one execution per epoch.
-    Validation batches hold ``max(batch_size, VALIDATION_BATCH_SIZE)`` slices.
+    ``val_stride``: each epoch validates on every ``val_stride``-th slice of ``val``
+    (neighbouring slices are nearly alike: benchmarks/README.md); ``best`` is then the best
+    epoch's model evaluated on all of ``val``. ``batch_size`` is the global batch.
+    ``progress``: a label such as ``train: fold-0`` for one log line per epoch.
     """
     if val_stride < 1:
         raise ValueError(f"fit: val_stride must be >= 1, got {val_stride}")
     image_size = int(train[0].shape[1])
-    steps = math.ceil(int(train[0].shape[0]) / batch_size)
     if distribute == "none":
-        # One execution per epoch: Keras' loop over the steps of an execution ends when the
-        # epoch's batches do, so one bound serves every data size (and lets folds and trials
-        # of different sizes reuse one compiled model).
-        model = _compiled_unet(
-            image_size,
-            spec,
-            learning_rate,
-            seed,
-            steps_per_execution=steps_per_execution or ONE_EXECUTION_PER_EPOCH,
-            jit_compile=jit_compile,
-        )
+        # One bound serves every data size: an execution ends with the epoch's batches.
+        steps_now = steps_per_execution or ONE_EXECUTION_PER_EPOCH
+        model = _compiled_unet(image_size, spec, learning_rate, seed, steps_now, jit_compile)
     else:
+        # One step per execution: over a distributed dataset TensorFlow 2.21 fails on a last,
+        # shorter execution ("You must feed a value for placeholder tensor").
         with distributed.scope(distribute, batch_size):  # batch_size is the global batch
-            model = compile_unet(
-                image_size,
-                spec,
-                learning_rate,
-                seed,
-                steps_per_execution=distributed.steps_per_execution(
-                    distribute, steps_per_execution or steps
-                ),
-                jit_compile=jit_compile,
-            )
+            model = compile_unet(image_size, spec, learning_rate, seed, jit_compile=jit_compile)
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=spec.augment, seed=seed
     )
@@ -355,15 +283,10 @@ def fit(
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
 
-    def validation_dataset(images: np.ndarray, masks: np.ndarray) -> Any:
-        return make_dataset(
-            images,
-            masks,
-            batch_size=max(batch_size, VALIDATION_BATCH_SIZE),
-            training=False,
-            augment=None,
-            seed=seed,
-        )
+    val_batch = max(batch_size, VALIDATION_BATCH_SIZE)
+    validation_dataset = functools.partial(
+        make_dataset, batch_size=val_batch, training=False, augment=None, seed=seed
+    )
 
     if val is not None:
         val_ds = validation_dataset(val[0][::val_stride], val[1][::val_stride])
@@ -394,11 +317,12 @@ def fit(
         all_val = {f"val_{k}": float(v) for k, v in logs.items()}
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
-    if distribute == "none":
-        model = detached_copy(model, image_size, spec)
-    result = FitResult(model=model, history=history, seconds=seconds)
-    if val is not None and history.get("val_dice"):
-        best = int(np.argmax(history["val_dice"]))
-        result.best_epoch = best
-        result.best = all_val or {k: history[k][best] for k in history if k.startswith("val_")}
-    return result
+    if distribute == "none":  # an uncompiled copy: the compiled model may be reused later
+        copy = _seeded_unet(image_size, spec, 0)
+        _copy_variables(model, copy)
+        model = copy
+    if val is None or not history.get("val_dice"):
+        return FitResult(model=model, history=history, seconds=seconds)
+    best = int(np.argmax(history["val_dice"]))
+    best_val = all_val or {k: history[k][best] for k in history if k.startswith("val_")}
+    return FitResult(model, history, best, best_val, seconds)

@@ -1,6 +1,6 @@
-"""``best_params.json``, the tune stage's result: written by :mod:`liverseg.tuning.report`,
-read by the train stage (when ``train.use_tuned``). Standard library and project files only,
-so that reading it does not load the tuning package's dependencies."""
+"""``best_params.json``, the tune stage's result: written and read here only (``train`` reads
+it when ``train.use_tuned``). Standard library and project files only, so that reading it
+does not load the tuning package's dependencies."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ def write_best_params(folder: Path, summary: dict[str, Any]) -> None:
 
 
 def read_best_params(path: Path) -> tuple[float, int]:
-    """(learning rate, batch size) of a ``best_params.json``; a DataError naming it if it is
-    missing or is not one."""
+    """(learning rate, batch size) of a ``best_params.json``; a DataError naming it if not."""
     import json
 
     try:

@@ -1,25 +1,12 @@
 """The objective: one trial trains a fresh U-Net on each fold of ``tune.folds`` and returns the
 mean of the folds' best validation Dice; each trial has its own MLflow run.
 
-Arrays follow the pipeline contract of :func:`liverseg.data.prepared.load_prepared`:
-``(N, H, W, 1)`` float32 images in [0, 1] and 0/1 masks; a fold's slices stay in memory for
-every trial this process runs.
-
-Pruning steps: the validation Dice of epoch ``e`` (0-based) of the ``i``-th fold in
-``tune.folds`` is reported at step ``i * tune.epochs + e``, so with one fold the step is the
-epoch and every trial's steps line up for the median pruner.
-
-MLflow layout (the tracking URI is the caller's): each trial is a run ``trial-<n>`` nested
-under a parent run (``parent_run_id``), with params ``learning_rate`` and ``batch_size``, the
-per-epoch metrics of :class:`liverseg.training.fit.MlflowEpochLogger` (Keras' epoch metrics
-and the learning rate, as the fold runs log them) at the steps above plus one (MLflow counts
-epochs from 1, as the fold runs do), led by ``objective_val_dice`` (the trial's value so far,
-see :meth:`TrialReporter.objective_metric`), the final ``value``, a description and tag
-``state`` = COMPLETE / PRUNED / FAIL. Its status is FINISHED for COMPLETE and PRUNED, FAILED for
-FAIL and KILLED when the process was interrupted; it is never left RUNNING by an exception.
-
-TensorFlow is imported only when the objective is made (not with this module), so that the
-``tune`` stage starts its extra workers first.
+Pruning steps: epoch ``e`` (from 0) of the ``i``-th fold of ``tune.folds`` is step
+``i * tune.epochs + e``. The trial's run ``trial-<n>`` (nested under ``parent_run_id``) holds
+params ``learning_rate`` and ``batch_size``, the fold runs' per-epoch metrics at those steps
+plus one, led by ``objective_val_dice`` (the trial's value so far), the final ``value`` and
+tag ``state``; it ends FINISHED (COMPLETE, PRUNED), FAILED (FAIL) or KILLED (a stop).
+TensorFlow is imported only when the objective is made.
 """
 
 from __future__ import annotations
@@ -49,43 +36,29 @@ from liverseg.params import TrainParams, TuneParams
 from liverseg.tracking import NOTE_TAG
 from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR
 
-# The trial's objective as an MLflow metric, logged first in every epoch's batch: the UI's
-# compare view plots the runs' first shared metric against their params.
+# Logged first in every epoch's batch: MLflow's compare view plots the first shared metric.
 OBJECTIVE_METRIC = "objective_val_dice"
 
-# MLflow tag of a trial run: its Optuna state (RUNNING until the trial ends).
-STATE_TAG = "state"
-
-# One line per trial epoch and per trial (the CLI sends it to stderr).
+STATE_TAG = "state"  # MLflow tag of a trial run: its Optuna state
 progress = logging.getLogger("liverseg.progress")
 
 
 class TrialDiverged(Exception):
-    """Training produced no finite validation Dice (e.g. a learning rate too high).
-
-    The trial is recorded FAIL and the study goes on: a diverging learning rate is a result
-    about the search space, not a bug.
-    """
+    """Training produced no finite validation Dice (e.g. a learning rate too high)."""
 
 
 def search_space_failures() -> tuple[type[Exception], ...]:
-    """Trial errors that are results about the search space (a diverging or out-of-memory
-    configuration): the trial is recorded FAIL and the study goes on. Imports TensorFlow."""
+    """Trial errors that are results about the search space (diverged, out of memory): the
+    trial is FAIL and the study goes on."""
     import tensorflow as tf
 
     return (TrialDiverged, tf.errors.ResourceExhaustedError)
 
 
 class TrialReporter:
-    """Reports each epoch's ``val_dice`` to the trial (pruning) and keeps the trial's value
-    so far for MLflow; the epoch's metrics themselves are logged by the fold's
-    :class:`~liverseg.training.fit.MlflowEpochLogger`.
-
-    Plain Python on the epoch's values as floats (``MlflowEpochLogger.values``), so that this
-    module imports without TensorFlow; :func:`keras_callback` wraps it for ``model.fit``. When
-    the pruner says so, :meth:`on_epoch_end` returns True (stop training after this epoch) and
-    sets :attr:`pruned_step`; the objective then raises ``TrialPruned`` outside Keras.
-    """
+    """Reports each epoch's ``val_dice`` to the trial and keeps the trial's value so far. When
+    the pruner says so, :meth:`on_epoch_end` returns True and sets :attr:`pruned_step`; the
+    objective then raises ``TrialPruned`` outside Keras."""
 
     def __init__(
         self, trial: optuna.Trial, step_offset: int, prior: list[float] | None = None
@@ -98,13 +71,8 @@ class TrialReporter:
         self.best = math.nan
 
     def objective_metric(self, values: dict[str, float]) -> dict[str, float]:
-        """``{OBJECTIVE_METRIC: value}``: the trial's value so far, given an epoch's values.
-
-        The mean over its folds of the best ``val_dice``: the earlier folds' ``prior`` bests
-        and this fold's best so far (this epoch included; calling it again for the same epoch
-        changes nothing). Empty while this fold has no finite ``val_dice`` yet. The last value
-        logged is the trial's value. The fold's ``MlflowEpochLogger`` logs it first.
-        """
+        """``{OBJECTIVE_METRIC: mean of the earlier folds' bests and this fold's best so
+        far}``; empty while this fold has no finite ``val_dice`` yet."""
         current = values.get("val_dice", math.nan)
         if math.isfinite(current) and not current <= self.best:
             self.best = current
@@ -113,41 +81,31 @@ class TrialReporter:
         return {OBJECTIVE_METRIC: float(np.mean([*self.prior, self.best]))}
 
     def on_epoch_end(self, epoch: int, values: dict[str, float]) -> bool:
-        """Report epoch ``epoch`` (0-based) of this fold; True when the trial is to be pruned.
-
-        A missing or NaN ``val_dice`` is reported as NaN, which every Optuna pruner prunes.
-        """
+        """Report epoch ``epoch`` (from 0); True to prune. A missing ``val_dice`` is NaN,
+        which every Optuna pruner prunes."""
         step = self.step_offset + epoch
         self.last_value = values.get("val_dice", math.nan)
         self.trial.report(self.last_value, step)
         if self.trial.should_prune():
             self.pruned_step = step
-            return True
-        return False
+        return self.pruned_step is not None
+
+    def keras_callback(self) -> Any:
+        """A Keras callback that reports each epoch and stops training when told to prune."""
+        import keras
+
+        from liverseg.training.fit import MlflowEpochLogger
+
+        callback = keras.callbacks.LambdaCallback()
+
+        def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if self.on_epoch_end(epoch, MlflowEpochLogger.values(logs)):
+                callback.model.stop_training = True
+
+        callback.on_epoch_end = on_epoch_end
+        return callback
 
 
-def keras_callback(reporter: TrialReporter) -> Any:
-    """A Keras callback that feeds ``reporter`` and stops training when it says prune."""
-    import keras
-
-    from liverseg.training.fit import MlflowEpochLogger
-
-    callback = keras.callbacks.LambdaCallback()
-
-    def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if reporter.on_epoch_end(epoch, MlflowEpochLogger.values(logs)):
-            callback.model.stop_training = True
-
-    callback.on_epoch_end = on_epoch_end
-    return callback
-
-
-def _best_finite(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return max(finite) if finite else None
-
-
-# ------------------------------------------------------------------- the trial's MLflow run
 def end_trial_run(client: MlflowClient, run_id: str, state: str, status: str) -> None:
     """Tag the trial's run with its Optuna state and end it with ``status``."""
     try:
@@ -176,21 +134,15 @@ def make_objective(
     *,
     experiment_id: str,
     parent_run_id: str | None = None,
-    client: MlflowClient | None = None,
 ) -> Callable[[optuna.Trial], float]:
-    """The objective: mean best validation Dice over ``tune.folds`` of one short training.
-
-        Each trial gets an MLflow run (see the module docstring); every fold's training starts
-        from the same seeded initialisation (``tune.seed + fold``) so trials differ only by their
-        hyperparameters. A stop (:mod:`liverseg.stop`) ends a trial at a stop point of its training
-    (its run KILLED, its state FAIL).
-    """
+    """The objective (see the module docstring); every fold's training starts from the same
+    seeded initialisation (``tune.seed + fold``), so trials differ only by their parameters."""
     import keras
 
     from liverseg.data.prepared import load_prepared
     from liverseg.training.fit import MlflowEpochLogger, fit
 
-    client = client or MlflowClient()
+    client = MlflowClient()
     splits = load_splits(prepared)
     n_folds = len(splits["folds"])
     bad = [f for f in tune.folds if f >= n_folds]
@@ -230,34 +182,22 @@ def make_objective(
         state, status = TrialState.FAIL.name, "FAILED"
         t0 = time.perf_counter()
         value = math.nan
-        loggers: list[MlflowEpochLogger] = []
         try:
             trial.set_user_attr("worker", worker)
             trial.set_user_attr("mlflow_run_id", run_id)
-            client.log_batch(
-                run_id,
-                params=[
-                    Param(PARAM_LR, repr(lr)),
-                    Param(PARAM_BATCH, str(batch_size)),
-                    Param("epochs", str(tune.epochs)),
-                    Param("folds", ",".join(map(str, tune.folds))),
-                ],
-            )
+            params = {PARAM_LR: repr(lr), PARAM_BATCH: str(batch_size), "epochs": str(tune.epochs)}
+            params["folds"] = ",".join(map(str, tune.folds))
+            client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             fold_values: dict[int, float] = {}
             for pos, fold in enumerate(tune.folds):
                 reporter = TrialReporter(
                     trial, step_offset=pos * tune.epochs, prior=list(fold_values.values())
                 )
                 logger = MlflowEpochLogger(
-                    run_id,
-                    client,
-                    step_offset=pos * tune.epochs,
-                    first=reporter.objective_metric,
+                    run_id, client, step_offset=pos * tune.epochs, first=reporter.objective_metric
                 )
-                loggers.append(logger)
                 train_xy, val_xy = fold_data(fold)
-                # Free what the previous trial or fold left (fit's compiled model, which it
-                # reuses, stays); this also runs the garbage collector.
+                # Free what the previous trial or fold left (fit's reused compiled model stays).
                 keras.backend.clear_session(free_memory=True)
                 res = fit(
                     train_xy,
@@ -269,7 +209,7 @@ def make_objective(
                     seed=tune.seed + fold,
                     patience=None,
                     distribute=train.distribute,
-                    callbacks=[logger, keras_callback(reporter)],
+                    callbacks=[logger, reporter.keras_callback()],
                     progress=f"tune: trial {trial.number} fold-{fold}",
                     val_stride=train.val_stride,
                 )
@@ -278,7 +218,7 @@ def make_objective(
                         f"fold {fold}, epoch {reporter.pruned_step - pos * tune.epochs + 1}: "
                         f"val_dice {reporter.last_value:.4f}"
                     )
-                best = _best_finite(res.history.get("val_dice", []))
+                best = max(filter(math.isfinite, res.history.get("val_dice", [])), default=None)
                 if best is None:
                     raise TrialDiverged(
                         f"trial {trial.number}: fold {fold} has no finite val_dice "
@@ -298,15 +238,11 @@ def make_objective(
         except KeyboardInterrupt:
             status = "KILLED"
             raise
-        finally:
-            try:
-                for logger in loggers:  # every epoch is in the store before the run ends
-                    logger.flush()
-            finally:
-                end_trial_run(client, run_id, state, status)
-                progress.info(
-                    f"tune: trial {trial.number} {state}: value {value:.4f} (lr {lr:.2e}, "
-                    f"batch {batch_size}) {time.perf_counter() - t0:.0f} s"
-                )
+        finally:  # (fit has waited for its epochs' queued MLflow writes)
+            end_trial_run(client, run_id, state, status)
+            progress.info(
+                f"tune: trial {trial.number} {state}: value {value:.4f} (lr {lr:.2e}, "
+                f"batch {batch_size}) {time.perf_counter() - t0:.0f} s"
+            )
 
     return objective

@@ -13,7 +13,6 @@ import optuna
 from optuna.trial import TrialState
 
 from liverseg.fsutil import atomic_dir
-from liverseg.params import TuneParams
 from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR, write_best_params
 from liverseg.tuning.study import TuningError, count_trials
 
@@ -54,16 +53,8 @@ def _save_plot(ax: Any, path: Path) -> None:
 
 
 def write_plots(study: optuna.Study, out: Path, seed: int) -> dict[str, str]:
-    """Study plots as PNG in ``out``; returns ``{file: "ok" | reason it was skipped}``.
-
-    * ``optimization_history.png``: value per trial and best so far;
-    * ``param_importances.png``: fANOVA importances (needs >= 2 complete trials);
-    * ``slice.png``: value against each parameter;
-    * ``contour.png``: value over learning rate x batch size (needs >= 2 distinct values of
-      each among the complete trials).
-
-    A plot that Optuna cannot draw is skipped, not fatal: the best parameters matter more.
-    """
+    """Study plots as PNG in ``out``; returns ``{file: "ok" | reason it was skipped}``. A plot
+    that Optuna cannot draw is skipped, not fatal: the best parameters matter more."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,25 +109,14 @@ def log_best(summary: dict[str, Any]) -> None:
     """The study's best trial and counts on the active (parent) MLflow run."""
     import mlflow
 
-    mlflow.log_params(
-        {
-            "best_learning_rate": summary["learning_rate"],
-            "best_batch_size": summary["batch_size"],
-            "best_trial_number": summary["trial_number"],
-        }
-    )
-    mlflow.log_metrics(
-        {
-            "best_value": summary["value"],
-            "n_complete": summary["n_complete"],
-            "n_pruned": summary["n_pruned"],
-            "n_failed": summary["n_failed"],
-        }
-    )
+    params = {"learning_rate", "batch_size", "trial_number"}
+    mlflow.log_params({f"best_{k}": summary[k] for k in sorted(params)})
+    metrics = ("n_complete", "n_pruned", "n_failed")
+    mlflow.log_metrics({"best_value": summary["value"], **{k: summary[k] for k in metrics}})
 
 
 def log_plot_images(folder: Path) -> None:
-    """The study's PNG plots as MLflow images of the active run (its chart view shows them)."""
+    """The study's PNG plots as MLflow images of the active run (for its chart view)."""
     import mlflow
     from PIL import Image
 
@@ -144,11 +124,3 @@ def log_plot_images(folder: Path) -> None:
         with Image.open(png) as im:
             # synchronous: see liverseg.evaluation.holdout.log_to_mlflow
             mlflow.log_image(im.convert("RGB"), key=f"study_{png.stem}", step=0, synchronous=True)
-
-
-def study_description(name: str, tune: TuneParams, summary: dict[str, Any]) -> str:
-    return (
-        f"{tune.n_trials} trials; best: trial {summary['trial_number']}, val Dice "
-        f"{summary['value']:.4f} (lr {summary['learning_rate']:.3g}, batch "
-        f"{summary['batch_size']})"
-    )

@@ -1,19 +1,20 @@
-"""Study identity and bookkeeping: which study a run belongs to, its pruner, creating or
-resuming it, counting its trials and failing the trials of dead workers (it is run by
-:mod:`liverseg.tuning.generations`).
+"""The study: its storage (a ``tune.storage`` URL), name, pruner, creating or resuming it, and
+its trials.
 
-Study identity: the study's name hashes everything that defines the objective (the prepared
-data's content hash, search space, folds, epochs, seed and the train section's model, loss,
-augmentation and precision). Changed inputs start a new study in the same storage; rerunning on
-the same inputs loads the study and runs only the trials still missing to ``tune.n_trials``
-finished (COMPLETE + PRUNED) ones, so an interrupted run resumes. Several processes, on one
-machine or many, can optimise one study at once through a shared storage.
+RDB storages get a heartbeat: a trial whose worker died is marked FAIL (its MLflow run ended)
+by the next worker. The name hashes everything that defines the objective
+(:func:`study_inputs`): changed inputs start a new study in the same storage; the same inputs
+load it and run only the trials missing to ``tune.n_trials`` finished (COMPLETE + PRUNED)
+ones, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from liverseg import runguard
-from liverseg.errors import LiversegError
+from liverseg.errors import LiversegError, ParamsError
 from liverseg.params import TrainParams, TuneParams, as_flat_dict
 from liverseg.tuning.best_params import PARAM_BATCH, PARAM_LR
 from liverseg.tuning.objective import end_stale_trial_run
@@ -31,9 +32,6 @@ from liverseg.tuning.objective import end_stale_trial_run
 OBJECTIVE_VERSION = 1
 STUDY_PREFIX = "liverseg-"
 NAME_HASH_CHARS = 12
-
-# Trials that count towards tune.n_trials: a failed trial is retried, not counted.
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # Two unpruned trials: the parameter-importance plot needs at least two complete trials, and a
 # median over one trial prunes everything that is not better than a single random draw. More
@@ -48,14 +46,111 @@ class TuningError(LiversegError):
     """The study cannot be opened or has no usable result (the message says which study)."""
 
 
-def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[str, Any]:
-    """Everything that defines the objective's values, as plain JSON-able data.
+# SQLite lets one writer in at a time; the others wait up to this long instead of failing with
+# "database is locked" (a trial writes a handful of rows per epoch, far below this).
+SQLITE_BUSY_TIMEOUT_S = 60
+# RDB storages: a trial whose heartbeat is older than the grace period (its process or machine
+# died) is marked FAIL by the next worker that starts a trial.
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_GRACE_S = 120
+# Workers starting together on a fresh database may race to create Optuna's tables.
+STORAGE_OPEN_ATTEMPTS = 5
+STORAGE_RETRY_S = 0.5
 
-    Not included, on purpose: ``tune.n_trials`` and ``tune.timeout_s`` (raising them extends
-    the same study), ``tune.storage`` (where the study lives), the pruner's warm-up (decides
-    which trials stop early, not what a finished trial measures), and the train section's own
-    learning rate, batch size, epochs and patience (tuning replaces or does not use them).
-    """
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+JOURNAL_PREFIX = "journal:"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs, tags and error messages."""
+    if url.startswith(JOURNAL_PREFIX):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL has no password we could find either
+        return url.split("@")[-1] if "@" in url else url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage that ``url`` (``tune.storage``) names: ``sqlite:///PATH`` (one
+    machine), ``postgresql://user:pw@host:port/db`` or ``mysql://...`` (many), ``journal:PATH``
+    (many, on a shared file system where SQLite's locking is unreliable)."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX) :])
+        if not str(path) or str(path) == ".":
+            raise ParamsError(f"params: tune.storage: {url!r}: journal: needs a file path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+
+    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in RDB_SCHEMES:
+        raise ParamsError(
+            f"params: tune.storage: {redact(url)!r} is not a study storage; use "
+            "sqlite:///PATH, postgresql://USER:PW@HOST:PORT/DB, mysql://... or journal:PATH"
+        )
+    url = _with_installed_driver(url)
+    engine_kwargs: dict[str, Any] = {}
+    if scheme == "sqlite":
+        path_part = url.split("///", 1)[1] if "///" in url else ""
+        db_path = path_part.split("?", 1)[0]
+        if not db_path or db_path == ":memory:":
+            raise ParamsError(
+                f"params: tune.storage: {url!r}: needs a database file (sqlite:///PATH); an "
+                "in-memory database cannot be shared or resumed"
+            )
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+
+    import sqlalchemy.exc
+
+    def rdb_storage() -> optuna.storages.BaseStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+                heartbeat_stale_trial_callback=end_stale_trial_run,
+            )
+
+    transient = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    try:
+        return runguard.retry(
+            rdb_storage,
+            attempts=STORAGE_OPEN_ATTEMPTS,
+            delay_s=STORAGE_RETRY_S,
+            when=lambda exc: isinstance(exc, transient),
+        )
+    except transient as exc:
+        raise TuningError(
+            f"tune.storage {redact(url)}: cannot open the study storage after "
+            f"{STORAGE_OPEN_ATTEMPTS} attempts: {exc}"
+        ) from exc
+
+
+def _with_installed_driver(url: str) -> str:
+    """``postgresql://`` with the psycopg2 driver (which the project installs) when psycopg 3
+    (SQLAlchemy 2.1's default) is not installed."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[str, Any]:
+    """Everything that defines the objective's values, as plain JSON-able data. Not included,
+    on purpose: ``tune.n_trials`` and ``tune.timeout_s`` (raising them extends the same study),
+    ``tune.storage``, the pruner's warm-up (decides which trials stop early, not what a
+    finished trial measures), and the train section's own learning rate, batch size, epochs
+    and patience (tuning replaces or does not use them)."""
     inputs: dict[str, Any] = {
         "objective_version": OBJECTIVE_VERSION,
         "data_sha256": data_hash,
@@ -88,20 +183,15 @@ def study_name(data_hash: str, tune: TuneParams, train: TrainParams) -> str:
 
 
 def sampler_seed(seed: int, worker_index: int, n_existing: int) -> int:
-    """The TPE sampler's seed for one worker joining a study that has ``n_existing`` trials.
-
-    A fresh study's first worker uses ``seed`` itself. Any other worker, or a resumed study,
-    gets a seed derived from all three, because a sampler re-seeded with ``seed`` would draw
-    the same first (random start-up) points again: parallel workers would all evaluate the
-    same learning rates, and a resumed study would repeat its first trials.
-    """
+    """The TPE sampler's seed: ``seed`` for a fresh study's first worker, else derived from all
+    three, so that other workers and a resumed study do not draw the same first points again."""
     if worker_index == 0 and n_existing == 0:
         return seed
     return int(np.random.SeedSequence([seed, worker_index, n_existing]).generate_state(1)[0])
 
 
 class _EarlierTrials:
-    """``study`` as a pruner sees it: only trials numbered below ``first``."""
+    """``study`` with only its trials numbered below ``first``."""
 
     def __init__(self, study: optuna.Study, first: int) -> None:
         self._study = study
@@ -116,8 +206,7 @@ class _EarlierTrials:
 
 
 class EarlierGenerationsPruner(optuna.pruners.BasePruner):
-    """``inner``, shown only the trials of earlier generations for a trial of a generation
-    (one with :data:`GENERATION_ATTR`), and the whole study for any other trial."""
+    """``inner``, shown only the trials of generations before the trial's own."""
 
     def __init__(self, inner: optuna.pruners.BasePruner) -> None:
         self.inner = inner
@@ -130,8 +219,7 @@ class EarlierGenerationsPruner(optuna.pruners.BasePruner):
 
 
 def study_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
-    """The median pruner with ``tune.pruner_warmup_epochs`` warm-up steps, which compares a
-    trial of a generation only with earlier generations' trials."""
+    """The median pruner (``tune.pruner_warmup_epochs`` warm-up steps), by generation."""
     return EarlierGenerationsPruner(
         optuna.pruners.MedianPruner(
             n_startup_trials=MEDIAN_PRUNER_STARTUP_TRIALS,
@@ -149,13 +237,8 @@ def create_study(
     pruner: optuna.pruners.BasePruner | None = None,
     inputs: dict[str, Any] | None = None,
 ) -> optuna.Study:
-    """Create or load (``load_if_exists``) the maximising study ``name`` in ``storage``.
-
-    ``pruner`` defaults to :func:`study_pruner`;
-    ``inputs`` (:func:`study_inputs`) is stored as a study attribute the first time.
-    """
-    if pruner is None:
-        pruner = study_pruner(tune)
+    """Create or load the maximising study ``name`` (``pruner``: :func:`study_pruner`);
+    ``inputs`` (:func:`study_inputs`) is stored as a study attribute the first time."""
     try:
         study_id = storage.get_study_id_from_name(name)
         n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
@@ -167,7 +250,7 @@ def create_study(
         direction="maximize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed(tune.seed, worker_index, n_existing)),
-        pruner=pruner,
+        pruner=pruner or study_pruner(tune),
     )
     if inputs is not None and "inputs" not in study.user_attrs:
         study.set_user_attr("inputs", inputs)
@@ -175,7 +258,7 @@ def create_study(
 
 
 def count_trials(study: optuna.Study) -> dict[str, int]:
-    """Number of trials per state name (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
+    """Number of trials per state name."""
     counts = {s.name: 0 for s in TrialState}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] += 1
@@ -184,19 +267,21 @@ def count_trials(study: optuna.Study) -> dict[str, int]:
 
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards ``tune.n_trials`` (COMPLETE + PRUNED)."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL (and their MLflow runs KILLED) the RUNNING trials whose process is provably
-    dead (:func:`liverseg.runguard.is_dead`), without waiting for the heartbeat; their numbers.
-    """
-    dead = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if runguard.is_dead(t.user_attrs.get("process") or {})
-    ]
-    for t in dead:
+def fail_trials(study: optuna.Study, numbers: Collection[int] | None = None) -> list[int]:
+    """Tell FAIL (their MLflow runs KILLED) the RUNNING trials of ``numbers`` or, with None,
+    those whose process is provably dead (no wait for the heartbeat); their numbers."""
+
+    def chosen(t: FrozenTrial) -> bool:
+        if numbers is not None:
+            return t.number in numbers
+        return runguard.is_dead(t.user_attrs.get("process") or {})
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    failed = [t for t in running if chosen(t)]
+    for t in failed:
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         end_stale_trial_run(study, t)
-    return [t.number for t in dead]
+    return [t.number for t in failed]
