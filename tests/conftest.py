@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,11 +104,64 @@ def make_repo_copy(dest: Path, params_override: dict) -> Path:
     return dest
 
 
+class _Repro(threading.Thread):
+    """``dvc repro`` of the tiny repository in a thread, its own session (signals sent to the
+    tests' process or group do not reach it), with the environment of when it was made."""
+
+    def __init__(self, repo: Path) -> None:
+        super().__init__(daemon=True)
+        self.repo, self.env = repo, tool_env()
+        self.proc: subprocess.Popen[str] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                ["dvc", "repro"],
+                cwd=self.repo,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            out, err = self.proc.communicate()
+            if self.proc.returncode != 0:
+                raise AssertionError(
+                    f"dvc repro failed ({self.proc.returncode})\n--- stdout\n{out[-4000:]}"
+                    f"\n--- stderr\n{err[-6000:]}"
+                )
+        except BaseException as exc:
+            self.error = exc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_repro(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[_Repro | None]:
+    """When a selected test needs ``tiny_repo``, its ``dvc repro`` starts with the session, on
+    the core that the unit tests before it (one process) leave idle; the fixture waits for it."""
+    if not any("tiny_repo" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    repro = _Repro(make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS))
+    repro.start()
+    try:
+        yield repro
+    finally:
+        if repro.proc is not None and repro.proc.poll() is None:  # the session ended early
+            stop_group(repro.proc)
+        repro.join()
+
+
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_repo(_tiny_repro: _Repro | None) -> Path:
     """A tiny copy of the repository on which ``dvc repro`` has run once."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
-    run(["dvc", "repro"], repo)
+    assert _tiny_repro is not None  # (started for every session with a test that asks this)
+    _tiny_repro.join()
+    if _tiny_repro.error is not None:
+        raise _tiny_repro.error
+    repo = _tiny_repro.repo
     # dvc.lock and the `cache: false` outputs (metrics, curves, reports), as a user commits them
     run(["git", "add", "dvc.lock", "reports"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
