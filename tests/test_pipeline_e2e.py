@@ -125,6 +125,12 @@ def test_queued_dvc_exp_lands_in_the_same_store_and_compares_with_the_baseline(
         run(["dvc", "queue", "start", "-j", "1"], tiny_repo)
         deadline = time.monotonic() + QUEUE_TIMEOUT_S
         while True:
+            # Blocks while the experiment runs (an error while it is queued, not started): one
+            # dvc process instead of a `dvc queue status` every 2 s, each a second of CPU.
+            follow = ["dvc", "queue", "logs", "--follow", "one-epoch"]
+            subprocess.run(
+                follow, cwd=tiny_repo, env=tool_env(), capture_output=True, timeout=QUEUE_TIMEOUT_S
+            )
             status = run(["dvc", "queue", "status"], tiny_repo).stdout
             line = next((x for x in status.splitlines() if "one-epoch" in x), "")
             if "Success" in line or "Failed" in line:
