@@ -25,14 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # A pipeline small enough for CI: 6 phantom cases of 32x32x16, a 2-level U-Net of 4 filters.
+# Trials and folds in the stage's process (a worker process costs a TensorFlow import, ~5 s of
+# CPU): the tests of worker processes set ``processes: auto`` on their copy.
 TINY_PARAMS = {
     "ingest": {
         "dataset": "phantom",
         "phantom": {"n_cases": 6, "size": 48, "n_slices": 16, "spacing": [6.0, 6.0, 8.0]},
     },
     "prepare": {"image_size": 32, "n_test": 2, "k_folds": 2, "liver_free_fraction": 0.2},
-    "tune": {"n_trials": 2, "epochs": 1, "batch_sizes": [8, 16], "timeout_s": 120},
-    "train": {"model": {"depth": 2, "base_filters": 4}, "epochs": 2, "patience": 2},
+    "tune": {"n_trials": 2, "epochs": 1, "batch_sizes": [8, 16], "timeout_s": 120, "processes": 1},
+    "train": {"model": {"depth": 2, "base_filters": 4}, "epochs": 2, "patience": 2, "processes": 1},
 }
 
 # Outputs and environments at the repository's top level are not copied (the copy makes its own).

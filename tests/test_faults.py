@@ -519,7 +519,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     shutil.copytree(tiny_repo, repo, symlinks=True)
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
-    assert load_section("train", repo / "params.yaml").processes == "auto"
+    set_train_param(repo, "processes", "auto")  # (the project's default; the tiny repo's is 1)
 
     # 1. SIGKILL the stage while its two fold workers train: the workers get SIGTERM from
     # the kernel (parent death) and end their fold runs KILLED; only the dead stage's own
