@@ -434,7 +434,6 @@ TRAIN = (
 )
 
 
-@pytest.mark.slow
 def set_train_param(repo: Path, key: str, value: object) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"][key] = value
@@ -458,6 +457,7 @@ def processes_named(prefix: str, cwd: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_killed_train_resumes_from_its_finished_folds(tiny_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
@@ -519,7 +519,7 @@ def test_fold_workers_faults_end_every_run(tiny_repo: Path, tmp_path: Path) -> N
     shutil.copytree(tiny_repo, repo, symlinks=True)
     db = repo / "mlruns" / "mlflow.db"
     model_before = (repo / "models" / "model.keras").read_bytes()
-    assert load_section("train", repo / "params.yaml").processes == "auto"
+    set_train_param(repo, "processes", "auto")  # (the project's default; the tiny repo's is 1)
 
     # 1. SIGKILL the stage while its two fold workers train: the workers get SIGTERM from
     # the kernel (parent death) and end their fold runs KILLED; only the dead stage's own
@@ -697,15 +697,9 @@ def test_server_log_has_no_traceback_for_a_client_that_hung_up(
     assert text.count("Traceback") == 1 and "ValueError: a bug" in text
 
 
-# A real `mlflow models serve` of a tiny registered model (test_serving's module fixtures).
-from test_serving import (  # noqa: E402
-    Server,
-    post,
-    server,  # noqa: F401 - pytest fixtures
-    store,  # noqa: F401
-    tiny_model,  # noqa: F401
-    volume_body,
-)
+# A real `mlflow models serve` of a tiny registered model (conftest's, shared with test_serving).
+from conftest import Server  # noqa: E402
+from test_serving import post, volume_body  # noqa: E402
 
 
 def _peak_rss_mb(pgid: int) -> float:
@@ -725,7 +719,7 @@ def _peak_rss_mb(pgid: int) -> float:
 
 @pytest.mark.slow
 def test_server_refuses_the_header_bomb_and_a_hung_up_client_leaves_one_line(
-    server: Server,  # noqa: F811 - the fixture imported above
+    server: Server,
     tmp_path: Path,
 ) -> None:
     before = _peak_rss_mb(server.proc.pid)

@@ -121,10 +121,18 @@ def test_queued_dvc_exp_lands_in_the_same_store_and_compares_with_the_baseline(
     try:
         before = mlflow.search_runs(experiment_names=["liverseg"], output_format="pandas")
         n_train = int((before["tags.stage"] == "train").sum())
-        run(["dvc", "exp", "run", "--queue", "-S", "train.epochs=1", "-n", "one-epoch"], tiny_repo)
+        # folds in worker processes (the project's default; the tiny repo's is 1): their runs too
+        exp = ["-S", "train.epochs=1", "-S", "train.processes=auto", "-n", "one-epoch"]
+        run(["dvc", "exp", "run", "--queue", *exp], tiny_repo)
         run(["dvc", "queue", "start", "-j", "1"], tiny_repo)
         deadline = time.monotonic() + QUEUE_TIMEOUT_S
         while True:
+            # Blocks while the experiment runs (an error while it is queued, not started): one
+            # dvc process instead of a `dvc queue status` every 2 s, each a second of CPU.
+            follow = ["dvc", "queue", "logs", "--follow", "one-epoch"]
+            subprocess.run(
+                follow, cwd=tiny_repo, env=tool_env(), capture_output=True, timeout=QUEUE_TIMEOUT_S
+            )
             status = run(["dvc", "queue", "status"], tiny_repo).stdout
             line = next((x for x in status.splitlines() if "one-epoch" in x), "")
             if "Success" in line or "Failed" in line:

@@ -7,14 +7,9 @@ import base64
 import gzip
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +17,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import mlflow_store_at, stop_group, tool_env
+from conftest import SERVED_LIMIT_MB as LIMIT_MB
+from conftest import SERVED_MODEL as MODEL_NAME
+from conftest import Server, Store, register_with, tracking_at
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 from liverseg.evaluation.results import read_test_metrics
 from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model.folder import save_model_dir
-from liverseg.params import ModelParams, RegisterParams
+from liverseg.params import RegisterParams
 from liverseg.registry import CHALLENGER, CHAMPION, decide
 from liverseg.serving.client import (
     ServingError,
@@ -46,8 +42,6 @@ from liverseg.serving.forms import (
 from liverseg.stages.register import register
 
 MB = 1024 * 1024
-LIMIT_MB = 2  # the served model's LIVERSEG_MAX_REQUEST_MB: a 512x512 float32 slice (1 MB) fits
-MODEL_NAME = "liver-unet-test"
 # A non-RAS grid (L, P, S), with an offset, so that a mask written back on the wrong grid shows.
 LPS_AFFINE = np.array(
     [[-1.5, 0, 0, 30.0], [0, -1.5, 0, 20.0], [0, 0, 3.0, -40.0], [0, 0, 0, 1]], dtype=float
@@ -207,138 +201,12 @@ def test_invocations_url(url: str, expected: str) -> None:
 
 
 # ------------------------------------------------------------------------- fixtures (slow part)
+# tiny_model, server and the served model's store are conftest's, shared with test_faults.
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-level U-Net trained for a few seconds on bright discs, so masks are non-trivial."""
-    import keras
-
-    from liverseg.model.unet import build_unet
-
-    folder = tmp_path_factory.mktemp("tiny_model") / "models"
-    keras.utils.set_random_seed(0)
-    model = build_unet(32, ModelParams(depth=2, base_filters=4, dropout=0.0), seed=0)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:32, :32]
-    n = 64
-    centres = rng.integers(8, 24, size=(n, 2))
-    radii = rng.integers(4, 9, size=n)
-    y = ((yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2) <= (
-        radii[:, None, None] ** 2
-    )
-    # Windowed [-100, 400] HU: 0.35 is 75 HU (the disc), 0.05 is -75 HU (the background).
-    x = np.where(y, 0.35, 0.05) + rng.normal(0.0, 0.03, y.shape)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
-    model.fit(x[..., None], y[..., None].astype(np.float32), epochs=5, batch_size=16, verbose=0)
-    return save_model_dir(folder, model, window=(-100, 400), image_size=32)
-
-
-@dataclass
-class Store:
-    uri: str
-    root: Path
-    run_json: Path
-    parent_run_id: str
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[Store]:
-    """A SQLite tracking store in a temporary folder, with a finished training parent run."""
-    import mlflow
-
-    with mlflow_store_at(tmp_path_factory.mktemp("mlflow"), empty_mlflow_db) as mlf:
-        exp_id = mlf.experiment("liverseg-test")
-        with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
-            parent = run.info.run_id
-        run_json = mlf.root / "run.json"
-        run_json.write_text(
-            json.dumps(
-                {
-                    "experiment_id": exp_id,
-                    "parent_run_id": parent,
-                    "final_run_id": "",
-                    "tracking_uri": mlf.uri,
-                }
-            )
-        )
-        yield Store(mlf.uri, mlf.root, run_json, parent)
-
-
-def register_with(store: Store, model: Path, dice: float, tag: str) -> dict[str, Any]:
-    metrics = store.root / f"metrics-{tag}.json"
-    metrics.write_text(json.dumps({"dice_mean": dice}))
-    return register(
-        model,
-        metrics,
-        store.run_json,
-        store.root / f"register-{tag}",
-        RegisterParams(model_name=MODEL_NAME),
-        PostProcessing(),
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, store: Store) -> Iterator[Server]:
-    """``mlflow models serve`` of the champion (version 1), stopped by its process group."""
-    first = register_with(store, tiny_model, 0.90, "v1")
-    assert first["decision"] == CHAMPION and first["version"] == "1"
-    port = free_port()
-    log = store.root / "serve.log"
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{MODEL_NAME}@{CHAMPION}",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
-    env = tool_env(MLFLOW_TRACKING_URI=store.uri, **{MAX_REQUEST_ENV: str(LIMIT_MB)})
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=store.root,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no /ping within 120 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield Server(url, proc, log)
-    finally:
-        stop_group(proc)
+def store(serving_store: Store) -> Iterator[Store]:
+    """The served model's store, the tracking URI pointing at it (the register stage's way)."""
+    with tracking_at(serving_store.uri):
+        yield serving_store
 
 
 def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:

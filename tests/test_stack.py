@@ -234,6 +234,8 @@ def test_two_workers_pipeline_remote_and_serving(
     shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns("tmp"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tune"]["storage"] = w["OPTUNA_STORAGE"]  # no password: libpq reads PGPASSWORD
+    # trials and folds in worker processes, as the project's default (the tiny repo's is 1)
+    params["tune"]["processes"] = params["train"]["processes"] = "auto"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "remote", "add", "-d", "store", "s3://dvc/liverseg"], repo)
     run(["dvc", "remote", "modify", "store", "endpointurl", w["DVC_S3_ENDPOINT"]], repo)
