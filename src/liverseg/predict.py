@@ -18,6 +18,8 @@ import numpy as np
 from liverseg.errors import DataError, error_line
 
 if TYPE_CHECKING:
+    from liverseg.data.dicom import DicomSeries
+    from liverseg.data.volumes import Volume
     from liverseg.inference import Segmenter
 
 FORMATS = ("nifti", "seg")
@@ -101,16 +103,17 @@ def describe_model(source: str) -> str:
 def main(args: argparse.Namespace) -> None:
     from liverseg.inference import PostProcessing, Segmenter
 
+    post = PostProcessing.from_dict(
+        {
+            "threshold": args.threshold,
+            "largest_component": not args.no_largest_component,
+            "fill_holes": args.fill_holes,
+        },
+        "options",
+    )
+
     def load() -> Segmenter:
-        return Segmenter.load(
-            args.model,
-            post=PostProcessing(
-                threshold=args.threshold,
-                largest_component=not args.no_largest_component,
-                fill_holes=args.fill_holes,
-            ),
-            batch_size=args.batch_size,
-        )
+        return Segmenter.load(args.model, post=post, batch_size=args.batch_size)
 
     if args.output.name.lower().endswith(MASK_SUFFIXES):  # one scan to one mask file
         if len(args.ct) > 1:
@@ -124,12 +127,12 @@ def main(args: argparse.Namespace) -> None:
             series_uid=args.series,
             probabilities=args.probabilities,
         )
-        print(f"predict: {args.output}: liver volume {row['ml']:.1f} mL ({row['voxels']} voxels)")
-        report = row["report"]
+        ml, voxels, report = row["liver_volume_ml"], row["liver_voxels"], row["quality"]
+        print(f"predict: {args.output}: liver volume {ml:.1f} mL ({voxels} voxels)")
         verdict = (
             "REVIEW: " + "; ".join(report["reasons"]) if report["review"] else "no flag raised"
         )
-        print(f"predict: quality ({row['quality']}): {verdict}")
+        print(f"predict: quality ({row['path']}): {verdict}")
         return
     for option, value in (("--series", args.series), ("--probabilities", args.probabilities)):
         if value is not None:
@@ -207,10 +210,10 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
         except Exception as exc:  # even a bug on one scan: the others still run, the row says what
             row["error"] = " ".join((error_line(exc) or f"{type(exc).__name__}: {exc}").split())
         else:
-            report = done["report"]
+            report = done["quality"]
             row.update(
                 output=str(output),
-                volume_ml=f"{done['ml']:.1f}",
+                volume_ml=f"{done['liver_volume_ml']:.1f}",
                 agreement="" if report["agreement"] is None else f"{report['agreement']:.4f}",
                 review=report["review"],
                 reasons="; ".join(report["reasons"]),
@@ -229,6 +232,43 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
         raise DataError(f"{len(failed)} of {len(rows)} scans failed (their errors: {summary})")
 
 
+def segment_volume(
+    seg: Segmenter,
+    volume: Volume,
+    output: Path,
+    *,
+    series: DicomSeries | None = None,
+    model_name: str = "",
+    probabilities: Path | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
+    """Segment ``volume``, write its mask to ``output`` (a DICOM SEG of ``series`` if given,
+    else NIfTI) and the probability map if asked; ``liver_volume_ml``, ``liver_voxels`` and
+    the quality report. The one step of ``liverseg predict`` and the served model."""
+    from liverseg.data.volumes import from_canonical, save_mask_like, save_probabilities_like
+    from liverseg.evaluation.quality import quality_report
+
+    pred = seg.predict_ras(
+        volume.data, progress, probabilities=probabilities is not None, members=True
+    )
+    mask = seg.postprocess(pred.mask)
+    if series is not None:
+        from liverseg.data.dicomseg import write_seg
+
+        write_seg(from_canonical(mask, volume), series.datasets, output, model=model_name)
+    else:
+        save_mask_like(mask, volume, output)
+    if probabilities is not None:
+        assert pred.probabilities is not None
+        save_probabilities_like(pred.probabilities, volume, probabilities)
+    voxels = int(np.count_nonzero(mask))
+    return {
+        "liver_volume_ml": voxels * volume.voxel_volume_ml,
+        "liver_voxels": voxels,
+        "quality": quality_report(mask, volume.data, volume.spacing, member_masks=pred.members),
+    }
+
+
 def predict_one(
     ct: Path,
     output: Path,
@@ -241,19 +281,13 @@ def predict_one(
     probabilities: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Segment ``ct`` into ``output`` (and its quality report); ``segmenter`` is called once
-    the CT is read. ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
-    Returns the report, the liver volume in mL and voxels, and the report's path."""
+    """Segment ``ct`` into ``output`` and ``<mask>.quality.json``; ``segmenter`` is called once
+    the CT is read; ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
+    :func:`segment_volume`'s answer, with the report's path as ``path``."""
     from tqdm import tqdm
 
     from liverseg.data.dicom import is_dicom_source, read_ct_series
-    from liverseg.data.volumes import (
-        from_canonical,
-        load_volume,
-        save_mask_like,
-        save_probabilities_like,
-    )
-    from liverseg.evaluation.quality import quality_report
+    from liverseg.data.volumes import load_volume
     from liverseg.fsutil import check_output_path, write_json
 
     dicom = is_dicom_source(ct)
@@ -270,48 +304,21 @@ def predict_one(
     series = read_ct_series(ct, series_uid) if dicom else None
     volume = series.volume if series is not None else load_volume(ct, kind="image")
     seg = segmenter()
-    with tqdm(
-        total=volume.data.shape[2], unit="slice", desc="predict", disable=not progress
-    ) as bar:
-        pred = seg.predict_ras(
-            volume.data, bar.update, probabilities=probabilities is not None, members=True
-        )
-    mask = seg.postprocess(pred.mask)
-    report = quality_report(mask, volume.data, volume.spacing, member_masks=pred.members)
-    if fmt == "seg":
-        from liverseg.data.dicomseg import write_seg
-
-        assert series is not None
+    with tqdm(total=volume.data.shape[2], unit="slice", desc="predict", disable=not progress) as b:
         try:
-            write_seg(
-                from_canonical(mask, volume),
-                series.datasets,
+            done = segment_volume(
+                seg,
+                volume,
                 output,
-                model=model_name or describe_model(model),
+                series=series if fmt == "seg" else None,
+                model_name=(model_name or describe_model(model)) if fmt == "seg" else "",
+                probabilities=probabilities,
+                progress=b.update,
             )
         except DataError as exc:
             raise DataError(f"{ct}: {exc}") from exc
-    else:
-        save_mask_like(mask, volume, output)
-    if probabilities is not None:
-        assert pred.probabilities is not None
-        save_probabilities_like(pred.probabilities, volume, probabilities)
-    qpath = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
-    write_json(
-        qpath,
-        {
-            "ct": str(ct),
-            "series": series.info.uid if series is not None else None,
-            "mask": str(output),
-            "format": fmt,
-            "model": model,
-            **report,
-        },
-    )
-    voxels = int(np.count_nonzero(mask))
-    return {
-        "report": report,
-        "ml": voxels * volume.voxel_volume_ml,
-        "voxels": voxels,
-        "quality": qpath,
-    }
+    done["path"] = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
+    uid = series.info.uid if series is not None else None
+    info = {"ct": str(ct), "series": uid, "mask": str(output), "format": fmt, "model": model}
+    write_json(done["path"], {**info, **done["quality"]})
+    return done

@@ -2,9 +2,9 @@
 
 The request forms, answers and errors are docs/serving.md's (decoding: :mod:`.forms`). No
 input schema is logged, on purpose: MLflow 3.17 enforces one before ``predict`` runs, and none
-admits both slices (a tensor) and volumes (a string column); the forms are recorded in the
-MLmodel ``metadata`` instead, and ``predict`` checks every request itself, refusing a bad one
-as ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with the project's one line.
+admits both slices (a tensor) and volumes (a string column). ``predict`` checks every request
+itself, refusing a bad one as ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with the
+project's one line.
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec
 
-from liverseg.data.volumes import from_canonical, save_mask_like
 from liverseg.errors import DataError
-from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.model.folder import check_model_dir
+from liverseg.predict import segment_volume
 from liverseg.serving.forms import (
     DICOM_COLUMN,
-    MAX_REQUEST_ENV,
-    NIFTI_COLUMN,
     max_request_bytes,
     series_from_payload,
     slice_orientation,
@@ -60,19 +57,6 @@ SERVING_DISTRIBUTIONS = (
     "pydicom",
     "highdicom",
 )
-# For readers of the MLmodel file, as no input schema says it (see the module docstring).
-INPUT_FORMS = {
-    "slices": {"inputs": "float32 (N, H, W) in HU", "answer": "uint8 (N, H, W) masks"},
-    "volume": {
-        "dataframe_split": f"column {NIFTI_COLUMN}: base64 of a .nii/.nii.gz CT",
-        "answer": "mask_nifti (base64 .nii.gz), liver_volume_ml, liver_voxels, quality",
-    },
-    "dicom": {
-        "dataframe_split": f"column {DICOM_COLUMN}: base64 of a zipped DICOM CT series",
-        "answer": "mask_seg (base64 DICOM SEG), series, liver_volume_ml, liver_voxels, quality",
-    },
-    "max_request_env": MAX_REQUEST_ENV,
-}
 
 
 def _segment_oriented_slices(
@@ -144,38 +128,21 @@ class LiverSegModel(PythonModel):
     def _one_volume(
         self, column: str, payload: Any, seg: Segmenter, params: dict[str, Any]
     ) -> dict[str, Any]:
-        series = None
-        fmt = "nifti"
+        series, uid, fmt = None, None, "nifti"
         if column == DICOM_COLUMN:
             fmt = str(params.get("mask_format") or "seg")
             if fmt not in MASK_FORMATS:
                 raise DataError(f"params: mask_format must be one of {MASK_FORMATS}, got {fmt!r}")
             series = series_from_payload(payload, self.max_bytes, params.get("series") or None)
-            volume = series.volume
+            volume, uid = series.volume, series.info.uid
         else:
             volume = volume_from_payload(payload, self.max_bytes)
-        with self._lock:
-            net = seg.predict_ras(volume.data, members=True)
-        mask = seg.postprocess(net.mask)
-        out: dict[str, Any] = {}
-        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
-            if series is not None and fmt == "seg":
-                from liverseg.data.dicomseg import write_seg
-
-                path = Path(tmp) / "mask.dcm"
-                write_seg(
-                    from_canonical(mask, volume), series.datasets, path, model="mlflow pyfunc"
-                )
-            else:
-                path = save_mask_like(mask, volume, Path(tmp) / "mask.nii.gz")
-            out[f"mask_{fmt}"] = base64.b64encode(path.read_bytes()).decode("ascii")
-        if series is not None:
-            out["series"] = series.info.uid
-        voxels = int(np.count_nonzero(mask))
-        out["liver_volume_ml"] = voxels * volume.voxel_volume_ml
-        out["liver_voxels"] = voxels
-        out["quality"] = quality_report(mask, volume.data, volume.spacing, member_masks=net.members)
-        return out
+        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp, self._lock:
+            path = Path(tmp) / ("mask.dcm" if fmt == "seg" else "mask.nii.gz")
+            series = series if fmt == "seg" else None
+            done = segment_volume(seg, volume, path, series=series, model_name="mlflow pyfunc")
+            mask = {f"mask_{fmt}": base64.b64encode(path.read_bytes()).decode("ascii")}
+        return {**mask, **({"series": uid} if uid else {}), **done}
 
 
 # ------------------------------------------------------------------------ the server's log
@@ -274,6 +241,5 @@ def log_pyfunc(
             signature=model_signature(post),
             input_example=example,
             pip_requirements=serving_requirements(),
-            metadata={"liverseg": INPUT_FORMS},
             registered_model_name=registered_model_name,
         )
