@@ -110,14 +110,13 @@ def register_model(
         mlflow.log_params({"model_name": name, **post.to_dict()})
         mlflow.log_metric(DICE_TAG, test_dice)
         before_version, before_dice = current_champion(client, name)
-        info = log_pyfunc(Path(model_dir), post, name="model", registered_model_name=name)
+        info = log_pyfunc(Path(model_dir), post, registered_model_name=name)
         version = str(info.registered_model_version)
         decision = decide(test_dice, before_dice, before_version is not None)
+        dice_before = UNKNOWN_DICE if before_dice is None else repr(before_dice)
         version_tags = {
             DICE_TAG: repr(test_dice),
-            "champion_dice_before": NO_CHAMPION
-            if before_version is None
-            else (UNKNOWN_DICE if before_dice is None else repr(before_dice)),
+            "champion_dice_before": dice_before if before_version else NO_CHAMPION,
             "champion_version_before": before_version or NO_CHAMPION,
             "decision": decision,
             "source_run_id": run_id,
@@ -148,13 +147,9 @@ def register_model(
         client.update_model_version(name, version, description=card)
         client.update_registered_model(name, description=MODEL_DESCRIPTION)
         aliases = sorted(client.get_model_version(name, version).aliases)
+        note = {NOTE_TAG: f"`{name}` v{version}: {decision}"}
         mlflow.set_tags(
-            {
-                "registered_model": name,
-                "model_version": version,
-                "decision": decision,
-                NOTE_TAG: f"`{name}` v{version}: {decision}",
-            }
+            dict(registered_model=name, model_version=version, decision=decision, **note)
         )
     return {
         "name": name,

@@ -46,17 +46,6 @@ from liverseg.tracking import tensorflow_distribution
 
 POSTPROCESSING_FILE = "postprocessing.json"
 MASK_FORMATS = ("seg", "nifti")
-# The distributions the served model imports ("tensorflow": the cpu or the gpu extra's).
-SERVING_DISTRIBUTIONS = (
-    "mlflow",
-    "tensorflow",
-    "keras",
-    "numpy",
-    "scipy",
-    "nibabel",
-    "pydicom",
-    "highdicom",
-)
 
 
 def _segment_oriented_slices(
@@ -66,8 +55,6 @@ def _segment_oriented_slices(
     network (as volumes are) and back, so the masks line up with the slices as sent."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-    if codes == ("R", "A", "S"):
-        return seg.segment_slices(stack)
     here, ras = axcodes2ornt(codes), axcodes2ornt(("R", "A", "S"))
     vol = apply_orientation(np.moveaxis(stack, 0, 2), ornt_transform(here, ras))
     masks = seg.segment_slices(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))
@@ -179,24 +166,19 @@ def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
 
 # ------------------------------------------------------------------------------- logging it
 def serving_requirements() -> list[str]:
-    """pip requirements of the served model: the installed versions (liverseg pins them)."""
-    dists = [tensorflow_distribution() if d == "tensorflow" else d for d in SERVING_DISTRIBUTIONS]
-    return [f"{d}=={importlib.metadata.version(d)}" for d in dists]
+    """pip requirements of the served model: the installed versions (liverseg pins them) of
+    what it imports ("tensorflow": the cpu or the gpu extra's)."""
+    dists = ["mlflow", tensorflow_distribution(), "keras", "numpy", "scipy", "nibabel"]
+    return [f"{d}=={importlib.metadata.version(d)}" for d in [*dists, "pydicom", "highdicom"]]
 
 
 def model_signature(post: PostProcessing) -> ModelSignature:
     """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
     kinds = {float: "double", bool: "boolean"}
-    return ModelSignature(
-        params=ParamSchema(
-            [
-                *(ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()),
-                ParamSpec("orientation", "string", "RAS"),
-                ParamSpec("series", "string", ""),
-                ParamSpec("mask_format", "string", "seg"),
-            ]
-        )
-    )
+    specs = [ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()]
+    strings = {"orientation": "RAS", "series": "", "mask_format": "seg"}
+    specs += [ParamSpec(k, "string", v) for k, v in strings.items()]
+    return ModelSignature(params=ParamSchema(specs))
 
 
 _MODEL_CODE = (
@@ -210,8 +192,6 @@ _MODEL_CODE = (
 def log_pyfunc(
     model_dir: Path,
     post: PostProcessing,
-    *,
-    name: str = "model",
     registered_model_name: str | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log ``model_dir`` (``model.keras`` + ``preprocessing.json``) as a pyfunc in the active run.
@@ -230,7 +210,7 @@ def log_pyfunc(
         code_file.write_text(_MODEL_CODE)
         example = np.linspace(-200.0, 300.0, 16 * 16, dtype=np.float32).reshape(1, 16, 16)
         return mlflow.pyfunc.log_model(
-            name=name,
+            name="model",
             python_model=str(code_file),
             artifacts={
                 "model": str(model_file),
