@@ -69,14 +69,11 @@ def describe_model(source: str) -> str:
     if not s.startswith("models:/"):
         return s
     from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    ref = s[len("models:/") :].strip("/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        return f"{name} v{version} (@{alias})"
-    name, _, version = ref.rpartition("/")
-    return f"{name} v{version}" if name else s
+    found = get_model_name_and_version(MlflowClient(), s)  # (model id,) for models:/m-<id>
+    alias = f" (@{s.split('@', 1)[1]})" if "@" in s else ""
+    return f"{found[0]} v{found[1]}{alias}" if len(found) == 2 else s
 
 
 def main(args: argparse.Namespace) -> None:

@@ -145,23 +145,21 @@ def _is_disconnect(exc: BaseException | None, depth: int = 0) -> bool:
     return _is_disconnect(exc.__cause__ or exc.__context__, depth + 1)
 
 
-class ClientDisconnectFilter(logging.Filter):
-    """Turns uvicorn's traceback for a client that hung up into one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _is_disconnect(record.exc_info[1]):
-            record.msg = "client disconnected before the response was sent; request dropped"
-            record.args = ()
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info = record.exc_text = None
-        return True
+def _quiet_disconnect(record: logging.LogRecord) -> bool:
+    """A log filter: uvicorn's traceback for a client that hung up becomes one line."""
+    if record.exc_info and _is_disconnect(record.exc_info[1]):
+        record.msg = "client disconnected before the response was sent; request dropped"
+        record.args = ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
-    """Install :class:`ClientDisconnectFilter` on the server's error logger (idempotent)."""
+    """Install :func:`_quiet_disconnect` on the server's error logger (idempotent)."""
     log = logging.getLogger(logger)
-    if not any(isinstance(f, ClientDisconnectFilter) for f in log.filters):
-        log.addFilter(ClientDisconnectFilter())
+    if _quiet_disconnect not in log.filters:
+        log.addFilter(_quiet_disconnect)
 
 
 # ------------------------------------------------------------------------------- logging it
