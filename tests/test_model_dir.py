@@ -131,22 +131,36 @@ def test_post_processing_round_trip() -> None:
         ({"threshold": 0.5, "fill_holes": False}, r"missing key\(s\) \['largest_component'\]"),
         (
             {"threshold": 0.5, "largest_component": True, "fill_holes": False, "x": 1},
-            r"unknown key\(s\) \['x'\]",
+            r"^post\.json: x: Unexpected keyword argument, got 1$",
         ),
         (
             {"threshold": "0.5", "largest_component": True, "fill_holes": False},
-            "threshold must be a number, got '0.5'",
+            "threshold: Input should be a valid number, got '0.5'",
         ),
         (
             {"threshold": 1.0, "largest_component": True, "fill_holes": False},
-            r"threshold must be in \(0, 1\), got 1.0",
+            "threshold: Input should be less than 1, got 1.0",
         ),
         (
             {"threshold": 0.5, "largest_component": 1, "fill_holes": False},
-            "largest_component must be true or false, got 1",
+            "largest_component: Input should be a valid boolean, got 1",
         ),
     ],
 )
 def test_post_processing_refuses_bad_dicts(data: object, match: str) -> None:
     with pytest.raises(DataError, match=match):
         PostProcessing.from_dict(data, "post.json")
+
+
+def test_predict_refuses_a_threshold_outside_0_1_before_reading(tmp_path: Path) -> None:
+    import argparse
+
+    from liverseg import predict
+
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    args = parser.parse_args(
+        ["absent.nii.gz", "-o", str(tmp_path / "m.nii.gz"), "--threshold", "2"]
+    )
+    with pytest.raises(DataError, match=r"^options: threshold: Input should be less than 1, got 2"):
+        predict.main(args)

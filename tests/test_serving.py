@@ -342,7 +342,7 @@ BAD_REQUESTS = [
         "bad threshold",
         slices_body(np.zeros((1, 4, 4)), {"threshold": 1.5}),
         400,
-        r"threshold must be in \(0, 1\)",
+        "params: threshold: Input should be less than 1, got 1.5",
     ),
 ]
 

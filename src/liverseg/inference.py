@@ -10,13 +10,13 @@ fill holes per slice. The mask comes back on the input's grid and orientation.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+import pydantic
 
 from liverseg import stop
 from liverseg.data.slices import resize_xy, window
@@ -46,13 +46,15 @@ class Prediction:
     members: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(
+    frozen=True, config=pydantic.ConfigDict(strict=True, extra="forbid")
+)
 class PostProcessing:
     """What happens to the probabilities after the network: the one owner of these fields (the
     evaluate params, the served model's ``postprocessing.json``, its params, request overrides).
     """
 
-    threshold: float = 0.5
+    threshold: Annotated[float, pydantic.Field(gt=0, lt=1, allow_inf_nan=False)] = 0.5
     largest_component: bool = True
     fill_holes: bool = False
 
@@ -68,33 +70,25 @@ class PostProcessing:
     @classmethod
     def from_dict(cls, data: Any, source: str | Path) -> PostProcessing:
         """The inverse of :meth:`to_dict`: every field, of its type, and nothing else; anything
-        else is a DataError naming ``source`` (the file, or ``params`` for a request)."""
+        else is a one-line DataError naming ``source`` (the file, or ``params`` for a request)
+        and the key."""
         if not isinstance(data, dict):
             raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(map(str, data)) - set(names))
-        if unknown:
-            raise DataError(f"{source}: unknown key(s) {unknown}; expected {names}")
-        missing = [k for k in names if k not in data]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
         if missing:
             raise DataError(f"{source}: missing key(s) {missing}")
-        t = data["threshold"]
-        if isinstance(t, bool) or not isinstance(t, int | float):
-            raise DataError(f"{source}: threshold must be a number, got {t!r}")
-        if not (math.isfinite(t) and 0.0 < t < 1.0):
-            raise DataError(f"{source}: threshold must be in (0, 1), got {t}")
-        for key in names[1:]:
-            if not isinstance(data[key], bool):
-                raise DataError(f"{source}: {key} must be true or false, got {data[key]!r}")
-        return cls(**{k: data[k] for k in names})
+        try:
+            return cls(**data)
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            problem = f"{err['loc'][0]}: {err['msg']}, got {err['input']!r}"
+            raise DataError(f"{source}: {problem}") from None
 
     def updated(self, overrides: Mapping[str, Any], source: str) -> PostProcessing:
         """This post-processing with the fields that ``overrides`` names replaced (other keys
         are ignored: a request's params hold more than these), validated as :meth:`from_dict`."""
-        names = {f.name for f in dataclasses.fields(self)}
-        return self.from_dict(
-            {**self.to_dict(), **{k: v for k, v in overrides.items() if k in names}}, source
-        )
+        own = self.to_dict()
+        return self.from_dict({**own, **{k: v for k, v in overrides.items() if k in own}}, source)
 
 
 class Segmenter:

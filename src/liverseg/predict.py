@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ import numpy as np
 from liverseg.errors import DataError, error_line
 
 if TYPE_CHECKING:
+    from liverseg.data.dicom import DicomSeries
+    from liverseg.data.volumes import Volume
     from liverseg.inference import Segmenter
 
 FORMATS = ("nifti", "seg")
@@ -42,38 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mask to write: .nii.gz (NIfTI) or .dcm (DICOM SEG, for DICOM input); or a folder "
         "for many scans (a mask and quality report per scan, and summary.csv)",
     )
+    parser.add_argument("--format", choices=FORMATS, help="default: seg for .dcm, else nifti")
+    parser.add_argument("--series", metavar="UID", help="the CT's SeriesInstanceUID, if several")
     parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        help="mask format (default: seg for a .dcm output, else nifti)",
+        "--probabilities", type=Path, help="also write the probability map (float32 NIfTI)"
     )
-    parser.add_argument(
-        "--series",
-        metavar="UID",
-        help="SeriesInstanceUID of the CT when the DICOM folder holds several series",
-    )
-    parser.add_argument(
-        "--probabilities",
-        type=Path,
-        metavar="PATH",
-        help="also write the liver probability map (float32 NIfTI on the input's grid, before "
-        "threshold and post-processing)",
-    )
-    parser.add_argument(
-        "--model",
-        default="models",
-        help="model folder (default: models/, the train stage's) or an MLflow URI such as "
-        "models:/liver-unet@champion",
-    )
+    parser.add_argument("--model", default="models", help="folder or models:/liver-unet@champion")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-largest-component", action="store_true")
-    parser.add_argument(
-        "--fill-holes",
-        action="store_true",
-        help="fill holes per axial slice (off by default, as evaluate.fill_holes: on the phantom "
-        "it cost test Dice, see benchmarks/README.md)",
-    )
+    parser.add_argument("--fill-holes", action="store_true", help="per axial slice")
 
 
 def _stem(path: Path, suffixes: tuple[str, ...]) -> str:
@@ -88,48 +69,40 @@ def describe_model(source: str) -> str:
     if not s.startswith("models:/"):
         return s
     from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    ref = s[len("models:/") :].strip("/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        return f"{name} v{version} (@{alias})"
-    name, _, version = ref.rpartition("/")
-    return f"{name} v{version}" if name else s
+    found = get_model_name_and_version(MlflowClient(), s)  # (model id,) for models:/m-<id>
+    alias = f" (@{s.split('@', 1)[1]})" if "@" in s else ""
+    return f"{found[0]} v{found[1]}{alias}" if len(found) == 2 else s
 
 
 def main(args: argparse.Namespace) -> None:
     from liverseg.inference import PostProcessing, Segmenter
 
-    def load() -> Segmenter:
-        return Segmenter.load(
-            args.model,
-            post=PostProcessing(
-                threshold=args.threshold,
-                largest_component=not args.no_largest_component,
-                fill_holes=args.fill_holes,
-            ),
-            batch_size=args.batch_size,
-        )
-
+    keys = ("threshold", "largest_component", "fill_holes")
+    values = (args.threshold, not args.no_largest_component, args.fill_holes)
+    post = PostProcessing.from_dict(dict(zip(keys, values, strict=True)), "options")
+    # Loaded once, when the first CT has been read: a bad CT fails before TensorFlow starts.
+    load = functools.cache(
+        lambda: Segmenter.load(args.model, post=post, batch_size=args.batch_size)
+    )
     if args.output.name.lower().endswith(MASK_SUFFIXES):  # one scan to one mask file
         if len(args.ct) > 1:
             raise DataError(f"{args.output}: {len(args.ct)} scans need an output folder (-o DIR)")
+        dcm = args.output.suffix.lower() == ".dcm"
+        fmt = args.format or ("seg" if dcm else "nifti")
         row = predict_one(
-            args.ct[0],
-            args.output,
-            fmt=args.format or ("seg" if args.output.suffix.lower() == ".dcm" else "nifti"),
-            segmenter=load,
-            model=str(args.model),
-            series_uid=args.series,
-            probabilities=args.probabilities,
+            args.ct[0], args.output, fmt, load, args.model, args.series, args.probabilities
         )
-        print(f"predict: {args.output}: liver volume {row['ml']:.1f} mL ({row['voxels']} voxels)")
-        report = row["report"]
+        report = row["quality"]
+        print(
+            f"predict: {args.output}: liver volume {row['liver_volume_ml']:.1f} mL "
+            f"({row['liver_voxels']} voxels)"
+        )
         verdict = (
             "REVIEW: " + "; ".join(report["reasons"]) if report["review"] else "no flag raised"
         )
-        print(f"predict: quality ({row['quality']}): {verdict}")
+        print(f"predict: quality ({row['path']}): {verdict}")
         return
     for option, value in (("--series", args.series), ("--probabilities", args.probabilities)):
         if value is not None:
@@ -157,18 +130,12 @@ def scans_of(inputs: list[Path]) -> list[Path]:
 def output_names(scans: list[Path]) -> list[str]:
     """A distinct mask name per scan: its own name without suffix; where two scans share it
     (``3Dircadb1.1/PATIENT_DICOM``, ``3Dircadb1.2/PATIENT_DICOM``), the folder's name first."""
-
     names = [_stem(p, (".nii.gz", ".nii", ".zip")) for p in scans]
     names = [
         f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n
         for p, n in zip(scans, names, strict=True)
     ]
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
-    return out
+    return [f"{n}_{k + 1}" if (k := names[:i].count(n)) else n for i, n in enumerate(names)]
 
 
 def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> None:
@@ -177,41 +144,32 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
 
     from liverseg.fsutil import atomic_file
 
-    fmt = args.format or "nifti"
-    out_dir: Path = args.output
+    fmt, out_dir = args.format or "nifti", args.output
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: not a folder (-o names a folder for several scans)")
     scans = scans_of(list(args.ct))
     if not scans:
         raise DataError(f"{' '.join(map(str, args.ct))}: no scans found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    segmenter = load()  # once, before the first scan: a broken model stops here, in one line
-    model_name = describe_model(args.model) if fmt == "seg" else None  # once, not per scan
-    suffix = ".dcm" if fmt == "seg" else ".nii.gz"
+    load()  # once, before the first scan: a broken model stops here, in one line
+    model_name = describe_model(args.model) if fmt == "seg" else ""  # once, not per scan
     rows = []
     for scan, name in tqdm(
         list(zip(scans, output_names(scans), strict=True)), unit="scan", desc="predict"
     ):
-        output = out_dir / (name + suffix)
+        output = out_dir / (name + (".dcm" if fmt == "seg" else ".nii.gz"))
         row: dict[str, Any] = {"scan": str(scan), "output": "", "error": ""}
         try:
-            done = predict_one(
-                scan,
-                output,
-                fmt=fmt,
-                segmenter=lambda: segmenter,
-                model=str(args.model),
-                model_name=model_name,
-                progress=False,
-            )
+            done = predict_one(scan, output, fmt, load, args.model, model_name=model_name)
         except Exception as exc:  # even a bug on one scan: the others still run, the row says what
             row["error"] = " ".join((error_line(exc) or f"{type(exc).__name__}: {exc}").split())
         else:
-            report = done["report"]
+            report = done["quality"]
+            agreement = report["agreement"]
             row.update(
                 output=str(output),
-                volume_ml=f"{done['ml']:.1f}",
-                agreement="" if report["agreement"] is None else f"{report['agreement']:.4f}",
+                volume_ml=f"{done['liver_volume_ml']:.1f}",
+                agreement="" if agreement is None else f"{agreement:.4f}",
                 review=report["review"],
                 reasons="; ".join(report["reasons"]),
             )
@@ -221,39 +179,69 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    failed = [r for r in rows if r["error"]]
+    failed = sum(1 for r in rows if r["error"])
     flagged = sum(1 for r in rows if r.get("review") is True)
-    done_n = len(rows) - len(failed)
-    print(f"predict: {done_n} of {len(rows)} scans segmented, {flagged} for review: {summary}")
+    n = len(rows)
+    print(f"predict: {n - failed} of {n} scans segmented, {flagged} for review: {summary}")
     if failed:
-        raise DataError(f"{len(failed)} of {len(rows)} scans failed (their errors: {summary})")
+        raise DataError(f"{failed} of {n} scans failed (their errors: {summary})")
+
+
+def segment_volume(
+    seg: Segmenter,
+    volume: Volume,
+    output: Path,
+    *,
+    series: DicomSeries | None = None,
+    model_name: str = "",
+    probabilities: Path | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
+    """Segment ``volume``, write its mask to ``output`` (a DICOM SEG of ``series`` if given,
+    else NIfTI) and the probability map if asked; ``liver_volume_ml``, ``liver_voxels`` and
+    the quality report. The one step of ``liverseg predict`` and the served model."""
+    from liverseg.data.volumes import from_canonical, save_mask_like, save_probabilities_like
+    from liverseg.evaluation.quality import quality_report
+
+    pred = seg.predict_ras(
+        volume.data, progress, probabilities=probabilities is not None, members=True
+    )
+    mask = seg.postprocess(pred.mask)
+    if series is not None:
+        from liverseg.data.dicomseg import write_seg
+
+        write_seg(from_canonical(mask, volume), series.datasets, output, model=model_name)
+    else:
+        save_mask_like(mask, volume, output)
+    if probabilities is not None:
+        assert pred.probabilities is not None
+        save_probabilities_like(pred.probabilities, volume, probabilities)
+    voxels = int(np.count_nonzero(mask))
+    return {
+        "liver_volume_ml": voxels * volume.voxel_volume_ml,
+        "liver_voxels": voxels,
+        "quality": quality_report(mask, volume.data, volume.spacing, member_masks=pred.members),
+    }
 
 
 def predict_one(
     ct: Path,
     output: Path,
-    *,
     fmt: str,
-    segmenter: Callable[[], Segmenter],
+    load: Callable[[], Segmenter],
     model: str,
-    model_name: str | None = None,
     series_uid: str | None = None,
     probabilities: Path | None = None,
-    progress: bool = True,
+    *,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Segment ``ct`` into ``output`` (and its quality report); ``segmenter`` is called once
-    the CT is read. ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
-    Returns the report, the liver volume in mL and voxels, and the report's path."""
+    """Segment ``ct`` into ``output`` and ``<mask>.quality.json``; ``load`` is called once the
+    CT is read; ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
+    :func:`segment_volume`'s answer, with the report's path as ``path``."""
     from tqdm import tqdm
 
     from liverseg.data.dicom import is_dicom_source, read_ct_series
-    from liverseg.data.volumes import (
-        from_canonical,
-        load_volume,
-        save_mask_like,
-        save_probabilities_like,
-    )
-    from liverseg.evaluation.quality import quality_report
+    from liverseg.data.volumes import load_volume
     from liverseg.fsutil import check_output_path, write_json
 
     dicom = is_dicom_source(ct)
@@ -269,49 +257,23 @@ def predict_one(
             check_output_path(out)  # before the model runs, not after
     series = read_ct_series(ct, series_uid) if dicom else None
     volume = series.volume if series is not None else load_volume(ct, kind="image")
-    seg = segmenter()
-    with tqdm(
-        total=volume.data.shape[2], unit="slice", desc="predict", disable=not progress
-    ) as bar:
-        pred = seg.predict_ras(
-            volume.data, bar.update, probabilities=probabilities is not None, members=True
-        )
-    mask = seg.postprocess(pred.mask)
-    report = quality_report(mask, volume.data, volume.spacing, member_masks=pred.members)
-    if fmt == "seg":
-        from liverseg.data.dicomseg import write_seg
-
-        assert series is not None
+    seg = load()
+    one = model_name is None  # a scan of its own: its progress per slice
+    with tqdm(total=volume.data.shape[2], unit="slice", desc="predict", disable=not one) as b:
         try:
-            write_seg(
-                from_canonical(mask, volume),
-                series.datasets,
+            done = segment_volume(
+                seg,
+                volume,
                 output,
-                model=model_name or describe_model(model),
+                series=series if fmt == "seg" else None,
+                model_name=(model_name or describe_model(model)) if fmt == "seg" else "",
+                probabilities=probabilities,
+                progress=b.update,
             )
         except DataError as exc:
             raise DataError(f"{ct}: {exc}") from exc
-    else:
-        save_mask_like(mask, volume, output)
-    if probabilities is not None:
-        assert pred.probabilities is not None
-        save_probabilities_like(pred.probabilities, volume, probabilities)
-    qpath = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
-    write_json(
-        qpath,
-        {
-            "ct": str(ct),
-            "series": series.info.uid if series is not None else None,
-            "mask": str(output),
-            "format": fmt,
-            "model": model,
-            **report,
-        },
-    )
-    voxels = int(np.count_nonzero(mask))
-    return {
-        "report": report,
-        "ml": voxels * volume.voxel_volume_ml,
-        "voxels": voxels,
-        "quality": qpath,
-    }
+    done["path"] = output.with_name(_stem(output, MASK_SUFFIXES) + ".quality.json")
+    uid = series.info.uid if series is not None else None
+    info = {"ct": str(ct), "series": uid, "mask": str(output), "format": fmt, "model": model}
+    write_json(done["path"], {**info, **done["quality"]})
+    return done

@@ -50,19 +50,16 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float
     from mlflow.exceptions import MlflowException
 
     try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:  # no such model (SQL stores), or no such alias
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None, None
         raise
-    version = (model.aliases or {}).get(CHAMPION)
-    if version is None:
-        return None, None
     try:
-        dice: float | None = float(client.get_model_version(name, str(version)).tags[DICE_TAG])
+        dice: float | None = float(champion.tags[DICE_TAG])
     except (KeyError, ValueError):
         dice = None
-    return str(version), dice if dice is not None and math.isfinite(dice) else None
+    return str(champion.version), dice if dice is not None and math.isfinite(dice) else None
 
 
 def register_model(
@@ -113,14 +110,13 @@ def register_model(
         mlflow.log_params({"model_name": name, **post.to_dict()})
         mlflow.log_metric(DICE_TAG, test_dice)
         before_version, before_dice = current_champion(client, name)
-        info = log_pyfunc(Path(model_dir), post, name="model", registered_model_name=name)
+        info = log_pyfunc(Path(model_dir), post, registered_model_name=name)
         version = str(info.registered_model_version)
         decision = decide(test_dice, before_dice, before_version is not None)
+        dice_before = UNKNOWN_DICE if before_dice is None else repr(before_dice)
         version_tags = {
             DICE_TAG: repr(test_dice),
-            "champion_dice_before": NO_CHAMPION
-            if before_version is None
-            else (UNKNOWN_DICE if before_dice is None else repr(before_dice)),
+            "champion_dice_before": dice_before if before_version else NO_CHAMPION,
             "champion_version_before": before_version or NO_CHAMPION,
             "decision": decision,
             "source_run_id": run_id,
@@ -151,13 +147,9 @@ def register_model(
         client.update_model_version(name, version, description=card)
         client.update_registered_model(name, description=MODEL_DESCRIPTION)
         aliases = sorted(client.get_model_version(name, version).aliases)
+        note = {NOTE_TAG: f"`{name}` v{version}: {decision}"}
         mlflow.set_tags(
-            {
-                "registered_model": name,
-                "model_version": version,
-                "decision": decision,
-                NOTE_TAG: f"`{name}` v{version}: {decision}",
-            }
+            dict(registered_model=name, model_version=version, decision=decision, **note)
         )
     return {
         "name": name,

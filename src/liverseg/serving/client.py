@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class ServingError(LiversegError, RuntimeError):
 
 
 def invocations_url(url: str) -> str:
-    """``url`` with ``/invocations`` appended unless it already ends with it."""
+    """``url``, ending in ``/invocations``."""
     base = url.rstrip("/")
     return base if base.endswith("/invocations") else base + "/invocations"
 
@@ -124,12 +124,8 @@ def _zip_bytes(source: Path) -> bytes:
         return source.read_bytes()
     if not source.is_dir():
         raise DataError(f"{source}: not found (expected a DICOM folder or a .zip of one)")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(source).as_posix())
-    return buffer.getvalue()
+    with tempfile.TemporaryDirectory(prefix="liverseg-zip-") as tmp:
+        return Path(shutil.make_archive(f"{tmp}/series", "zip", source)).read_bytes()
 
 
 def segment_dicom(

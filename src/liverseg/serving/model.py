@@ -2,9 +2,9 @@
 
 The request forms, answers and errors are docs/serving.md's (decoding: :mod:`.forms`). No
 input schema is logged, on purpose: MLflow 3.17 enforces one before ``predict`` runs, and none
-admits both slices (a tensor) and volumes (a string column); the forms are recorded in the
-MLmodel ``metadata`` instead, and ``predict`` checks every request itself, refusing a bad one
-as ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with the project's one line.
+admits both slices (a tensor) and volumes (a string column). ``predict`` checks every request
+itself, refusing a bad one as ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with the
+project's one line.
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec
 
-from liverseg.data.volumes import from_canonical, save_mask_like
 from liverseg.errors import DataError
-from liverseg.evaluation.quality import quality_report
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.model.folder import check_model_dir
+from liverseg.predict import segment_volume
 from liverseg.serving.forms import (
     DICOM_COLUMN,
-    MAX_REQUEST_ENV,
-    NIFTI_COLUMN,
     max_request_bytes,
     series_from_payload,
     slice_orientation,
@@ -49,30 +46,6 @@ from liverseg.tracking import tensorflow_distribution
 
 POSTPROCESSING_FILE = "postprocessing.json"
 MASK_FORMATS = ("seg", "nifti")
-# The distributions the served model imports ("tensorflow": the cpu or the gpu extra's).
-SERVING_DISTRIBUTIONS = (
-    "mlflow",
-    "tensorflow",
-    "keras",
-    "numpy",
-    "scipy",
-    "nibabel",
-    "pydicom",
-    "highdicom",
-)
-# For readers of the MLmodel file, as no input schema says it (see the module docstring).
-INPUT_FORMS = {
-    "slices": {"inputs": "float32 (N, H, W) in HU", "answer": "uint8 (N, H, W) masks"},
-    "volume": {
-        "dataframe_split": f"column {NIFTI_COLUMN}: base64 of a .nii/.nii.gz CT",
-        "answer": "mask_nifti (base64 .nii.gz), liver_volume_ml, liver_voxels, quality",
-    },
-    "dicom": {
-        "dataframe_split": f"column {DICOM_COLUMN}: base64 of a zipped DICOM CT series",
-        "answer": "mask_seg (base64 DICOM SEG), series, liver_volume_ml, liver_voxels, quality",
-    },
-    "max_request_env": MAX_REQUEST_ENV,
-}
 
 
 def _segment_oriented_slices(
@@ -82,8 +55,6 @@ def _segment_oriented_slices(
     network (as volumes are) and back, so the masks line up with the slices as sent."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-    if codes == ("R", "A", "S"):
-        return seg.segment_slices(stack)
     here, ras = axcodes2ornt(codes), axcodes2ornt(("R", "A", "S"))
     vol = apply_orientation(np.moveaxis(stack, 0, 2), ornt_transform(here, ras))
     masks = seg.segment_slices(np.ascontiguousarray(np.moveaxis(vol, 2, 0)))
@@ -144,38 +115,21 @@ class LiverSegModel(PythonModel):
     def _one_volume(
         self, column: str, payload: Any, seg: Segmenter, params: dict[str, Any]
     ) -> dict[str, Any]:
-        series = None
-        fmt = "nifti"
+        series, uid, fmt = None, None, "nifti"
         if column == DICOM_COLUMN:
             fmt = str(params.get("mask_format") or "seg")
             if fmt not in MASK_FORMATS:
                 raise DataError(f"params: mask_format must be one of {MASK_FORMATS}, got {fmt!r}")
             series = series_from_payload(payload, self.max_bytes, params.get("series") or None)
-            volume = series.volume
+            volume, uid = series.volume, series.info.uid
         else:
             volume = volume_from_payload(payload, self.max_bytes)
-        with self._lock:
-            net = seg.predict_ras(volume.data, members=True)
-        mask = seg.postprocess(net.mask)
-        out: dict[str, Any] = {}
-        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp:
-            if series is not None and fmt == "seg":
-                from liverseg.data.dicomseg import write_seg
-
-                path = Path(tmp) / "mask.dcm"
-                write_seg(
-                    from_canonical(mask, volume), series.datasets, path, model="mlflow pyfunc"
-                )
-            else:
-                path = save_mask_like(mask, volume, Path(tmp) / "mask.nii.gz")
-            out[f"mask_{fmt}"] = base64.b64encode(path.read_bytes()).decode("ascii")
-        if series is not None:
-            out["series"] = series.info.uid
-        voxels = int(np.count_nonzero(mask))
-        out["liver_volume_ml"] = voxels * volume.voxel_volume_ml
-        out["liver_voxels"] = voxels
-        out["quality"] = quality_report(mask, volume.data, volume.spacing, member_masks=net.members)
-        return out
+        with tempfile.TemporaryDirectory(prefix="liverseg-mask-") as tmp, self._lock:
+            path = Path(tmp) / ("mask.dcm" if fmt == "seg" else "mask.nii.gz")
+            series = series if fmt == "seg" else None
+            done = segment_volume(seg, volume, path, series=series, model_name="mlflow pyfunc")
+            mask = {f"mask_{fmt}": base64.b64encode(path.read_bytes()).decode("ascii")}
+        return {**mask, **({"series": uid} if uid else {}), **done}
 
 
 # ------------------------------------------------------------------------ the server's log
@@ -191,45 +145,38 @@ def _is_disconnect(exc: BaseException | None, depth: int = 0) -> bool:
     return _is_disconnect(exc.__cause__ or exc.__context__, depth + 1)
 
 
-class ClientDisconnectFilter(logging.Filter):
-    """Turns uvicorn's traceback for a client that hung up into one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _is_disconnect(record.exc_info[1]):
-            record.msg = "client disconnected before the response was sent; request dropped"
-            record.args = ()
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info = record.exc_text = None
-        return True
+def _quiet_disconnect(record: logging.LogRecord) -> bool:
+    """A log filter: uvicorn's traceback for a client that hung up becomes one line."""
+    if record.exc_info and _is_disconnect(record.exc_info[1]):
+        record.msg = "client disconnected before the response was sent; request dropped"
+        record.args = ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
-    """Install :class:`ClientDisconnectFilter` on the server's error logger (idempotent)."""
+    """Install :func:`_quiet_disconnect` on the server's error logger (idempotent)."""
     log = logging.getLogger(logger)
-    if not any(isinstance(f, ClientDisconnectFilter) for f in log.filters):
-        log.addFilter(ClientDisconnectFilter())
+    if _quiet_disconnect not in log.filters:
+        log.addFilter(_quiet_disconnect)
 
 
 # ------------------------------------------------------------------------------- logging it
 def serving_requirements() -> list[str]:
-    """pip requirements of the served model: the installed versions (liverseg pins them)."""
-    dists = [tensorflow_distribution() if d == "tensorflow" else d for d in SERVING_DISTRIBUTIONS]
-    return [f"{d}=={importlib.metadata.version(d)}" for d in dists]
+    """pip requirements of the served model: the installed versions (liverseg pins them) of
+    what it imports ("tensorflow": the cpu or the gpu extra's)."""
+    dists = ["mlflow", tensorflow_distribution(), "keras", "numpy", "scipy", "nibabel"]
+    return [f"{d}=={importlib.metadata.version(d)}" for d in [*dists, "pydicom", "highdicom"]]
 
 
 def model_signature(post: PostProcessing) -> ModelSignature:
     """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
     kinds = {float: "double", bool: "boolean"}
-    return ModelSignature(
-        params=ParamSchema(
-            [
-                *(ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()),
-                ParamSpec("orientation", "string", "RAS"),
-                ParamSpec("series", "string", ""),
-                ParamSpec("mask_format", "string", "seg"),
-            ]
-        )
-    )
+    specs = [ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()]
+    strings = {"orientation": "RAS", "series": "", "mask_format": "seg"}
+    specs += [ParamSpec(k, "string", v) for k, v in strings.items()]
+    return ModelSignature(params=ParamSchema(specs))
 
 
 _MODEL_CODE = (
@@ -243,8 +190,6 @@ _MODEL_CODE = (
 def log_pyfunc(
     model_dir: Path,
     post: PostProcessing,
-    *,
-    name: str = "model",
     registered_model_name: str | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log ``model_dir`` (``model.keras`` + ``preprocessing.json``) as a pyfunc in the active run.
@@ -263,7 +208,7 @@ def log_pyfunc(
         code_file.write_text(_MODEL_CODE)
         example = np.linspace(-200.0, 300.0, 16 * 16, dtype=np.float32).reshape(1, 16, 16)
         return mlflow.pyfunc.log_model(
-            name=name,
+            name="model",
             python_model=str(code_file),
             artifacts={
                 "model": str(model_file),
@@ -274,6 +219,5 @@ def log_pyfunc(
             signature=model_signature(post),
             input_example=example,
             pip_requirements=serving_requirements(),
-            metadata={"liverseg": INPUT_FORMS},
             registered_model_name=registered_model_name,
         )

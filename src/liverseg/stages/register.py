@@ -14,7 +14,7 @@ from liverseg.evaluation.results import read_test_metrics
 from liverseg.fsutil import atomic_dir, write_json
 from liverseg.inference import PostProcessing
 from liverseg.params import EvaluateParams, RegisterParams, load_section
-from liverseg.registry import register_model
+from liverseg.registry import decision_text, register_model
 from liverseg.tracking import read_train_run
 
 
@@ -55,13 +55,9 @@ def main(args: argparse.Namespace) -> None:
     post = PostProcessing.from_params(ev)
     result = register(args.model_dir, args.evaluate, args.train_run, args.out, cfg, post)
     m = result["metrics"]
-    versus = "no previous champion"
-    if m["champion_version_before"] is not None:
-        before = m["champion_dice_before"]
-        dice = "an unknown Dice" if before is None else f"{before:.4f}"
-        versus = f"champion v{m['champion_version_before']} had {dice}"
+    before = (m["champion_version_before"], m["champion_dice_before"])
     print(
-        f"register: {result['name']} v{result['version']} (test Dice {m['test_dice']:.4f}; "
-        f"{versus}) -> {result['decision']}; serve with: mlflow models serve -m "
-        f"{result['alias_uri']} --env-manager local"
+        f"register: {result['name']} v{result['version']}, "
+        f"{decision_text(result['decision'], m['test_dice'], *before)} Serve with: "
+        f"mlflow models serve -m {result['alias_uri']} --env-manager local"
     )
