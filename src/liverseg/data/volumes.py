@@ -42,13 +42,9 @@ def max_voxels() -> int:
     raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_VOXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not raw.isdigit() or int(raw) < 1:
         raise DataError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive integer (voxels)")
-    return value
+    return int(raw)
 
 
 def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
@@ -96,26 +92,6 @@ class Volume:
     @property
     def voxel_volume_ml(self) -> float:
         return float(np.prod(self.spacing)) / 1000.0
-
-
-def _read(path: Path) -> nib.Nifti1Image:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        img: Any = nib.load(str(path))
-        check_voxel_count(tuple(img.shape), str(path))
-        # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
-        np.asanyarray(img.dataobj)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
-    except nib.filebasedimages.ImageFileError as exc:
-        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise DataError(f"{path}: not a NIfTI image (got {type(img).__name__})")
-    return img
 
 
 def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = None) -> Volume:
@@ -263,7 +239,22 @@ def _nifti_kind(raw: bytes, source: str) -> type[nib.Nifti1Image] | type[nib.Nif
 def load_volume(path: Path, *, kind: str = "image") -> Volume:
     """Load, validate and reorient a NIfTI file (see :func:`volume_from_image`)."""
     path = Path(path)
-    return volume_from_image(_read(path), kind=kind, path=path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        img: Any = nib.load(str(path))
+        check_voxel_count(tuple(img.shape), str(path))
+        # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
+        np.asanyarray(img.dataobj)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise DataError(f"{path}: not a NIfTI image (got {type(img).__name__})")
+    return volume_from_image(img, kind=kind, path=path)
 
 
 @dataclass(frozen=True)
