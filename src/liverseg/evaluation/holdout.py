@@ -169,7 +169,6 @@ def log_to_mlflow(
     ``run.json``), with the test data as its input and the overlays as images; the headline
     test figures also go onto the parent run so that the ``cv`` row of the runs table shows
     them."""
-    from mlflow.entities import Metric
     from PIL import Image
 
     tracking.follow_moved_store()
@@ -211,13 +210,6 @@ def log_to_mlflow(
                         im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
                     )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
-        now = int(time.time() * 1000)
-        mlflow.MlflowClient().log_batch(
-            parent_id,
-            metrics=[
-                Metric(k, v, now, 0)
-                for k, v in test.items()
-                if k in HEADLINE or k.removesuffix("_exact") in HEADLINE
-            ],
-        )
+        headline = {k: v for k, v in test.items() if k.removesuffix("_exact") in HEADLINE}
+        mlflow.log_metrics(headline, step=0, run_id=parent_id, synchronous=True)
         return str(run.info.run_id)
