@@ -97,22 +97,6 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def _crop_to_union(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop both masks to the bounding box of their union.
-
-    The distance transforms cost time in proportion to the array size, and a liver fills a small
-    part of a CT. Distances are unchanged: every surface voxel lies in the box, the exact EDT only
-    looks at those, and the erosion's outside-is-background border matches the real background
-    around the box.
-    """
-    union = p | t
-    box = []
-    for axis in range(union.ndim):
-        idx = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return p[tuple(box)], t[tuple(box)]
-
-
 def surface_distances(
     pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +108,12 @@ def surface_distances(
     for name, arr in (("pred", p), ("truth", t)):
         if not arr.any():
             raise DataError(f"{name}: empty mask, surface distances undefined")
-    surf_p, surf_t = (_surface(m) for m in _crop_to_union(p, t))
+    # Cropped to the bounding box of the union: the distance transforms cost time in proportion
+    # to the array size, and a liver fills a small part of a CT. Distances are unchanged: every
+    # surface voxel lies in the box, the exact EDT only looks at those, and the erosion's
+    # outside-is-background border matches the real background around the box.
+    box = ndimage.find_objects((p | t).view(np.uint8))[0]
+    surf_p, surf_t = _surface(p[box]), _surface(t[box])
     dist_to_t = ndimage.distance_transform_edt(~surf_t, sampling=sampling)
     dist_to_p = ndimage.distance_transform_edt(~surf_p, sampling=sampling)
     return np.asarray(dist_to_t[surf_p], np.float64), np.asarray(dist_to_p[surf_t], np.float64)
