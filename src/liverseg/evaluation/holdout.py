@@ -56,9 +56,7 @@ def overlay(
     truth: np.ndarray,
     pred: np.ndarray,
     path: Path,
-    *,
-    title: str = "",
-    window_hu: tuple[float, float] = (-200.0, 300.0),
+    title: str,
 ) -> None:
     """Write one axial slice with truth (green) and prediction (red) outlines to ``path``."""
     import matplotlib
@@ -67,7 +65,7 @@ def overlay(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=window_hu[0], vmax=window_hu[1])
+    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=-200.0, vmax=300.0)
     for m, color, label in ((truth, "lime", "truth"), (pred, "red", "prediction")):
         if m.any():
             ax.contour(m.astype(float).T[::-1, ::-1], levels=[0.5], colors=color, linewidths=1)
@@ -80,15 +78,6 @@ def overlay(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def overlay_slices(truth: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
-    """``n`` axial indices spread over the liver (truth or prediction), for overlays."""
-    z = np.flatnonzero((truth | pred).any(axis=(0, 1)))
-    if z.size == 0 or n == 0:
-        return []
-    picks = np.linspace(z[0], z[-1], n + 2)[1:-1] if n < z.size else z
-    return sorted({int(round(p)) for p in picks})
 
 
 def score_case(
@@ -133,9 +122,13 @@ def evaluate(
             case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
             row, pred = score_case(seg, case, cfg)
             rows.append(row)
-            for z in overlay_slices(
-                case.mask.data.astype(bool), pred.astype(bool), cfg.overlays_per_patient
-            ):
+            # overlays_per_patient slices spread over the liver (truth or prediction)
+            z_liver = np.flatnonzero((case.mask.data | pred).any(axis=(0, 1)))
+            n = cfg.overlays_per_patient
+            picks = (
+                np.linspace(z_liver[0], z_liver[-1], n + 2)[1:-1] if n < z_liver.size else z_liver
+            )
+            for z in sorted({int(round(p)) for p in picks}) if n else ():
                 overlay(
                     case.image.data[:, :, z],
                     case.mask.data[:, :, z],
