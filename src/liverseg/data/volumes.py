@@ -266,18 +266,13 @@ class Case:
     mask: Volume
 
 
-def load_case(
-    image_path: Path, mask_path: Path, *, case_id: str, require_liver: bool = True
-) -> Case:
-    """Load a CT/mask pair and check that they belong together.
-
-    Raises :class:`DataError` naming the file on a shape or affine mismatch, and, when
-    ``require_liver``, on a mask without any liver voxel.
-    """
+def load_case(image_path: Path, mask_path: Path, *, case_id: str) -> Case:
+    """Load a CT/mask pair and check that they belong together: a DataError names the file on
+    a shape or affine mismatch and on a mask without any liver voxel."""
     image = load_volume(image_path, kind="image")
     mask = load_volume(mask_path, kind="mask")
     check_pair(image.data, image.affine, mask.data, mask.affine, image_path, mask_path)
-    if require_liver and not mask.data.any():
+    if not mask.data.any():
         raise DataError(f"{mask_path}: empty liver mask (no voxel is 1) in a training case")
     return Case(case_id=case_id, image=image, mask=mask)
 
