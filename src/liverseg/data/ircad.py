@@ -54,28 +54,6 @@ _INNER_ZIPS = "*_DICOM.zip"
 
 
 # --------------------------------------------------------------------------- DICOM tree
-def _find_case_dirs(root: Path) -> dict[int, Path]:
-    if not root.is_dir():
-        raise DataError(f"{root}: IRCAD DICOM root is not a folder")
-    matched = sorted(
-        p for p in root.rglob("3Dircadb1.*") if p.is_dir() and _CASE_DIR.fullmatch(p.name)
-    )
-    # An archive unpacked into a folder of its own name gives 3Dircadb1.1/3Dircadb1.1/...:
-    # the outer folder is only a wrapper.
-    leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
-    cases: dict[int, Path] = {}
-    for folder in leaves:
-        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
-        if number in cases:
-            raise DataError(
-                f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"
-            )
-        cases[number] = folder
-    if not cases:
-        raise DataError(f"{root}: no 3Dircadb1.N patient folders found")
-    return dict(sorted(cases.items()))
-
-
 def _require_dir(path: Path) -> Path:
     if path.is_dir():
         return path
@@ -94,10 +72,27 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
     (``eNN``) sorted.
     """
     root, out_dir = Path(root), Path(out_dir)
-    cases = _find_case_dirs(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: IRCAD DICOM root is not a folder")
+    matched = sorted(
+        p for p in root.rglob("3Dircadb1.*") if p.is_dir() and _CASE_DIR.fullmatch(p.name)
+    )
+    # An archive unpacked into a folder of its own name gives 3Dircadb1.1/3Dircadb1.1/...:
+    # the outer folder is only a wrapper.
+    leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
+    cases: dict[int, Path] = {}
+    for folder in leaves:
+        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
+        if number in cases:
+            raise DataError(
+                f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"
+            )
+        cases[number] = folder
+    if not cases:
+        raise DataError(f"{root}: no 3Dircadb1.N patient folders found")
     out_dir.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
-    for number, folder in cases.items():
+    for number, folder in sorted(cases.items()):
         ct_dir = _require_dir(folder / _CT_DIR)
         mask_dir = _require_dir(_require_dir(folder / _MASKS_DIR) / _LIVER_DIR)
         ct = read_series_folder(ct_dir)
