@@ -162,25 +162,22 @@ def _read_slice(path: Path) -> _Slice:
     )
 
 
-def read_series_folder(folder: Path) -> SeriesArrays:
-    """The series of the files directly in ``folder`` (one series, as IRCAD stores them).
+def read_series_folder(folder: Path, files: list[Path] | None = None) -> SeriesArrays:
+    """The series of the files directly in ``folder`` (one series, as IRCAD stores them), or of
+    ``files`` (``folder`` then only names the series in messages).
 
     Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
     missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
     and slice gaps differing from their median by more than ``SPACING_RTOL``.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: no files in the DICOM series folder")
-    return series_from_files(files, folder)
-
-
-def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
-    """One series from its slice files (``folder`` names it in messages)."""
+    if files is None:
+        if not folder.is_dir():
+            raise DataError(f"{folder}: DICOM series folder does not exist")
+        # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{folder}: no files in the DICOM series folder")
     slices = [_read_slice(p) for p in files]
     first = slices[0]
     for s in slices[1:]:
@@ -271,10 +268,6 @@ class SeriesInfo:
     files: tuple[Path, ...]
     headers: tuple[Dataset, ...] = field(default=(), repr=False)
 
-    def line(self) -> str:
-        desc = self.description or "(no description)"
-        return f"{self.uid}  {self.modality or '?'}  {desc!r}  {len(self.files)} files"
-
 
 @dataclass(frozen=True)
 class DicomSeries:
@@ -349,7 +342,11 @@ def read_ct_series(
             folder = Path(tmp) / "series"
             safe_extract_zip(source, folder, max_bytes=max_bytes)
         found = find_series(folder)
-        listed = "; ".join(i.line() for i in found)
+        listed = "; ".join(
+            f"{i.uid}  {i.modality or '?'}  {i.description or '(no description)'!r}  "
+            f"{len(i.files)} files"
+            for i in found
+        )
         chosen = [i for i in found if series_uid in (None, i.uid)]
         if not chosen:
             raise DataError(f"{source}: no series {series_uid} here; found: {listed}")
@@ -372,7 +369,7 @@ def read_ct_series(
                 f"over the limit of {max_bytes / 2**20:.1f} MB"
             )
         try:
-            series = series_from_files(list(info.files), source)
+            series = read_series_folder(source, list(info.files))
         except DataError as exc:
             # Decoder messages span lines (one per plugin tried): the error stays one line.
             raise DataError(" ".join(str(exc).split())) from exc
