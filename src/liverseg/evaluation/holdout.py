@@ -187,21 +187,20 @@ def log_to_mlflow(
         mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"] for r in result["per_patient"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
-        overlays: dict[str, list[tuple[int, Path]]] = {}
-        for png in (out / "overlays").glob("*.png"):
-            case, z = png.stem.rsplit("_z", 1)  # <case>_z<k>.png
-            overlays.setdefault(case, []).append((int(z), png))
-        for case, slices in sorted(overlays.items()):
-            # One image key per patient, its slices at steps 0, 1, ... from the bottom up:
-            # the UI's step slider starts at 0, so slice indices as steps showed a blank
-            # panel. The slice index stays in the artifact's name (evaluate/overlays/).
-            for step, (_, png) in enumerate(sorted(slices)):
-                with Image.open(png) as im:
-                    # synchronous: MLflow's asynchronous artifact queue would hold the exit
-                    # for a second (its thread polls once a second) to upload small files
-                    mlflow.log_image(
-                        im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
-                    )
+        # One image key per patient, its slices at steps 0, 1, ... from the bottom up: the UI's
+        # step slider starts at 0, so slice indices as steps showed a blank panel. The slice
+        # index stays in the artifact's name (evaluate/overlays/<case>_z<k>.png).
+        steps: dict[str, int] = {}
+        pngs = (out / "overlays").glob("*.png")
+        for _, png in sorted((int(p.stem.rsplit("_z", 1)[1]), p) for p in pngs):
+            case = png.stem.rsplit("_z", 1)[0]
+            steps[case] = step = steps.get(case, -1) + 1
+            with Image.open(png) as im:
+                # synchronous: MLflow's asynchronous artifact queue would hold the exit for a
+                # second (its thread polls once a second) to upload small files
+                mlflow.log_image(
+                    im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
+                )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
         headline = {k: v for k, v in test.items() if k.removesuffix("_exact") in HEADLINE}
         mlflow.log_metrics(headline, step=0, run_id=parent_id, synchronous=True)
