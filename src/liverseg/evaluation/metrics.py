@@ -1,7 +1,7 @@
 """Segmentation metrics of a predicted binary volume against the reference one (numpy/scipy only).
 
 Array contract: ``pred`` and ``truth`` have the same shape, are 3-D ``(x, y, z)`` arrays in the
-RAS orientation of :mod:`liverseg.data.volumes` (:func:`dice` and :func:`iou` also take 2-D),
+RAS orientation of :mod:`liverseg.data.volumes` (:func:`dice` also takes 2-D),
 and hold only 0/1 (any bool, integer or float dtype). ``spacing`` is the voxel size in mm along
 those same axes (``Volume.spacing``).
 Any violation raises :class:`~liverseg.errors.DataError` (a ``ValueError``) naming the argument.
@@ -83,13 +83,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient of two 2-D or 3-D masks; 1 when both are empty."""
     inter, n_p, n_t = _counts(*_validate_pair(pred, truth, (2, 3)))
     return 2.0 * inter / (n_p + n_t) if n_p + n_t else 1.0
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Jaccard index of two 2-D or 3-D masks; 1 when both are empty."""
-    inter, n_p, n_t = _counts(*_validate_pair(pred, truth, (2, 3)))
-    union = n_p + n_t - inter
-    return inter / union if union else 1.0
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
