@@ -19,7 +19,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -37,20 +37,13 @@ MAX_VOXELS_ENV = "LIVERSEG_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 2000
 
 
-def max_voxels() -> int:
-    """The voxel limit from ``LIVERSEG_MAX_VOXELS`` (a positive integer) or the default."""
-    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_VOXELS
+def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
+    """DataError naming ``where`` and the claimed shape when it exceeds the voxel limit
+    (``LIVERSEG_MAX_VOXELS``, a positive integer, or the default)."""
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip() or str(DEFAULT_MAX_VOXELS)
     if not raw.isdigit() or int(raw) < 1:
         raise DataError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive integer (voxels)")
-    return int(raw)
-
-
-def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
-    """DataError naming ``where`` and the claimed shape when it exceeds :func:`max_voxels`."""
-    n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if len(shape) else 0
-    limit = max_voxels()
+    n, limit = int(np.prod([int(s) for s in shape], dtype=np.int64)), int(raw)
     if n > limit:
         raise DataError(
             f"{where}: header claims shape {tuple(int(s) for s in shape)} = {n:,} voxels, over "
@@ -62,11 +55,6 @@ def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
 # float32 rounding of a NIfTI header's translation (rtol). The one rule for every reader.
 GRID_ATOL_MM = 1e-3
 GRID_RTOL = 1e-4
-
-
-def same_grid(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two 4x4 voxel-to-world affines describe the same grid (see GRID_ATOL_MM)."""
-    return bool(np.allclose(a, b, atol=GRID_ATOL_MM, rtol=GRID_RTOL))
 
 
 @dataclass(frozen=True)
@@ -94,7 +82,9 @@ class Volume:
         return float(np.prod(self.spacing)) / 1000.0
 
 
-def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = None) -> Volume:
+def volume_from_image(
+    img: nib.Nifti1Image, *, kind: Literal["image", "mask", "labels"], path: Path | None = None
+) -> Volume:
     """Validate an in-memory NIfTI image and reorient it to RAS.
 
     ``kind`` is "image" (CT in HU, float32), "mask" (values {0, 1} or {0, 255}, uint8 0/1) or
@@ -121,12 +111,10 @@ def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = No
             raise DataError(f"{where}: {n_bad} NaN or inf voxels in the CT")
     elif kind == "mask":
         data = binary_mask(np.asarray(raw), where)
-    elif kind == "labels":  # integer labels or packed bits (liverseg.data.labelmaps), as stored
+    else:  # labels: integer labels or packed bits (liverseg.data.labelmaps), as stored
         data = np.asarray(raw)
         if data.dtype.kind not in "ui":
             raise DataError(f"{where}: label volume of type {data.dtype}, expected integers")
-    else:  # pragma: no cover - programming error
-        raise ValueError(f"kind must be 'image', 'mask' or 'labels', not {kind!r}")
     return Volume(
         data=data,
         affine=canon.affine.copy(),
@@ -170,7 +158,7 @@ def nifti_from_bytes(data: bytes, limit: int, source: str) -> nib.Nifti1Image | 
     """The NIfTI image in ``data``: a single-file ``.nii`` or ``.nii.gz``, NIfTI-1 or -2.
 
     Untrusted bytes (a request body): a decompressed file or a float32 voxel array over
-    ``limit`` bytes is a :class:`TooLargeError`, and a shape over :func:`max_voxels` a
+    ``limit`` bytes is a :class:`TooLargeError`, and a shape over the voxel limit a
     DataError, both before a voxel is read; every other problem (corrupt or truncated gzip,
     not NIfTI, a ``.hdr`` of a pair, a header that promises more voxels than the bytes hold)
     is a DataError starting with ``source``.
@@ -236,7 +224,7 @@ def _nifti_kind(raw: bytes, source: str) -> type[nib.Nifti1Image] | type[nib.Nif
     )
 
 
-def load_volume(path: Path, *, kind: str = "image") -> Volume:
+def load_volume(path: Path, *, kind: Literal["image", "mask", "labels"] = "image") -> Volume:
     """Load, validate and reorient a NIfTI file (see :func:`volume_from_image`)."""
     path = Path(path)
     if not path.exists():
@@ -291,7 +279,7 @@ def check_pair(
             f"{mask_path}: mask shape {mask.shape} does not match CT shape {image.shape} of "
             f"{image_path}"
         )
-    if not same_grid(image_affine, mask_affine):
+    if not np.allclose(image_affine, mask_affine, atol=GRID_ATOL_MM, rtol=GRID_RTOL):
         raise DataError(
             f"{mask_path}: mask affine differs from the CT's ({image_path}); "
             f"the pair is not on one grid"
