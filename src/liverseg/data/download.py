@@ -51,7 +51,6 @@ MAX_RATIO = 1000.0
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ROOTED = re.compile(r"^(/|[A-Za-z]:)")  # an absolute POSIX path or a Windows drive
-_USER_AGENT = "liverseg-download"
 
 
 # ------------------------------------------------------------------------------------ download
@@ -130,7 +129,7 @@ def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | 
             f"{source}: unsupported URL scheme {scheme!r} "
             "(expected http://, https://, file:// or a local path)"
         )
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    request = urllib.request.Request(url, headers={"User-Agent": "liverseg-download"})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:

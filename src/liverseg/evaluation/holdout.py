@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 # Progress lines go to this logger (the CLI sends it to stderr).
 log = logging.getLogger("liverseg.progress")
 
-METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
-
 
 def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Spearman's rank correlation of the ensemble agreement with the per-patient Dice.
@@ -115,7 +113,8 @@ def evaluate(
     test_ids = load_splits(prepared)["test"]
     pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
     seg = Segmenter.load(model_dir, post=PostProcessing.from_params(cfg), batch_size=cfg.batch_size)
-    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
+    metrics = ["dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm"]
+    metrics += [nsd_key(t) for t in cfg.nsd_tolerances_mm]
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as tmp:
         for cid in test_ids:
