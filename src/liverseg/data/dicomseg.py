@@ -15,7 +15,7 @@ the SEG still references every source instance by its SOPInstanceUID. See docs/d
 
 Array contract: ``mask_source`` is the mask on the series' source grid ``[i, j, k]`` =
 (column, row, slice in ``DicomSeries.datasets`` order), see :mod:`liverseg.data.dicom`;
-:func:`read_seg_mask` returns the same layout, so a round trip is the identity.
+the tests read a SEG back into the same layout, so a round trip is the identity.
 """
 
 from __future__ import annotations
@@ -112,15 +112,3 @@ def write_seg(
     with atomic_file(Path(path)) as tmp:
         seg.save_as(tmp)
     return Path(path)
-
-
-def read_seg_mask(path: Path, source: Sequence[Dataset]) -> np.ndarray:
-    """A SEG's liver mask as uint8 ``(columns, rows, slices)`` on the ``source`` slices."""
-    seg = hd.seg.segread(str(path))
-    uids = [str(ds.SOPInstanceUID) for ds in source]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        segment_numbers=[1],
-        assert_missing_frames_are_empty=True,
-    )  # (k, rows, columns, 1)
-    return np.ascontiguousarray(np.transpose(pixels[..., 0], (2, 1, 0))).astype(np.uint8)
