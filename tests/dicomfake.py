@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -106,6 +107,19 @@ def write_series(
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+def read_seg_mask(path: Path, source: Sequence[Dataset]) -> np.ndarray:
+    """A SEG's liver mask as uint8 ``(columns, rows, slices)`` on the ``source`` slices (the
+    layout ``liverseg.data.dicomseg.write_seg`` takes)."""
+    seg = hd.seg.segread(str(path))
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )  # (k, rows, columns, 1)
+    return np.ascontiguousarray(np.transpose(pixels[..., 0], (2, 1, 0))).astype(np.uint8)
 
 
 def phantom_ijk(shape: tuple[int, int, int] = (40, 32, 12), seed: int = 0) -> np.ndarray:

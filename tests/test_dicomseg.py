@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
 
-from dicomfake import phantom_ijk, write_series
+from dicomfake import phantom_ijk, read_seg_mask, write_series
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import build_seg, frame_of_reference_uid, read_seg_mask, write_seg
+from liverseg.data.dicomseg import build_seg, frame_of_reference_uid, write_seg
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import tool_env
-from dicomfake import phantom_ijk, write_series
+from dicomfake import phantom_ijk, read_seg_mask, write_series
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import read_seg_mask
 from liverseg.data.volumes import from_canonical
 from liverseg.inference import Segmenter
 

@@ -430,9 +430,8 @@ def test_python_client(server: Server, tiny_model: Path, tmp_path: Path) -> None
 def test_python_client_dicom_and_orientation(
     server: Server, tiny_model: Path, tmp_path: Path
 ) -> None:
-    from dicomfake import write_series
+    from dicomfake import read_seg_mask, write_series
     from liverseg.data.dicom import read_ct_series
-    from liverseg.data.dicomseg import read_seg_mask
     from liverseg.serving.client import segment_dicom
 
     hu = blob_ct().astype(np.float32)  # as (columns, rows, slices) of the series

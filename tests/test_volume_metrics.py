@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from liverseg.errors import DataError
-from liverseg.evaluation.metrics import dice, iou, surface_distances, volume_metrics
+from liverseg.evaluation.metrics import dice, surface_distances, volume_metrics
 
 ANISO = (0.5, 0.5, 2.0)
 
@@ -61,11 +61,12 @@ A4 = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
 def test_dice_iou_small_masks(
     pred: np.ndarray, truth: np.ndarray, exp_dice: float, exp_iou: float
 ) -> None:
+    p3, t3 = np.atleast_3d(pred), np.atleast_3d(truth)
     assert dice(pred, truth) == pytest.approx(exp_dice)
-    assert iou(pred, truth) == pytest.approx(exp_iou)
+    assert volume_metrics(p3, t3, (1.0, 1.0, 1.0))["iou"] == pytest.approx(exp_iou)
     # Both are symmetric in their arguments.
     assert dice(truth, pred) == pytest.approx(exp_dice)
-    assert iou(truth, pred) == pytest.approx(exp_iou)
+    assert volume_metrics(t3, p3, (1.0, 1.0, 1.0))["iou"] == pytest.approx(exp_iou)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,6 @@ def test_overlap_of_offset_cubes_anisotropic(
     pred = box(shape, pred_lo, pred_size)
     exp_dice, exp_iou, exp_voe, exp_rvd = exp
     assert dice(pred, truth) == pytest.approx(exp_dice)
-    assert iou(pred, truth) == pytest.approx(exp_iou)
     got = volume_metrics(pred, truth, ANISO)
     assert got["dice"] == pytest.approx(exp_dice)
     assert got["iou"] == pytest.approx(exp_iou)
@@ -282,14 +282,12 @@ def test_empty_mask_conventions(pred_empty: bool, truth_empty: bool, exp: dict[s
     truth = empty if truth_empty else cube
     assert volume_metrics(pred, truth, ANISO) == exp
     assert dice(pred, truth) == exp["dice"]
-    assert iou(pred, truth) == exp["iou"]
 
 
 def test_empty_truth_with_prediction() -> None:
     cube = box((6, 6, 6), (1, 1, 1), (3, 3, 3))
     empty = np.zeros_like(cube)
     assert dice(cube, empty) == 0.0
-    assert iou(cube, empty) == 0.0
     with pytest.raises(DataError, match="truth: empty reference mask, RVD undefined"):
         volume_metrics(cube, empty, ANISO)
 
@@ -339,9 +337,8 @@ CUBE = box((6, 6, 6), (1, 1, 1), (3, 3, 3))
     ],
 )
 def test_bad_masks_raise(pred: np.ndarray, truth: np.ndarray, match: str) -> None:
-    for fn in (dice, iou):
-        with pytest.raises(DataError, match=match):
-            fn(pred, truth)
+    with pytest.raises(DataError, match=match):
+        dice(pred, truth)
     with pytest.raises(DataError, match=match.replace("2-D or 3-D", "3-D")):
         volume_metrics(pred, truth, ANISO)
 

@@ -43,11 +43,6 @@ def param_keys(params: Path = Path("params.yaml")) -> list[str]:
     return walk(yaml.safe_load(params.read_text()) or {}, "")
 
 
-def differing(rows: list[dict[str, str]], keys: list[str]) -> list[str]:
-    """The ``keys`` whose values are not the same in every row."""
-    return [k for k in keys if len({row.get(k, "") for row in rows}) > 1]
-
-
 def table(rows: list[dict[str, str]], columns: dict[str, tuple[str, str]] = COLUMNS) -> str:
     """Aligned text table: one line per revision/experiment (``-`` where a figure is missing)."""
     lines = [["experiment", *(h for h, _ in columns.values())]]
@@ -75,7 +70,8 @@ def main(stdin: TextIO | None = None) -> int:
         print("compare: no rows (is this a DVC repository with `dvc exp show` output?)")
         return 1
     print(table(rows))
-    changed = [k for k in differing(rows, param_keys()) if k not in COLUMNS]
+    keys = [k for k in param_keys() if k not in COLUMNS]
+    changed = [k for k in keys if len({row.get(k, "") for row in rows}) > 1]
     if changed:
         print("\nparams that differ:")
         print(table(rows, {k: (k, "") for k in changed}))  # as params.yaml writes them

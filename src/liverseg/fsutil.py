@@ -22,13 +22,9 @@ def _umask() -> int:
     return mask
 
 
-def _tmp_prefix(final: Path) -> str:
-    # The PID in the name lets a later run remove what a killed one (SIGKILL) left behind.
-    return f".{final.name}.tmp-{os.getpid()}-"
-
-
 def _remove_dead_leftovers(final: Path) -> None:
-    """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` beside ``final`` of dead PIDs."""
+    """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>`` beside ``final`` of dead PIDs
+    (the PID in the temporary names lets a later run remove what a killed one left behind)."""
     for kind in ("tmp", "old"):
         for p in final.parent.glob(f".{final.name}.{kind}-*"):
             pid = p.name[len(f".{final.name}.{kind}-") :].split("-", 1)[0]
@@ -75,7 +71,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_leftovers(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     with _removed_on_error(tmp, final):
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
@@ -100,7 +96,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_leftovers(final)
-    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(final), dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     with _removed_on_error(tmp, final):

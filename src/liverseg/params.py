@@ -281,9 +281,7 @@ class ModelSpec:
 
 
 @_params("train")
-class TrainParams:
-    model: ModelParams = dataclasses.field(default_factory=ModelParams)
-    loss: Loss = "dice_bce"
+class TrainParams(ModelSpec):
     learning_rate: Annotated[Float, _range(0, lo_open=True)] = 2e-3
     batch_size: Annotated[Int, _range(1)] = 16
     use_tuned: Bool = True
@@ -291,10 +289,8 @@ class TrainParams:
     patience: Annotated[Int, _range(1)] = 4
     val_stride: Annotated[Int, _range(1)] = 1
     final: Literal["retrain", "ensemble"] = "ensemble"
-    precision: Precision = "float32"
     distribute: Literal["none", "mirrored"] = "none"
     processes: Processes = 1
-    augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
     seed: Int = 42
     experiment: Name = "liverseg"
 

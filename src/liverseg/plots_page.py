@@ -11,6 +11,7 @@ Usage: ``python -m liverseg.plots_page .dvc/plots/offline.html``
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import sys
 from pathlib import Path
@@ -48,11 +49,9 @@ def page() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m liverseg.plots_page OUT.html", file=sys.stderr)
-        return 2
-    out = Path(args[0])
+    parser = argparse.ArgumentParser(prog="python -m liverseg.plots_page")
+    parser.add_argument("out", type=Path, help="where to write the page (an .html file)")
+    out = parser.parse_args(argv).out
     with atomic_file(out) as tmp:
         tmp.write_text(page(), encoding="utf8")
         tmp.chmod(0o644)  # mkstemp makes it private; it is a page for the browser

@@ -21,8 +21,6 @@ from __future__ import annotations
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,25 +162,22 @@ def _read_slice(path: Path) -> _Slice:
     )
 
 
-def read_series_folder(folder: Path) -> SeriesArrays:
-    """The series of the files directly in ``folder`` (one series, as IRCAD stores them).
+def read_series_folder(folder: Path, files: list[Path] | None = None) -> SeriesArrays:
+    """The series of the files directly in ``folder`` (one series, as IRCAD stores them), or of
+    ``files`` (``folder`` then only names the series in messages).
 
     Raises :class:`DataError` naming the folder or file on: no files, an unreadable file, a
     missing attribute, mixed shapes/orientations/pixel spacings, duplicate slice positions,
     and slice gaps differing from their median by more than ``SPACING_RTOL``.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: no files in the DICOM series folder")
-    return series_from_files(files, folder)
-
-
-def series_from_files(files: list[Path], folder: Path) -> SeriesArrays:
-    """One series from its slice files (``folder`` names it in messages)."""
+    if files is None:
+        if not folder.is_dir():
+            raise DataError(f"{folder}: DICOM series folder does not exist")
+        # Hidden files (.DS_Store, AppleDouble ._image_0) are archive litter, never slices.
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{folder}: no files in the DICOM series folder")
     slices = [_read_slice(p) for p in files]
     first = slices[0]
     for s in slices[1:]:
@@ -273,10 +268,6 @@ class SeriesInfo:
     files: tuple[Path, ...]
     headers: tuple[Dataset, ...] = field(default=(), repr=False)
 
-    def line(self) -> str:
-        desc = self.description or "(no description)"
-        return f"{self.uid}  {self.modality or '?'}  {desc!r}  {len(self.files)} files"
-
 
 @dataclass(frozen=True)
 class DicomSeries:
@@ -293,17 +284,6 @@ def is_dicom_source(path: Path) -> bool:
     return path.is_dir() or path.suffix.lower() == ".zip"
 
 
-def _header(path: Path) -> Dataset | None:
-    """The header of a DICOM file, or None for a file that is not a DICOM image."""
-    try:
-        ds = _dcmread(path, stop_before_pixels=True)
-    except Exception:  # pydicom raises many types on non-DICOM input: such files are skipped
-        return None
-    if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
-        return None  # DICOMDIR, a README parsed by force, ...
-    return ds
-
-
 def find_series(folder: Path) -> list[SeriesInfo]:
     """Every series below ``folder`` (recursively), sorted by UID."""
     folder = Path(folder)
@@ -313,109 +293,24 @@ def find_series(folder: Path) -> list[SeriesInfo]:
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
-        ds = _header(path)
-        if ds is not None:
+        try:
+            ds = _dcmread(path, stop_before_pixels=True)
+        except Exception:  # pydicom raises many types on non-DICOM input: such files are skipped
+            continue
+        if "SeriesInstanceUID" in ds and "SOPInstanceUID" in ds:  # not DICOMDIR, a README, ...
             groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     if not groups:
         raise DataError(f"{folder}: no DICOM files found")
-    out = []
-    for uid in sorted(groups):
-        first = groups[uid][0][1]
-        out.append(
-            SeriesInfo(
-                uid=uid,
-                modality=str(first.get("Modality", "")),
-                description=str(first.get("SeriesDescription", "")),
-                files=tuple(p for p, _ in groups[uid]),
-                headers=tuple(ds for _, ds in groups[uid]),
-            )
+    return [
+        SeriesInfo(
+            uid=uid,
+            modality=str(group[0][1].get("Modality", "")),
+            description=str(group[0][1].get("SeriesDescription", "")),
+            files=tuple(p for p, _ in group),
+            headers=tuple(ds for _, ds in group),
         )
-    return out
-
-
-def _choose(folder: Path, found: list[SeriesInfo], series_uid: str | None) -> SeriesInfo:
-    if series_uid is not None:
-        for info in found:
-            if info.uid == series_uid:
-                return info
-        listed = "; ".join(i.line() for i in found)
-        raise DataError(f"{folder}: no series {series_uid} here; found: {listed}")
-    if len(found) > 1:
-        listed = "; ".join(i.line() for i in found)
-        raise DataError(
-            f"{folder}: {len(found)} series found, choose one with --series UID: {listed}"
-        )
-    return found[0]
-
-
-def _check_tilt(affine: np.ndarray, where: Path) -> None:
-    cols = affine[:3, :3]
-    normal = np.cross(cols[:, 0], cols[:, 1])
-    step = cols[:, 2]
-    cos = abs(float(normal @ step)) / float(np.linalg.norm(normal) * np.linalg.norm(step))
-    angle = float(np.arccos(np.clip(cos, 0.0, 1.0)))
-    if angle > MAX_TILT_RAD:
-        raise DataError(
-            f"{where}: gantry tilt of {np.degrees(angle):.2f} degrees (slices step obliquely to "
-            "their plane); resample the series to an orthogonal grid first"
-        )
-
-
-def _check_size(info: SeriesInfo, where: Path, max_bytes: int) -> None:
-    """Refuse a series whose float32 volume would exceed ``max_bytes``, from one header."""
-    first = info.headers[0]
-    try:
-        n_bytes = int(first.Rows) * int(first.Columns) * len(info.files) * 4
-    except (AttributeError, TypeError, ValueError):
-        return  # missing Rows/Columns: the importer names the file and the attribute
-    if n_bytes > max_bytes:
-        raise DataError(
-            f"{where}: series {info.uid} is {n_bytes / 2**20:.1f} MB as float32 voxels, over "
-            f"the limit of {max_bytes / 2**20:.1f} MB"
-        )
-
-
-def _read_folder(folder: Path, series_uid: str | None, where: Path, max_bytes: int) -> DicomSeries:
-    info = _choose(where, find_series(folder), series_uid)
-    if info.modality != "CT":
-        raise DataError(
-            f"{where}: series {info.uid} has modality {info.modality or '(none)'}, not CT"
-        )
-    _check_size(info, where, max_bytes)
-    try:
-        series = series_from_files(list(info.files), where)
-    except DataError as exc:
-        # Decoder messages span lines (one per plugin tried): the error stays one line.
-        raise DataError(" ".join(str(exc).split())) from exc
-    _check_tilt(series.affine, where)
-    volume = volume_from_image(nifti_image(series.hu, series.affine), kind="image", path=where)
-    header_of = dict(zip(info.files, info.headers, strict=True))
-    headers = tuple(header_of[p] for p in series.paths)
-    frames = {
-        str(ds.FrameOfReferenceUID): p
-        for ds, p in zip(headers, series.paths, strict=True)
-        if "FrameOfReferenceUID" in ds
-    }
-    if len(frames) > 1:
-        a, b = list(frames.values())[:2]
-        raise DataError(
-            f"{where}: slices in different frames of reference: {a.name} and {b.name} have "
-            "different FrameOfReferenceUIDs"
-        )
-    return DicomSeries(volume=volume, datasets=headers, info=info)
-
-
-@contextmanager
-def _unpacked(path: Path, max_bytes: int) -> Iterator[Path]:
-    if path.is_dir():
-        yield path
-        return
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not a zip archive (expected a DICOM folder or a .zip of one)")
-    with tempfile.TemporaryDirectory(prefix="liverseg-dicom-") as tmp:
-        target = Path(tmp) / "series"
-        safe_extract_zip(path, target, max_bytes=max_bytes)
-        yield target
+        for uid, group in sorted(groups.items())
+    ]
 
 
 def read_ct_series(
@@ -437,5 +332,68 @@ def read_ct_series(
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: file not found")
-    with _unpacked(source, max_bytes) as folder:
-        return _read_folder(folder, series_uid, source, max_bytes)
+    with tempfile.TemporaryDirectory(prefix="liverseg-dicom-") as tmp:
+        folder = source
+        if not source.is_dir():
+            if not zipfile.is_zipfile(source):
+                raise DataError(
+                    f"{source}: not a zip archive (expected a DICOM folder or a .zip of one)"
+                )
+            folder = Path(tmp) / "series"
+            safe_extract_zip(source, folder, max_bytes=max_bytes)
+        found = find_series(folder)
+        listed = "; ".join(
+            f"{i.uid}  {i.modality or '?'}  {i.description or '(no description)'!r}  "
+            f"{len(i.files)} files"
+            for i in found
+        )
+        chosen = [i for i in found if series_uid in (None, i.uid)]
+        if not chosen:
+            raise DataError(f"{source}: no series {series_uid} here; found: {listed}")
+        if len(chosen) > 1:
+            raise DataError(
+                f"{source}: {len(found)} series found, choose one with --series UID: {listed}"
+            )
+        info = chosen[0]
+        if info.modality != "CT":
+            raise DataError(
+                f"{source}: series {info.uid} has modality {info.modality or '(none)'}, not CT"
+            )
+        try:  # the size from one header; missing Rows/Columns: the reader names file and key
+            n_bytes = int(info.headers[0].Rows) * int(info.headers[0].Columns) * len(info.files) * 4
+        except (AttributeError, TypeError, ValueError):
+            n_bytes = 0
+        if n_bytes > max_bytes:
+            raise DataError(
+                f"{source}: series {info.uid} is {n_bytes / 2**20:.1f} MB as float32 voxels, "
+                f"over the limit of {max_bytes / 2**20:.1f} MB"
+            )
+        try:
+            series = read_series_folder(source, list(info.files))
+        except DataError as exc:
+            # Decoder messages span lines (one per plugin tried): the error stays one line.
+            raise DataError(" ".join(str(exc).split())) from exc
+    cols = series.affine[:3, :3]
+    normal = np.cross(cols[:, 0], cols[:, 1])
+    cos = abs(normal @ cols[:, 2]) / (np.linalg.norm(normal) * np.linalg.norm(cols[:, 2]))
+    angle = float(np.arccos(np.clip(cos, 0.0, 1.0)))
+    if angle > MAX_TILT_RAD:
+        raise DataError(
+            f"{source}: gantry tilt of {np.degrees(angle):.2f} degrees (slices step obliquely "
+            "to their plane); resample the series to an orthogonal grid first"
+        )
+    volume = volume_from_image(nifti_image(series.hu, series.affine), kind="image", path=source)
+    header_of = dict(zip(info.files, info.headers, strict=True))
+    headers = tuple(header_of[p] for p in series.paths)
+    frames = {
+        str(ds.FrameOfReferenceUID): p
+        for ds, p in zip(headers, series.paths, strict=True)
+        if "FrameOfReferenceUID" in ds
+    }
+    if len(frames) > 1:
+        a, b = list(frames.values())[:2]
+        raise DataError(
+            f"{source}: slices in different frames of reference: {a.name} and {b.name} have "
+            "different FrameOfReferenceUIDs"
+        )
+    return DicomSeries(volume=volume, datasets=headers, info=info)

@@ -15,7 +15,7 @@ the SEG still references every source instance by its SOPInstanceUID. See docs/d
 
 Array contract: ``mask_source`` is the mask on the series' source grid ``[i, j, k]`` =
 (column, row, slice in ``DicomSeries.datasets`` order), see :mod:`liverseg.data.dicom`;
-:func:`read_seg_mask` returns the same layout, so a round trip is the identity.
+the tests read a SEG back into the same layout, so a round trip is the identity.
 """
 
 from __future__ import annotations
@@ -45,23 +45,6 @@ def frame_of_reference_uid(series_uid: str) -> str:
     return str(generate_uid(entropy_srcs=["liverseg frame of reference", str(series_uid)]))
 
 
-def with_frame_of_reference(source: Sequence[Dataset]) -> list[Dataset]:
-    """``source`` if every slice has a FrameOfReferenceUID, else copies of it where the slices
-    without one get the series' (the one other slices carry, or :func:`frame_of_reference_uid`).
-    The reader refuses a series whose slices carry different ones."""
-    if all("FrameOfReferenceUID" in ds for ds in source):
-        return list(source)
-    present = sorted({str(ds.FrameOfReferenceUID) for ds in source if "FrameOfReferenceUID" in ds})
-    uid = present[0] if present else frame_of_reference_uid(str(source[0].SeriesInstanceUID))
-    out = []
-    for ds in source:
-        ds = copy.deepcopy(ds)
-        ds.setdefault("FrameOfReferenceUID", uid)
-        ds.setdefault("PositionReferenceIndicator", "")
-        out.append(ds)
-    return out
-
-
 def build_seg(
     mask_source: np.ndarray, source: Sequence[Dataset], *, model: str
 ) -> hd.seg.Segmentation:
@@ -77,6 +60,15 @@ def build_seg(
             f"mask of shape {mask_source.shape} does not match slices of {rows} rows x {cols} "
             "columns"
         )
+    if not all("FrameOfReferenceUID" in ds for ds in source):
+        # Copies of the slices without one get the series' (the one other slices carry; the
+        # reader refuses a series whose slices carry different ones).
+        present = [str(ds.FrameOfReferenceUID) for ds in source if "FrameOfReferenceUID" in ds]
+        uid = min(present, default=frame_of_reference_uid(str(source[0].SeriesInstanceUID)))
+        source = [copy.deepcopy(ds) for ds in source]
+        for ds in source:
+            ds.setdefault("FrameOfReferenceUID", uid)
+            ds.setdefault("PositionReferenceIndicator", "")
     frames = np.ascontiguousarray(np.transpose(mask_source != 0, (2, 1, 0)))  # (k, row, col)
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -93,7 +85,7 @@ def build_seg(
     )
     try:
         return hd.seg.Segmentation(
-            source_images=with_frame_of_reference(source),
+            source_images=list(source),
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
@@ -120,15 +112,3 @@ def write_seg(
     with atomic_file(Path(path)) as tmp:
         seg.save_as(tmp)
     return Path(path)
-
-
-def read_seg_mask(path: Path, source: Sequence[Dataset]) -> np.ndarray:
-    """A SEG's liver mask as uint8 ``(columns, rows, slices)`` on the ``source`` slices."""
-    seg = hd.seg.segread(str(path))
-    uids = [str(ds.SOPInstanceUID) for ds in source]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        segment_numbers=[1],
-        assert_missing_frames_are_empty=True,
-    )  # (k, rows, columns, 1)
-    return np.ascontiguousarray(np.transpose(pixels[..., 0], (2, 1, 0))).astype(np.uint8)

@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import posixpath
 import re
+import shutil
 import stat
 import urllib.error
 import urllib.parse
@@ -49,8 +50,7 @@ RATIO_MIN_BYTES = 1 << 20
 MAX_RATIO = 1000.0
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_DRIVE = re.compile(r"^[A-Za-z]:")
-_USER_AGENT = "liverseg-download"
+_ROOTED = re.compile(r"^(/|[A-Za-z]:)")  # an absolute POSIX path or a Windows drive
 
 
 # ------------------------------------------------------------------------------------ download
@@ -118,7 +118,7 @@ def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | 
     it with its announced size (None if unknown)."""
     parts = urllib.parse.urlsplit(source)
     scheme = parts.scheme.lower()
-    if scheme == "" or _DRIVE.match(source):
+    if scheme == "" or _ROOTED.match(source):
         url = Path(source).absolute().as_uri()
     elif scheme == "file" and parts.netloc not in ("", "localhost"):
         raise DataError(f"{source}: file:// URL with a remote host is not supported")
@@ -129,7 +129,7 @@ def _open_source(source: str, timeout: float) -> Iterator[tuple[BinaryIO, int | 
             f"{source}: unsupported URL scheme {scheme!r} "
             "(expected http://, https://, file:// or a local path)"
         )
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    request = urllib.request.Request(url, headers={"User-Agent": "liverseg-download"})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -152,15 +152,15 @@ def safe_extract_zip(
     """Extract ``archive`` into ``target`` (replacing it) and return the extracted file paths.
 
     The archive comes from the internet, so it is treated as hostile: entries that would land
-    outside ``target`` (``../x``, ``/x``, ``C:x``), symlinks and other non-regular entries,
-    encrypted entries, a total uncompressed size over ``max_bytes``, an entry compressed more
-    than ``MAX_RATIO``:1 (when larger than ``RATIO_MIN_BYTES``), duplicate names and corrupt
-    data (bad CRC, truncated archive) are refused. Sizes are checked from the central
-    directory before anything is written; an entry cannot yield more than its declared size
-    (see :func:`_extract_entry`), so a lying header cannot get past the limits either.
-    Returned paths are under ``target``, in archive order, files only (not folders).
-    ``unpacked_before`` bytes (what earlier archives of one budget unpacked) count against
-    ``max_bytes`` too.
+    outside ``target`` (``../x``, ``/x``, ``C:x``; backslashes count as separators, ``..`` is
+    resolved lexically), symlinks and other non-regular entries, encrypted entries, a total
+    uncompressed size over ``max_bytes``, an entry compressed more than ``MAX_RATIO``:1 (when
+    larger than ``RATIO_MIN_BYTES``), duplicate names and corrupt data (bad CRC, truncated
+    archive) are refused. Every entry is checked from the central directory before anything is
+    written; ``zipfile`` stops reading an entry at its declared size and then checks the CRC, so
+    a header that under-states a size fails as corrupt. Returned paths are under ``target``, in
+    archive order, files only (not folders). ``unpacked_before`` bytes (what earlier archives of
+    one budget unpacked) count against ``max_bytes`` too.
     """
     archive = Path(archive)
     target = Path(target)
@@ -171,96 +171,64 @@ def safe_extract_zip(
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from exc
     with zf:
-        plan = _plan_extraction(archive, zf, max_bytes, unpacked_before)
+        plan: dict[str, zipfile.ZipInfo] = {}
+        total = unpacked_before
+        for info in zf.infolist():
+            where = f"{archive}: entry {info.filename!r}"
+            # The extraction folder is brand new: no symlink on disk can redirect a lexically
+            # safe path.
+            name = info.filename.replace("\\", "/")
+            rel = posixpath.normpath(name)
+            if _ROOTED.match(name) or "\x00" in name or f"{rel}/".startswith("../"):
+                raise DataError(f"{where}: path escapes the extraction folder (zip slip)")
+            if rel == ".":
+                continue  # the archive's root folder itself ("./")
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind == stat.S_IFLNK:
+                raise DataError(f"{where}: symlink entries are refused")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise DataError(f"{where}: special file (mode {oct(kind)}) entries are refused")
+            if info.flag_bits & 0x1:
+                raise DataError(f"{where}: encrypted entries are not supported")
+            if rel in plan:
+                raise DataError(f"{where}: duplicate entry for path {rel!r}")
+            total += info.file_size
+            if total > max_bytes:
+                before = (
+                    f" ({unpacked_before} of them from earlier archives)" if unpacked_before else ""
+                )
+                raise DataError(
+                    f"{where}: total uncompressed size {total} bytes{before} exceeds "
+                    f"max_bytes={max_bytes}"
+                )
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > RATIO_MIN_BYTES and ratio > MAX_RATIO:
+                raise DataError(
+                    f"{where}: compression ratio {ratio:.0f}:1 ({info.file_size} bytes from "
+                    f"{info.compress_size}) exceeds {MAX_RATIO:.0f}:1 (zip bomb?)"
+                )
+            plan[rel] = info
         written: list[Path] = []
         with atomic_dir(target) as tmp:
-            for info, rel in plan:
+            for rel, info in plan.items():
                 out = tmp.joinpath(*rel.split("/"))
                 if info.is_dir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue
-                _extract_entry(archive, zf, info, out)
+                where = f"{archive}: entry {info.filename!r}"
+                try:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, out.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    EOFError,
+                    NotImplementedError,
+                    RuntimeError,
+                ) as exc:
+                    raise DataError(f"{where}: corrupt or unsupported data: {exc}") from exc
+                except OSError as exc:
+                    raise DataError(f"{where}: cannot write {out.name}: {exc}") from exc
                 written.append(target.joinpath(*rel.split("/")))
     return written
-
-
-def _plan_extraction(
-    archive: Path, zf: zipfile.ZipFile, max_bytes: int, unpacked_before: int
-) -> list[tuple[zipfile.ZipInfo, str]]:
-    """Validate every entry before anything is written; return (entry, safe relative path)."""
-    plan: list[tuple[zipfile.ZipInfo, str]] = []
-    seen: set[str] = set()
-    total = unpacked_before
-    for info in zf.infolist():
-        name = info.filename
-        where = f"{archive}: entry {name!r}"
-        rel = _safe_relpath(name)
-        if rel is None:
-            raise DataError(f"{where}: path escapes the extraction folder (zip slip)")
-        if rel == "":
-            continue  # the archive's root folder itself ("./")
-        kind = stat.S_IFMT(info.external_attr >> 16)
-        if kind == stat.S_IFLNK:
-            raise DataError(f"{where}: symlink entries are refused")
-        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise DataError(f"{where}: special file (mode {oct(kind)}) entries are refused")
-        if info.flag_bits & 0x1:
-            raise DataError(f"{where}: encrypted entries are not supported")
-        if rel in seen:
-            raise DataError(f"{where}: duplicate entry for path {rel!r}")
-        seen.add(rel)
-        total += info.file_size
-        if total > max_bytes:
-            before = (
-                f" ({unpacked_before} of them from earlier archives)" if unpacked_before else ""
-            )
-            raise DataError(
-                f"{where}: total uncompressed size {total} bytes{before} exceeds "
-                f"max_bytes={max_bytes}"
-            )
-        if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(
-            info.compress_size, 1
-        ):
-            ratio = info.file_size / max(info.compress_size, 1)
-            raise DataError(
-                f"{where}: compression ratio {ratio:.0f}:1 ({info.file_size} bytes from "
-                f"{info.compress_size}) exceeds {MAX_RATIO:.0f}:1 (zip bomb?)"
-            )
-        plan.append((info, rel))
-    return plan
-
-
-def _safe_relpath(name: str) -> str | None:
-    """Normalised '/'-separated path of an entry inside the target, or None if it escapes.
-
-    Backslashes count as separators (archives written on Windows use them) and ``..`` is
-    resolved lexically; the extraction folder is brand new, so no symlink on disk can
-    redirect a lexically-safe path.
-    """
-    unified = name.replace("\\", "/")
-    if unified.startswith("/") or _DRIVE.match(unified) or "\x00" in unified:
-        return None
-    norm = posixpath.normpath(unified)
-    if norm == ".":
-        return ""
-    if norm == ".." or norm.startswith("../"):
-        return None
-    return norm
-
-
-def _extract_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> None:
-    """Write one entry to ``out``; corrupt data becomes a DataError naming the entry.
-
-    ``zipfile`` stops reading at the entry's declared size and then checks the CRC, so a
-    header that under-states the size (to slip past the size limits) fails here as corrupt.
-    """
-    where = f"{archive}: entry {info.filename!r}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(info) as src, out.open("wb") as dst:
-            while chunk := src.read(CHUNK_BYTES):
-                dst.write(chunk)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise DataError(f"{where}: corrupt or unsupported data: {exc}") from exc
-    except OSError as exc:
-        raise DataError(f"{where}: cannot write {out.name}: {exc}") from exc

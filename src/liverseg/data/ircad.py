@@ -25,9 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from liverseg.data.dicom import SeriesArrays, read_series_folder
+from liverseg.data.dicom import read_series_folder
 from liverseg.data.download import fetch, safe_extract_zip
 from liverseg.data.layout import case_id_for, find_nifti_pairs, output_paths
 from liverseg.data.volumes import binary_mask, check_pair, load_case, save_pair
@@ -56,37 +54,6 @@ _INNER_ZIPS = "*_DICOM.zip"
 
 
 # --------------------------------------------------------------------------- DICOM tree
-def _binary_from_series(series: SeriesArrays, folder: Path) -> np.ndarray:
-    """0/1 mask from a mask series: IRCAD stores 0/255 (some writers 0/1). Rescaled values
-    come first; a mask written with a CT-like RescaleIntercept still has 0/255 stored."""
-    try:
-        return binary_mask(series.hu, str(folder))
-    except DataError:
-        return binary_mask(series.stored, str(folder))
-
-
-def _find_case_dirs(root: Path) -> dict[int, Path]:
-    if not root.is_dir():
-        raise DataError(f"{root}: IRCAD DICOM root is not a folder")
-    matched = sorted(
-        p for p in root.rglob("3Dircadb1.*") if p.is_dir() and _CASE_DIR.fullmatch(p.name)
-    )
-    # An archive unpacked into a folder of its own name gives 3Dircadb1.1/3Dircadb1.1/...:
-    # the outer folder is only a wrapper.
-    leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
-    cases: dict[int, Path] = {}
-    for folder in leaves:
-        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
-        if number in cases:
-            raise DataError(
-                f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"
-            )
-        cases[number] = folder
-    if not cases:
-        raise DataError(f"{root}: no 3Dircadb1.N patient folders found")
-    return dict(sorted(cases.items()))
-
-
 def _require_dir(path: Path) -> Path:
     if path.is_dir():
         return path
@@ -105,16 +72,38 @@ def convert_dicom_tree(root: Path, out_dir: Path) -> list[str]:
     (``eNN``) sorted.
     """
     root, out_dir = Path(root), Path(out_dir)
-    cases = _find_case_dirs(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: IRCAD DICOM root is not a folder")
+    matched = sorted(
+        p for p in root.rglob("3Dircadb1.*") if p.is_dir() and _CASE_DIR.fullmatch(p.name)
+    )
+    # An archive unpacked into a folder of its own name gives 3Dircadb1.1/3Dircadb1.1/...:
+    # the outer folder is only a wrapper.
+    leaves = [p for p in matched if not any(q != p and q.is_relative_to(p) for q in matched)]
+    cases: dict[int, Path] = {}
+    for folder in leaves:
+        number = int(folder.name.rsplit(".", 1)[1])  # 3Dircadb1.N, as _CASE_DIR matched
+        if number in cases:
+            raise DataError(
+                f"{folder}: duplicate case {case_id_for(number)}: also found as {cases[number]}"
+            )
+        cases[number] = folder
+    if not cases:
+        raise DataError(f"{root}: no 3Dircadb1.N patient folders found")
     out_dir.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
-    for number, folder in cases.items():
+    for number, folder in sorted(cases.items()):
         ct_dir = _require_dir(folder / _CT_DIR)
         mask_dir = _require_dir(_require_dir(folder / _MASKS_DIR) / _LIVER_DIR)
         ct = read_series_folder(ct_dir)
         mask_series = read_series_folder(mask_dir)
         check_pair(ct.hu, ct.affine, mask_series.hu, mask_series.affine, ct_dir, mask_dir)
-        mask = _binary_from_series(mask_series, mask_dir)
+        # IRCAD stores 0/255 (some writers 0/1). Rescaled values come first; a mask written
+        # with a CT-like RescaleIntercept still has 0/255 stored.
+        try:
+            mask = binary_mask(mask_series.hu, str(mask_dir))
+        except DataError:
+            mask = binary_mask(mask_series.stored, str(mask_dir))
         if not mask.any():
             raise DataError(f"{mask_dir}: empty liver mask (no voxel is liver)")
         case_id = case_id_for(number)
@@ -169,24 +158,18 @@ def unpack_archive(archive: Path, target: Path, *, max_bytes: int, inner_zips: b
             used = sum(p.stat().st_size for p in files)
         for inner in sorted(tree.rglob(_INNER_ZIPS)) if inner_zips else ():
             where = f"{archive}: {inner.relative_to(tree).as_posix()}"
-            used += _unpack_inner(inner, where, max_bytes=max_bytes, used=used)
-
-
-def _unpack_inner(inner: Path, where: str, *, max_bytes: int, used: int) -> int:
-    """Unpack ``inner`` beside itself and remove it; the bytes unpacked. ``where`` names it."""
-    staging = inner.with_name(inner.name + ".unpacked")
-    try:
-        files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
-    except DataError as exc:
-        raise DataError(str(exc).replace(str(inner), where, 1)) from exc
-    unpacked = sum(p.stat().st_size for p in files)
-    for child in sorted(staging.iterdir()):
-        if (inner.parent / child.name).exists():
-            raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
-        child.rename(inner.parent / child.name)
-    staging.rmdir()
-    inner.unlink()
-    return unpacked
+            staging = inner.with_name(inner.name + ".unpacked")
+            try:
+                files = safe_extract_zip(inner, staging, max_bytes=max_bytes, unpacked_before=used)
+            except DataError as exc:
+                raise DataError(str(exc).replace(str(inner), where, 1)) from exc
+            used += sum(p.stat().st_size for p in files)
+            for child in sorted(staging.iterdir()):
+                if (inner.parent / child.name).exists():
+                    raise DataError(f"{where}: {child.name} is both inside this zip and beside it")
+                child.rename(inner.parent / child.name)
+            staging.rmdir()
+            inner.unlink()
 
 
 def ingest_ircad(params: IrcadParams, out_dir: Path, cache: Path) -> list[str]:

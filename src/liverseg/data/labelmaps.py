@@ -99,31 +99,9 @@ def load_labelmap(path: Path) -> LabelMap:
     return LabelMap(case_id_for(int(match.group(1))), bits, vol.spacing, vol.affine, structures)
 
 
-def _structure_masks(masks_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every structure series below ``masks_dir`` as a boolean array on one grid + its affine."""
-    masks: dict[str, np.ndarray] = {}
-    affine: np.ndarray | None = None
-    for folder in sorted(p for p in masks_dir.iterdir() if p.is_dir()):
-        series = read_series_folder(folder)
-        values, aff = series.hu, series.affine
-        # IRCAD's masks are 0/255, a few 0/1, and one (3Dircadb1.11 artery) 0/255 with one
-        # voxel of 1: every non-zero voxel belongs to the structure.
-        if not np.isin(values, (0, 1, 255)).all():
-            raise DataError(f"{folder}: structure mask has values other than 0, 1 and 255")
-        if affine is None:
-            affine, first = aff, folder
-        elif values.shape != masks[first.name].shape or not np.allclose(aff, affine):
-            raise DataError(f"{folder}: not on the grid of {first.name}")
-        masks[folder.name] = values != 0
-    if affine is None:
-        raise DataError(f"{masks_dir}: no structure series")
-    if len(masks) > _MAX_STRUCTURES:
-        raise DataError(f"{masks_dir}: {len(masks)} structures, at most {_MAX_STRUCTURES} fit")
-    return masks, affine
-
-
 def convert_ircad_masks(masks_zip: Path, number: int, out_dir: Path) -> Path:
     """Pack ``3Dircadb1.<number>/MASKS_DICOM.zip`` into ``out_dir``; returns the NIfTI path."""
+    masks: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(masks_zip) as zf:
             zf.extractall(tmp)  # our own trusted copy of IRCAD's file, not a user upload
@@ -131,12 +109,30 @@ def convert_ircad_masks(masks_zip: Path, number: int, out_dir: Path) -> Path:
         if len(roots) != 1:
             raise DataError(f"{masks_zip}: expected one MASKS_DICOM folder, found {len(roots)}")
         try:
-            masks, affine = _structure_masks(roots[0])
+            for folder in sorted(p for p in roots[0].iterdir() if p.is_dir()):
+                series = read_series_folder(folder)
+                # IRCAD's masks are 0/255, a few 0/1, and one (3Dircadb1.11 artery) 0/255 with
+                # one voxel of 1: every non-zero voxel belongs to the structure.
+                if not np.isin(series.hu, (0, 1, 255)).all():
+                    raise DataError(f"{folder}: structure mask has values other than 0, 1 and 255")
+                if not masks:
+                    affine, first = series.affine, folder.name
+                elif series.hu.shape != masks[first].shape or not np.allclose(
+                    series.affine, affine
+                ):
+                    raise DataError(f"{folder}: not on the grid of {first}")
+                masks[folder.name] = series.hu != 0
+            if not masks:
+                raise DataError(f"{roots[0]}: no structure series")
+            if len(masks) > _MAX_STRUCTURES:
+                raise DataError(
+                    f"{roots[0]}: {len(masks)} structures, at most {_MAX_STRUCTURES} fit"
+                )
         except DataError as exc:  # name the user's zip, not a temporary folder gone by now
             raise DataError(str(exc).replace(tmp, str(masks_zip))) from None
     if "liver" not in masks:
         raise DataError(f"{masks_zip}: has no liver structure")
-    bits = np.zeros(next(iter(masks.values())).shape, np.uint32)
+    bits = np.zeros(masks["liver"].shape, np.uint32)
     for b, m in enumerate(masks.values()):
         bits[m] |= np.uint32(1 << b)
     canon = nib.as_closest_canonical(nib.Nifti1Image(bits, affine))

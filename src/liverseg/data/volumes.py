@@ -19,7 +19,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -37,24 +37,13 @@ MAX_VOXELS_ENV = "LIVERSEG_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 2000
 
 
-def max_voxels() -> int:
-    """The voxel limit from ``LIVERSEG_MAX_VOXELS`` (a positive integer) or the default."""
-    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_VOXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise DataError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive integer (voxels)")
-    return value
-
-
 def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
-    """DataError naming ``where`` and the claimed shape when it exceeds :func:`max_voxels`."""
-    n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if len(shape) else 0
-    limit = max_voxels()
+    """DataError naming ``where`` and the claimed shape when it exceeds the voxel limit
+    (``LIVERSEG_MAX_VOXELS``, a positive integer, or the default)."""
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip() or str(DEFAULT_MAX_VOXELS)
+    if not raw.isdigit() or int(raw) < 1:
+        raise DataError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive integer (voxels)")
+    n, limit = int(np.prod([int(s) for s in shape], dtype=np.int64)), int(raw)
     if n > limit:
         raise DataError(
             f"{where}: header claims shape {tuple(int(s) for s in shape)} = {n:,} voxels, over "
@@ -66,11 +55,6 @@ def check_voxel_count(shape: tuple[int, ...], where: str) -> None:
 # float32 rounding of a NIfTI header's translation (rtol). The one rule for every reader.
 GRID_ATOL_MM = 1e-3
 GRID_RTOL = 1e-4
-
-
-def same_grid(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two 4x4 voxel-to-world affines describe the same grid (see GRID_ATOL_MM)."""
-    return bool(np.allclose(a, b, atol=GRID_ATOL_MM, rtol=GRID_RTOL))
 
 
 @dataclass(frozen=True)
@@ -98,27 +82,9 @@ class Volume:
         return float(np.prod(self.spacing)) / 1000.0
 
 
-def _read(path: Path) -> nib.Nifti1Image:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        img: Any = nib.load(str(path))
-        check_voxel_count(tuple(img.shape), str(path))
-        # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
-        np.asanyarray(img.dataobj)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
-    except nib.filebasedimages.ImageFileError as exc:
-        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise DataError(f"{path}: not a NIfTI image (got {type(img).__name__})")
-    return img
-
-
-def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = None) -> Volume:
+def volume_from_image(
+    img: nib.Nifti1Image, *, kind: Literal["image", "mask", "labels"], path: Path | None = None
+) -> Volume:
     """Validate an in-memory NIfTI image and reorient it to RAS.
 
     ``kind`` is "image" (CT in HU, float32), "mask" (values {0, 1} or {0, 255}, uint8 0/1) or
@@ -145,12 +111,10 @@ def volume_from_image(img: nib.Nifti1Image, *, kind: str, path: Path | None = No
             raise DataError(f"{where}: {n_bad} NaN or inf voxels in the CT")
     elif kind == "mask":
         data = binary_mask(np.asarray(raw), where)
-    elif kind == "labels":  # integer labels or packed bits (liverseg.data.labelmaps), as stored
+    else:  # labels: integer labels or packed bits (liverseg.data.labelmaps), as stored
         data = np.asarray(raw)
         if data.dtype.kind not in "ui":
             raise DataError(f"{where}: label volume of type {data.dtype}, expected integers")
-    else:  # pragma: no cover - programming error
-        raise ValueError(f"kind must be 'image', 'mask' or 'labels', not {kind!r}")
     return Volume(
         data=data,
         affine=canon.affine.copy(),
@@ -194,7 +158,7 @@ def nifti_from_bytes(data: bytes, limit: int, source: str) -> nib.Nifti1Image | 
     """The NIfTI image in ``data``: a single-file ``.nii`` or ``.nii.gz``, NIfTI-1 or -2.
 
     Untrusted bytes (a request body): a decompressed file or a float32 voxel array over
-    ``limit`` bytes is a :class:`TooLargeError`, and a shape over :func:`max_voxels` a
+    ``limit`` bytes is a :class:`TooLargeError`, and a shape over the voxel limit a
     DataError, both before a voxel is read; every other problem (corrupt or truncated gzip,
     not NIfTI, a ``.hdr`` of a pair, a header that promises more voxels than the bytes hold)
     is a DataError starting with ``source``.
@@ -260,10 +224,25 @@ def _nifti_kind(raw: bytes, source: str) -> type[nib.Nifti1Image] | type[nib.Nif
     )
 
 
-def load_volume(path: Path, *, kind: str = "image") -> Volume:
+def load_volume(path: Path, *, kind: Literal["image", "mask", "labels"] = "image") -> Volume:
     """Load, validate and reorient a NIfTI file (see :func:`volume_from_image`)."""
     path = Path(path)
-    return volume_from_image(_read(path), kind=kind, path=path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        img: Any = nib.load(str(path))
+        check_voxel_count(tuple(img.shape), str(path))
+        # nibabel reads lazily: force the read here, so a corrupt gzip fails now, naming the file.
+        np.asanyarray(img.dataobj)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({exc})") from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"{path}: not a NIfTI image ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise DataError(f"{path}: not a NIfTI image (got {type(img).__name__})")
+    return volume_from_image(img, kind=kind, path=path)
 
 
 @dataclass(frozen=True)
@@ -275,18 +254,13 @@ class Case:
     mask: Volume
 
 
-def load_case(
-    image_path: Path, mask_path: Path, *, case_id: str, require_liver: bool = True
-) -> Case:
-    """Load a CT/mask pair and check that they belong together.
-
-    Raises :class:`DataError` naming the file on a shape or affine mismatch, and, when
-    ``require_liver``, on a mask without any liver voxel.
-    """
+def load_case(image_path: Path, mask_path: Path, *, case_id: str) -> Case:
+    """Load a CT/mask pair and check that they belong together: a DataError names the file on
+    a shape or affine mismatch and on a mask without any liver voxel."""
     image = load_volume(image_path, kind="image")
     mask = load_volume(mask_path, kind="mask")
     check_pair(image.data, image.affine, mask.data, mask.affine, image_path, mask_path)
-    if require_liver and not mask.data.any():
+    if not mask.data.any():
         raise DataError(f"{mask_path}: empty liver mask (no voxel is 1) in a training case")
     return Case(case_id=case_id, image=image, mask=mask)
 
@@ -305,7 +279,7 @@ def check_pair(
             f"{mask_path}: mask shape {mask.shape} does not match CT shape {image.shape} of "
             f"{image_path}"
         )
-    if not same_grid(image_affine, mask_affine):
+    if not np.allclose(image_affine, mask_affine, atol=GRID_ATOL_MM, rtol=GRID_RTOL):
         raise DataError(
             f"{mask_path}: mask affine differs from the CT's ({image_path}); "
             f"the pair is not on one grid"

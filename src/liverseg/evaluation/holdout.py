@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 # Progress lines go to this logger (the CLI sends it to stderr).
 log = logging.getLogger("liverseg.progress")
 
-METRICS = ("dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm")
-
 
 def agreement_vs_dice(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Spearman's rank correlation of the ensemble agreement with the per-patient Dice.
@@ -56,9 +54,7 @@ def overlay(
     truth: np.ndarray,
     pred: np.ndarray,
     path: Path,
-    *,
-    title: str = "",
-    window_hu: tuple[float, float] = (-200.0, 300.0),
+    title: str,
 ) -> None:
     """Write one axial slice with truth (green) and prediction (red) outlines to ``path``."""
     import matplotlib
@@ -67,7 +63,7 @@ def overlay(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=window_hu[0], vmax=window_hu[1])
+    ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=-200.0, vmax=300.0)
     for m, color, label in ((truth, "lime", "truth"), (pred, "red", "prediction")):
         if m.any():
             ax.contour(m.astype(float).T[::-1, ::-1], levels=[0.5], colors=color, linewidths=1)
@@ -80,15 +76,6 @@ def overlay(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def overlay_slices(truth: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
-    """``n`` axial indices spread over the liver (truth or prediction), for overlays."""
-    z = np.flatnonzero((truth | pred).any(axis=(0, 1)))
-    if z.size == 0 or n == 0:
-        return []
-    picks = np.linspace(z[0], z[-1], n + 2)[1:-1] if n < z.size else z
-    return sorted({int(round(p)) for p in picks})
 
 
 def score_case(
@@ -126,16 +113,21 @@ def evaluate(
     test_ids = load_splits(prepared)["test"]
     pairs = {p.case_id: p for p in find_nifti_pairs(raw)}
     seg = Segmenter.load(model_dir, post=PostProcessing.from_params(cfg), batch_size=cfg.batch_size)
-    metrics = (*METRICS, *(nsd_key(t) for t in cfg.nsd_tolerances_mm))
+    metrics = ["dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm"]
+    metrics += [nsd_key(t) for t in cfg.nsd_tolerances_mm]
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as tmp:
         for cid in test_ids:
             case = load_case(pairs[cid].image, pairs[cid].mask, case_id=cid)
             row, pred = score_case(seg, case, cfg)
             rows.append(row)
-            for z in overlay_slices(
-                case.mask.data.astype(bool), pred.astype(bool), cfg.overlays_per_patient
-            ):
+            # overlays_per_patient slices spread over the liver (truth or prediction)
+            z_liver = np.flatnonzero((case.mask.data | pred).any(axis=(0, 1)))
+            n = cfg.overlays_per_patient
+            picks = (
+                np.linspace(z_liver[0], z_liver[-1], n + 2)[1:-1] if n < z_liver.size else z_liver
+            )
+            for z in sorted({int(round(p)) for p in picks}) if n else ():
                 overlay(
                     case.image.data[:, :, z],
                     case.mask.data[:, :, z],
@@ -169,7 +161,6 @@ def log_to_mlflow(
     ``run.json``), with the test data as its input and the overlays as images; the headline
     test figures also go onto the parent run so that the ``cv`` row of the runs table shows
     them."""
-    from mlflow.entities import Metric
     from PIL import Image
 
     tracking.follow_moved_store()
@@ -195,29 +186,21 @@ def log_to_mlflow(
         mlflow.log_metrics({f"test_dice_{r['case']}": r["dice"] for r in result["per_patient"]})
         if result["agreement_vs_dice"]["rho"] is not None:
             mlflow.log_metric("test_agreement_dice_spearman", result["agreement_vs_dice"]["rho"])
-        overlays: dict[str, list[tuple[int, Path]]] = {}
-        for png in (out / "overlays").glob("*.png"):
-            case, z = png.stem.rsplit("_z", 1)  # <case>_z<k>.png
-            overlays.setdefault(case, []).append((int(z), png))
-        for case, slices in sorted(overlays.items()):
-            # One image key per patient, its slices at steps 0, 1, ... from the bottom up:
-            # the UI's step slider starts at 0, so slice indices as steps showed a blank
-            # panel. The slice index stays in the artifact's name (evaluate/overlays/).
-            for step, (_, png) in enumerate(sorted(slices)):
-                with Image.open(png) as im:
-                    # synchronous: MLflow's asynchronous artifact queue would hold the exit
-                    # for a second (its thread polls once a second) to upload small files
-                    mlflow.log_image(
-                        im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
-                    )
+        # One image key per patient, its slices at steps 0, 1, ... from the bottom up: the UI's
+        # step slider starts at 0, so slice indices as steps showed a blank panel. The slice
+        # index stays in the artifact's name (evaluate/overlays/<case>_z<k>.png).
+        steps: dict[str, int] = {}
+        pngs = (out / "overlays").glob("*.png")
+        for _, png in sorted((int(p.stem.rsplit("_z", 1)[1]), p) for p in pngs):
+            case = png.stem.rsplit("_z", 1)[0]
+            steps[case] = step = steps.get(case, -1) + 1
+            with Image.open(png) as im:
+                # synchronous: MLflow's asynchronous artifact queue would hold the exit for a
+                # second (its thread polls once a second) to upload small files
+                mlflow.log_image(
+                    im.convert("RGB"), key=f"overlay_{case}", step=step, synchronous=True
+                )
         mlflow.log_artifacts(str(out), artifact_path="evaluate")
-        now = int(time.time() * 1000)
-        mlflow.MlflowClient().log_batch(
-            parent_id,
-            metrics=[
-                Metric(k, v, now, 0)
-                for k, v in test.items()
-                if k in HEADLINE or k.removesuffix("_exact") in HEADLINE
-            ],
-        )
+        headline = {k: v for k, v in test.items() if k.removesuffix("_exact") in HEADLINE}
+        mlflow.log_metrics(headline, step=0, run_id=parent_id, synchronous=True)
         return str(run.info.run_id)

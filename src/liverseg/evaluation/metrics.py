@@ -1,7 +1,7 @@
 """Segmentation metrics of a predicted binary volume against the reference one (numpy/scipy only).
 
 Array contract: ``pred`` and ``truth`` have the same shape, are 3-D ``(x, y, z)`` arrays in the
-RAS orientation of :mod:`liverseg.data.volumes` (:func:`dice` and :func:`iou` also take 2-D),
+RAS orientation of :mod:`liverseg.data.volumes` (:func:`dice` also takes 2-D),
 and hold only 0/1 (any bool, integer or float dtype). ``spacing`` is the voxel size in mm along
 those same axes (``Volume.spacing``).
 Any violation raises :class:`~liverseg.errors.DataError` (a ``ValueError``) naming the argument.
@@ -85,32 +85,9 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * inter / (n_p + n_t) if n_p + n_t else 1.0
 
 
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Jaccard index of two 2-D or 3-D masks; 1 when both are empty."""
-    inter, n_p, n_t = _counts(*_validate_pair(pred, truth, (2, 3)))
-    union = n_p + n_t - inter
-    return inter / union if union else 1.0
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
-def _crop_to_union(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop both masks to the bounding box of their union.
-
-    The distance transforms cost time in proportion to the array size, and a liver fills a small
-    part of a CT. Distances are unchanged: every surface voxel lies in the box, the exact EDT only
-    looks at those, and the erosion's outside-is-background border matches the real background
-    around the box.
-    """
-    union = p | t
-    box = []
-    for axis in range(union.ndim):
-        idx = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return p[tuple(box)], t[tuple(box)]
 
 
 def surface_distances(
@@ -124,7 +101,12 @@ def surface_distances(
     for name, arr in (("pred", p), ("truth", t)):
         if not arr.any():
             raise DataError(f"{name}: empty mask, surface distances undefined")
-    surf_p, surf_t = (_surface(m) for m in _crop_to_union(p, t))
+    # Cropped to the bounding box of the union: the distance transforms cost time in proportion
+    # to the array size, and a liver fills a small part of a CT. Distances are unchanged: every
+    # surface voxel lies in the box, the exact EDT only looks at those, and the erosion's
+    # outside-is-background border matches the real background around the box.
+    box = ndimage.find_objects((p | t).view(np.uint8))[0]
+    surf_p, surf_t = _surface(p[box]), _surface(t[box])
     dist_to_t = ndimage.distance_transform_edt(~surf_t, sampling=sampling)
     dist_to_p = ndimage.distance_transform_edt(~surf_p, sampling=sampling)
     return np.asarray(dist_to_t[surf_p], np.float64), np.asarray(dist_to_p[surf_t], np.float64)

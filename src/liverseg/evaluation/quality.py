@@ -39,18 +39,6 @@ def member_agreement(member_masks: Sequence[np.ndarray] | np.ndarray | None) -> 
     return float(np.mean([dice(a, b) for a, b in combinations(member_masks, 2)]))
 
 
-def _centroid_offset_mm(
-    mask: np.ndarray, ct: np.ndarray, spacing_x: float, body_hu: float
-) -> float | None:
-    # Centroids along x only: projected counts keep this cheap on a 512 x 512 x 500 volume.
-    liver_w = mask.sum(axis=(1, 2), dtype=np.float64)
-    body_w = (ct > body_hu).sum(axis=(1, 2), dtype=np.float64)
-    if not (liver_w.any() and body_w.any()):
-        return None
-    xs = np.arange(mask.shape[0])
-    return float(np.average(xs, weights=liver_w) - np.average(xs, weights=body_w)) * spacing_x
-
-
 def quality_report(
     mask: np.ndarray,
     ct: np.ndarray,
@@ -68,7 +56,13 @@ def quality_report(
     volume_ml = float(np.count_nonzero(m)) * sx * sy * sz / 1000.0
     agreement = member_agreement(member_masks)
     first, last = bool(m[:, :, 0].any()), bool(m[:, :, -1].any())
-    offset = _centroid_offset_mm(m, ct, sx, limits.body_hu)
+    # Centroids along x only: projected counts keep this cheap on a 512 x 512 x 500 volume.
+    liver_w = m.sum(axis=(1, 2), dtype=np.float64)
+    body_w = (ct > limits.body_hu).sum(axis=(1, 2), dtype=np.float64)
+    offset = None
+    if liver_w.any() and body_w.any():
+        xs = np.arange(m.shape[0])
+        offset = float(np.average(xs, weights=liver_w) - np.average(xs, weights=body_w)) * sx
 
     reasons: list[str] = []
     if volume_ml == 0:

@@ -15,15 +15,12 @@ from typing import Any
 from liverseg.errors import DataError
 from liverseg.fsutil import read_stage_json, write_json
 
-METRICS_FILE = "metrics.json"
-PER_PATIENT_FILE = "per_patient.csv"
-
 
 def write_results(folder: Path, result: dict[str, Any]) -> None:
     """Write ``result`` (with its ``per_patient`` rows) into ``folder``."""
-    write_json(folder / METRICS_FILE, result)
+    write_json(folder / "metrics.json", result)
     rows = result["per_patient"]
-    with open(folder / PER_PATIENT_FILE, "w", newline="") as fh:
+    with open(folder / "per_patient.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
