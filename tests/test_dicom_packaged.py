@@ -23,8 +23,9 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_rescale
 
 from conftest import tool_env
+from dicomfake import read_seg_mask
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import frame_of_reference_uid, read_seg_mask, write_seg
+from liverseg.data.dicomseg import frame_of_reference_uid, write_seg
 from liverseg.data.volumes import from_canonical
 from liverseg.errors import DataError
 from test_dicomseg import dciodvfy

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import tool_env
-from dicomfake import write_series
+from dicomfake import read_seg_mask, write_series
 from liverseg.cli import main as cli_main
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import read_seg_mask
 from liverseg.data.volumes import from_canonical, load_volume
 from liverseg.inference import Segmenter
 from liverseg.predict import SUMMARY_COLUMNS, output_names, scans_of

@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from dicomfake import phantom_ijk, write_series
+from dicomfake import phantom_ijk, read_seg_mask, write_series
 from liverseg.data.dicom import read_ct_series
-from liverseg.data.dicomseg import read_seg_mask
 from liverseg.data.volumes import from_canonical
 from liverseg.inference import Segmenter
 from liverseg.serving.forms import slice_orientation
