@@ -26,8 +26,7 @@ def main(args: argparse.Namespace) -> None:
 
     from liverseg.model.folder import save_model_dir
     from liverseg.tracking import write_train_run as write_run
-    from liverseg.training.crossval import train
-    from liverseg.training.curves import write_curves_csv
+    from liverseg.training.crossval import train, write_curves_csv
 
     out = train(args.prepared, cfg, learning_rate=lr, batch_size=batch_size, hparams_source=source)
     save_model_dir(args.model_dir, out.model, out.window, out.image_size)
