@@ -31,15 +31,14 @@ SCRIPT = textwrap.dedent(
 
     from liverseg.errors import ParamsError
     from liverseg.params import AugmentParams, ModelParams, TrainParams
-    from liverseg.training import distribute
     from liverseg.training.crossval import ensemble
-    from liverseg.training.fit import fit
+    from liverseg.training.fit import distribute_scope, fit, replicas
 
     rng = np.random.default_rng(0)
     x = rng.random((16, 32, 32, 1), dtype=np.float32)
     y = (x > 0.6).astype(np.float32)
     val = (x[:8], y[:8])
-    out = {"replicas": distribute.replicas("mirrored")}
+    out = {"replicas": replicas("mirrored")}
 
     # One plain SGD step on a global batch of 8: mirrored (4 + 4) must move the weights as one
     # device does (Adam would hide a gradient that is N times too large: it normalises it).
@@ -49,7 +48,7 @@ SCRIPT = textwrap.dedent(
     deltas = {}
     for kind in ("none", "mirrored"):
         keras.utils.set_random_seed(3)
-        with distribute.scope(kind, 8):
+        with distribute_scope(kind, 8):
             m = build_unet(32, ModelParams(depth=2, base_filters=4, dropout=0.0,
                                            batch_norm=False), seed=3)
             m.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5),

@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace, prog: str, debug: bool) -> int:
             )
         what = exc.message if isinstance(exc, stop.Interrupted) and exc.message else ""
         print(
-            f"{prog}: interrupted by {stop.signal_name(signum)}{runs}; temporary outputs "
+            f"{prog}: interrupted by {signal.Signals(signum).name}{runs}; temporary outputs "
             f"removed{'; ' + what if what else ''}",
             file=sys.stderr,
         )

@@ -67,10 +67,3 @@ def install() -> dict[int, Any]:
 def restore(previous: dict[int, Any]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"

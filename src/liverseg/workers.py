@@ -22,7 +22,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from types import TracebackType
 from typing import Any, cast
 
 from liverseg import runguard, show_progress, stop
@@ -131,12 +130,7 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self.close(terminate=kind is not None)
 
     def run(self, items: list[int]) -> tuple[dict[int, Any], dict[int, str]]:

@@ -94,21 +94,10 @@ def resize_to_stack(
     return np.ascontiguousarray(c.transpose(2, 1, 0))
 
 
-def resize_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a (N, H, W) float stack to (N, size[0], size[1]) with anti-aliased linear weights."""
-    return np.ascontiguousarray(np.moveaxis(resize_xy(np.moveaxis(stack, 0, 2), size), 2, 0))
-
-
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source index of each output pixel for nearest-neighbour resampling (centres aligned)."""
     idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp)
     return np.minimum(idx, n_in - 1)
-
-
-def resize_mask_stack(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a (N, H, W) 0/1 mask stack by nearest neighbour (labels are never interpolated)."""
-    _, h, w = stack.shape
-    return stack[:, nearest_indices(h, size[0])][:, :, nearest_indices(w, size[1])]
 
 
 def volume_to_stack(volume: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:

@@ -3,11 +3,11 @@
 Shape contract: ``y_true`` and ``y_pred`` are ``(N, H, W, 1)`` (any float dtype; ``y_true``
 0/1, ``y_pred`` sigmoid probabilities). Every loss returns float32 ``(N,)``, one value per
 image: Keras averages them over the batch and, under a distribution strategy
-(:mod:`liverseg.training.distribute`), divides each replica's mean by the number of replicas so
-that the summed gradients are those of the global batch (a loss that returned the batch mean
-itself would skip that division and train N times too hard). Inputs are cast to float32 first
-so sums over a slice stay exact under ``mixed_bfloat16`` (bfloat16 has an 8-bit mantissa: a
-96x96 sum of ones would already round).
+(:func:`liverseg.training.fit.distribute_scope`), divides each replica's mean by the number of
+replicas so that the summed gradients are those of the global batch (a loss that returned the
+batch mean itself would skip that division and train N times too hard). Inputs are cast to
+float32 first so sums over a slice stay exact under ``mixed_bfloat16`` (bfloat16 has an 8-bit
+mantissa: a 96x96 sum of ones would already round).
 """
 
 from __future__ import annotations

@@ -13,21 +13,15 @@ from liverseg.params import TrainParams, load_section
 from liverseg.tuning.best_params import read_best_params
 
 
-def tuned_values(cfg: TrainParams, tuned: Path | None) -> tuple[float, int, str]:
-    """(learning rate, batch size, where they came from)."""
-    if not cfg.use_tuned or tuned is None:
-        return cfg.learning_rate, cfg.batch_size, "params.yaml"
-    return (*read_best_params(tuned), str(tuned))
-
-
 def main(args: argparse.Namespace) -> None:
     cfg: TrainParams = load_section("train", args.params)
-    lr, batch_size, source = tuned_values(cfg, args.tuned)
+    lr, batch_size, source = cfg.learning_rate, cfg.batch_size, "params.yaml"
+    if cfg.use_tuned and args.tuned is not None:
+        (lr, batch_size), source = read_best_params(args.tuned), str(args.tuned)
 
     from liverseg.model.folder import save_model_dir
     from liverseg.tracking import write_train_run as write_run
-    from liverseg.training.crossval import train
-    from liverseg.training.curves import write_curves_csv
+    from liverseg.training.crossval import train, write_curves_csv
 
     out = train(args.prepared, cfg, learning_rate=lr, batch_size=batch_size, hparams_source=source)
     save_model_dir(args.model_dir, out.model, out.window, out.image_size)

@@ -79,89 +79,72 @@ def run_study(
     (``out`` None, a worker: only the best trial so far)."""
     import mlflow
 
-    from liverseg import stop
+    from liverseg import stop, tracking
     from liverseg.data.prepared import load_splits
-    from liverseg.tracking import (
-        NOTE_TAG,
-        content_hash,
-        dvc_out_hash,
-        ensure_experiment,
-        git_commit,
-        log_dataset,
-    )
     from liverseg.tuning import report
+    from liverseg.tuning import study as studies
     from liverseg.tuning.generations import TrialJob, optimize_in_generations
-    from liverseg.tuning.study import (
-        count_trials,
-        create_study,
-        fail_trials,
-        open_storage,
-        redact,
-        study_inputs,
-        study_name,
-    )
 
     load_splits(prepared)
-    data_hash = content_hash(prepared)
-    name = study_name(data_hash, tune, train)
-    storage = open_storage(url)
+    data_hash = tracking.content_hash(prepared)
+    name = studies.study_name(data_hash, tune, train)
+    storage = studies.open_storage(url)
     stop.check()  # start-up takes seconds: a stop asked meanwhile ends it between its steps
-    inputs = study_inputs(data_hash, tune, train)
-    study = create_study(storage, name, tune, worker_index=worker_index, inputs=inputs)
+    inputs = studies.study_inputs(data_hash, tune, train)
+    study = studies.create_study(storage, name, tune, worker_index=worker_index, inputs=inputs)
     stop.check()
-    dead = fail_trials(study)
-    if dead:
+    if dead := studies.fail_trials(study):
         print(
             f"tune: study {name}: trial(s) {', '.join(map(str, dead))} of a dead process marked "
             "FAIL (their MLflow runs KILLED); they are run again",
             flush=True,
         )
     stop.check()
-    exp_id = ensure_experiment(train.experiment)
+    exp_id = tracking.ensure_experiment(train.experiment)
+    safe_url = studies.redact(url)
     tags = {
         "stage": "tune",
         "kind": "study",
         "role": "main" if out is not None else "worker",
         "study_name": name,
-        "storage": redact(url),
-        "git_commit": git_commit(),
+        "storage": safe_url,
+        "git_commit": tracking.git_commit(),
         "data_sha256": data_hash,
     }
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=f"study-{name}", tags=tags) as run:
-            flat = {f"tune.{k}": v for k, v in as_flat_dict(tune).items() if k != "storage"}
-            mlflow.log_params({**flat, "tune.storage": redact(url)})
-            dvc_md5 = dvc_out_hash(prepared)
-            log_dataset(prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training")
+            flat = {f"tune.{k}": v for k, v in as_flat_dict(tune).items()}
+            mlflow.log_params({**flat, "tune.storage": safe_url})
+            dvc_md5 = tracking.dvc_out_hash(prepared)
+            tracking.log_dataset(
+                prepared, data_hash if dvc_md5 == "unknown" else dvc_md5, "training"
+            )
             job = TrialJob(prepared, tune, train, url, name, exp_id, run.info.run_id)
             ran = optimize_in_generations(study, tune, job)
             if out is None:
-                counts = count_trials(study)
+                counts = studies.count_trials(study)
                 if counts["COMPLETE"]:
                     report.log_best(report.summarize(study))
                 print(f"tune: worker {worker_index} ran {ran} trial(s) of study {name}; {counts}")
                 return
-            summary, plots = report.write_report(study, out, seed=tune.seed)
-            report.log_best(summary)
+            best, plots = report.write_report(study, out, seed=tune.seed)
+            report.log_best(best)
             mlflow.log_artifacts(str(out), artifact_path="tune")
             report.log_plot_images(out)
-            mlflow.set_tag(
-                NOTE_TAG,
-                f"{tune.n_trials} trials; best: trial {summary['trial_number']}, val Dice "
-                f"{summary['value']:.4f} (lr {summary['learning_rate']:.3g}, batch "
-                f"{summary['batch_size']})",
+            text = (
+                f"best val Dice {best['value']:.4f} (lr {best['learning_rate']:.3g}, batch "
+                f"{best['batch_size']}) from trial {best['trial_number']}"
             )
+            mlflow.set_tag(tracking.NOTE_TAG, f"{tune.n_trials} trials; {text}")
     except KeyboardInterrupt as exc:
         raise stop.Interrupted(
             getattr(exc, "signum", signal.SIGINT),
-            f"study {name}: its finished trials are kept in "
-            f"{redact(url)}: run the same command again to resume",
+            f"study {name}: its finished trials are kept in {safe_url}: run the same command "
+            "again to resume",
         ) from exc
     skipped = {k: v for k, v in plots.items() if v != "ok"}
     print(
-        f"tune: study {name}: best val Dice {summary['value']:.4f} (lr "
-        f"{summary['learning_rate']:.2e}, batch {summary['batch_size']}) from trial "
-        f"{summary['trial_number']}; {summary['n_complete']} complete, {summary['n_pruned']} "
-        f"pruned, {summary['n_failed']} failed; this process ran {ran} trial(s)"
+        f"tune: study {name}: {text}; {best['n_complete']} complete, {best['n_pruned']} pruned, "
+        f"{best['n_failed']} failed; this process ran {ran} trial(s)"
         + (f"; plots skipped: {skipped}" if skipped else "")
     )

@@ -1,5 +1,7 @@
 """What the ``train`` stage does: patient-level k-fold cross-validation and the final model,
-recorded in MLflow, and what the stage writes.
+recorded in MLflow, and what the stage writes: among it the folds' per-epoch curves, one long
+table (a row per fold and epoch, epochs from 1) that ``dvc plots show`` draws with a line per
+fold, and the same figure for MLflow.
 
 MLflow layout (one experiment): a parent run ``cv`` holding all params, the seed, git commit
 and data hash tags, and mean/std over folds; a child run per fold (``fold-0`` ...) with
@@ -9,6 +11,7 @@ per-epoch metrics, its case ids and its best weights as a Keras model; and a chi
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+from matplotlib.figure import Figure
 
 from liverseg.data.prepared import load_meta, load_prepared, load_splits
 from liverseg.data.splits import fold_cases, trainval_cases
@@ -34,7 +38,6 @@ from liverseg.tracking import (
     log_dataset,
     log_params_flat,
 )
-from liverseg.training.curves import curves_figure
 from liverseg.training.fit import MlflowEpochLogger, fit, keras_session
 from liverseg.training.folds import (
     FoldJob,
@@ -47,6 +50,43 @@ from liverseg.training.folds import (
 from liverseg.workers import processes_for, threads_per_process
 
 log = logging.getLogger(__name__)
+PANELS = (("val_dice", "validation Dice"), ("val_loss", "validation loss"))
+
+
+def write_curves_csv(path: Path, histories: dict[str, dict[str, list[float]]]) -> None:
+    """The folds' histories as a long CSV table: fold, epoch (from 1), the metrics sorted."""
+    rows: list[dict[str, Any]] = []
+    for name, hist in histories.items():
+        for e in range(max((len(v) for v in hist.values()), default=0)):
+            row: dict[str, Any] = {"fold": name, "epoch": e + 1}
+            row.update({k: round(v[e], 6) for k, v in sorted(hist.items()) if e < len(v)})
+            rows.append(row)
+    keys = sorted({k for r in rows for k in r} - {"fold", "epoch"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["fold", "epoch", *keys])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def curves_figure(histories: dict[str, dict[str, list[float]]]) -> Any:
+    """Validation Dice and loss per epoch, a line per fold."""
+    # A Figure without pyplot: no backend to choose, no global figure to close.
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = fig.subplots(1, len(PANELS))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        for name, hist in histories.items():
+            values = hist.get(key, [])
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def ensemble(models: list[keras.Model]) -> keras.Model:

@@ -4,6 +4,13 @@ Arrays follow the pipeline contract: (N, H, W, 1) float32 images in [0, 1] and m
 The default model is narrow, so Keras' per-step work was a large share of an epoch
 (benchmarks/README.md): one execution runs a whole epoch's steps, a compiled model is reused
 by later fits in the process, and the per-epoch MLflow logging does not wait for the store.
+
+``train.distribute``: ``none``, TensorFlow's default device; ``mirrored``,
+``tf.distribute.MirroredStrategy`` over every visible GPU, or the logical CPU devices without
+one (how the tests run it). The batch size is the **global** batch: Keras splits it over the N
+replicas (so N must divide it) and one step is the same step as on one device, with the
+learning rate unchanged; for an N-times larger batch, raise the learning rate N-fold too (Goyal
+et al., 2017). Batch normalisation computes its statistics per replica (Keras' default).
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from liverseg import stop
+from liverseg.errors import ParamsError
 from liverseg.model.keras_metrics import DiceCoefficient, IoU
 from liverseg.model.losses import get_loss
 from liverseg.model.optimizers import FusedAdam
 from liverseg.model.unet import build_unet
 from liverseg.params import ModelSpec
-from liverseg.training import distribute as distributed
 from liverseg.training.dataset import make_dataset
 
 # Validation batches of at least this many slices: fewer, larger calls cost less (validation
@@ -140,6 +147,35 @@ def keras_session(precision: str, seed: int) -> None:
     if precision != "float32":
         keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(seed)
+
+
+@functools.cache
+def _mirrored() -> Any:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def replicas(kind: str) -> int:
+    """How many replicas ``train.distribute`` ``kind`` trains on here."""
+    return int(_mirrored().num_replicas_in_sync) if kind == "mirrored" else 1
+
+
+def distribute_scope(kind: str, batch_size: int) -> contextlib.AbstractContextManager[Any]:
+    """The context to build and compile a model that trains with ``kind`` in."""
+    if kind not in ("none", "mirrored"):
+        raise ParamsError(f"params: train.distribute: {kind!r} is not one of none, mirrored")
+    if kind == "none":
+        return contextlib.nullcontext()
+    n = replicas(kind)
+    if batch_size % n:
+        raise ParamsError(
+            f"params: train.distribute: mirrored over {n} replicas needs a batch size divisible "
+            f"by {n}, got {batch_size} (train.batch_size or the tuned one)"
+        )
+    return _mirrored().scope()
 
 
 @dataclass
@@ -273,7 +309,7 @@ def fit(
     else:
         # One step per execution: over a distributed dataset TensorFlow 2.21 fails on a last,
         # shorter execution ("You must feed a value for placeholder tensor").
-        with distributed.scope(distribute, batch_size):  # batch_size is the global batch
+        with distribute_scope(distribute, batch_size):  # batch_size is the global batch
             model = compile_unet(image_size, spec, learning_rate, seed, jit_compile=jit_compile)
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=spec.augment, seed=seed

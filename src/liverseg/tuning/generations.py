@@ -40,14 +40,6 @@ from liverseg.workers import Pool, processes_for, threads_per_process
 log = logging.getLogger(__name__)
 
 
-def search_space(tune: TuneParams) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The distributions that :func:`liverseg.tuning.objective.make_objective` suggests from."""
-    return {
-        PARAM_LR: FloatDistribution(tune.lr_min, tune.lr_max, log=True),
-        PARAM_BATCH: CategoricalDistribution(list(tune.batch_sizes)),
-    }
-
-
 def run_trial(study: optuna.Study, objective: Any, number: int) -> str:
     """Run the asked trial ``number`` and tell its state; its state name."""
     # Optuna has no public way to reopen an asked trial by number in another process; its
@@ -119,7 +111,10 @@ def optimize_in_generations(
     has passed; the number of trials run. With one process per generation the trials run
     here (``objective``, by default ``job``'s), else in a :class:`liverseg.workers.Pool`
     started once, each worker making its objective from ``job``."""
-    space = search_space(tune)
+    space = {  # the distributions that the objective suggests from
+        PARAM_LR: FloatDistribution(tune.lr_min, tune.lr_max, log=True),
+        PARAM_BATCH: CategoricalDistribution(list(tune.batch_sizes)),
+    }
     # The same thread count for every generation: it decides a trial's arithmetic.
     processes = processes_for(tune.processes, tune.generation_size)
     threads = threads_per_process(processes)

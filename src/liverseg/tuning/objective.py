@@ -57,8 +57,8 @@ def search_space_failures() -> tuple[type[Exception], ...]:
 
 class TrialReporter:
     """Reports each epoch's ``val_dice`` to the trial and keeps the trial's value so far. When
-    the pruner says so, :meth:`on_epoch_end` returns True and sets :attr:`pruned_step`; the
-    objective then raises ``TrialPruned`` outside Keras."""
+    the pruner says so, training stops with :attr:`pruned_step` set; the objective then raises
+    ``TrialPruned`` outside Keras."""
 
     def __init__(
         self, trial: optuna.Trial, step_offset: int, prior: list[float] | None = None
@@ -80,29 +80,20 @@ class TrialReporter:
             return {}
         return {OBJECTIVE_METRIC: float(np.mean([*self.prior, self.best]))}
 
-    def on_epoch_end(self, epoch: int, values: dict[str, float]) -> bool:
-        """Report epoch ``epoch`` (from 0); True to prune. A missing ``val_dice`` is NaN,
-        which every Optuna pruner prunes."""
-        step = self.step_offset + epoch
-        self.last_value = values.get("val_dice", math.nan)
-        self.trial.report(self.last_value, step)
-        if self.trial.should_prune():
-            self.pruned_step = step
-        return self.pruned_step is not None
-
     def keras_callback(self) -> Any:
-        """A Keras callback that reports each epoch and stops training when told to prune."""
+        """A Keras callback that reports each epoch's ``val_dice`` to the trial (NaN when
+        missing, which every Optuna pruner prunes) and stops training when told to prune."""
         import keras
 
-        from liverseg.training.fit import MlflowEpochLogger
-
-        callback = keras.callbacks.LambdaCallback()
-
         def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
-            if self.on_epoch_end(epoch, MlflowEpochLogger.values(logs)):
+            step = self.step_offset + epoch
+            self.last_value = float((logs or {}).get("val_dice", math.nan))
+            self.trial.report(self.last_value, step)
+            if self.trial.should_prune():
+                self.pruned_step = step
                 callback.model.stop_training = True
 
-        callback.on_epoch_end = on_epoch_end
+        callback = keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
         return callback
 
 

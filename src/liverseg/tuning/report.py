@@ -40,24 +40,13 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def _save_plot(ax: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    axes = list(ax.flat) if isinstance(ax, np.ndarray) else [ax]
-    fig = axes[0].figure
-    # Optuna draws one panel per parameter plus a colour bar in a default-size figure; widen
-    # it so the bar does not cover the last panel.
-    fig.set_size_inches(max(6.4, 4.8 * len(axes)), 4.8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def write_plots(study: optuna.Study, out: Path, seed: int) -> dict[str, str]:
     """Study plots as PNG in ``out``; returns ``{file: "ok" | reason it was skipped}``. A plot
     that Optuna cannot draw is skipped, not fatal: the best parameters matter more."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -87,7 +76,13 @@ def write_plots(study: optuna.Study, out: Path, seed: int) -> dict[str, str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _save_plot(draw(), out / name)
+                ax = draw()
+                axes = list(ax.flat) if isinstance(ax, np.ndarray) else [ax]
+                # Optuna draws a panel per parameter plus a colour bar in a default-size
+                # figure; widen it so the bar does not cover the last panel.
+                axes[0].figure.set_size_inches(max(6.4, 4.8 * len(axes)), 4.8)
+                axes[0].figure.savefig(out / name, dpi=100, bbox_inches="tight")
+                plt.close(axes[0].figure)
             status[name] = "ok"
         except Exception as exc:  # plotting is best effort, see the docstring
             status[name] = f"failed: {type(exc).__name__}: {exc}"

@@ -259,10 +259,8 @@ def create_study(
 
 def count_trials(study: optuna.Study) -> dict[str, int]:
     """Number of trials per state name."""
-    counts = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] += 1
-    return counts
+    trials = study.get_trials(deepcopy=False)
+    return {s.name: sum(t.state == s for t in trials) for s in TrialState}
 
 
 def count_finished(study: optuna.Study) -> int:
