@@ -226,14 +226,6 @@ def test_the_chest_is_lungs_above_the_dome_and_a_heart_beside_it(lm: LabelMap) -
         for organ in ("rightkidney", "leftkidney", "spleen"):
             assert chest[organ].any() and not (chest[organ] & liver).any(), organ
         assert np.argwhere(chest["spleen"]).mean(axis=0)[0] < SHAPE[0] / 2
-        # a stomach on the left; bowel outside the liver, against it (within 8 mm), medial to it
-        assert chest["stomach"].any() and not (chest["stomach"] & liver).any()
-        assert np.argwhere(chest["stomach"]).mean(axis=0)[0] < SHAPE[0] / 2
-        bowel = chest["bowel"]
-        assert bowel.any() and not (bowel & liver).any()
-        near = ndi.binary_dilation(liver, iterations=2)  # 2 voxels of 4 mm
-        assert (bowel & near).any()
-        assert np.argwhere(bowel).mean(axis=0)[0] < np.argwhere(liver).mean(axis=0)[0]
         assert np.argwhere(chest["rightkidney"]).mean(axis=0)[0] > SHAPE[0] / 2
         # the heart sits above the liver's centre, at or left of the midline (RAS x grows
         # towards the patient's right)

@@ -66,7 +66,6 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("spleen", r"spleen"),
     ("lung", r"lungs?|leftlung|rightlung"),
     ("stomach", r"stomach"),
-    ("bowel", r"bowel"),
     ("gallbladder", r"gallbladder"),
     ("pancreas", r"pancreas"),
     ("adrenal", r"\w*surrenal\w*|\w*adrenal\w*"),
@@ -78,8 +77,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
 )
 # Painting order: later groups cover earlier ones where structures overlap.
 _ORDER = (
-    "heart", "bone", "lung", "kidney", "spleen", "stomach", "bowel", "pancreas", "adrenal",
-    "gallbladder",
+    "heart", "bone", "lung", "kidney", "spleen", "stomach", "pancreas", "adrenal", "gallbladder",
     "vein", "artery", "liver", "portal", "fluid", "lesion", "dense",
 )  # fmt: skip
 
@@ -293,11 +291,7 @@ def _missing_organs(
       around it above a plane near the liver's dome (``heart``, ``thorax``);
     * kidneys, posterior beside the spine at the level of the liver's lower part, and a
       spleen, posterior and lateral on the left at the level of its upper part, for maps that
-      have none: the first synthetic models took IRCAD patient 1's right kidney for liver;
-    * a stomach, anterior on the left at the level of the liver's middle, for maps that have
-      none, and one to three loops of bowel against the medial side of the liver's lower part
-      (duodenum, the colon's hepatic flexure), of one density that may equal the liver's: the
-      next models took IRCAD patient 1's gastric antrum for liver.
+      have none: the first synthetic models took IRCAD patient 1's right kidney for liver.
 
     RAS: x grows towards the patient's right, y towards anterior."""
     liver = masks["liver"]
@@ -366,28 +360,6 @@ def _missing_organs(
             )
             & ~out["heart"]
         )
-    if "stomach" not in groups:
-        out["stomach"] = (
-            ellipsoid(
-                (
-                    cx - rng.uniform(0.05, 0.25) * width,
-                    back + rng.uniform(0.55, 0.75) * depth,
-                    z_top - rng.uniform(0.2, 0.5) * height,
-                ),
-                rng.uniform((35, 25, 40), (60, 45, 70)),
-            )
-            & ~out["heart"]
-        )
-    bowel = np.zeros_like(liver)
-    for _ in range(int(rng.integers(1, 4))):
-        k = int(rng.choice(ks[: max(1, int(0.6 * ks.size))]))
-        lx = np.flatnonzero(liver[:, :, k].any(axis=1))
-        ly = np.flatnonzero(liver[:, :, k].any(axis=0))
-        r = rng.uniform((15, 15, 15), (35, 30, 35))
-        # centred a fraction of its radius medial to (x below) the liver's medial edge
-        y = ys[ly[0]] + rng.uniform(0.0, 1.0) * (ys[ly[-1]] - ys[ly[0]])
-        bowel |= ellipsoid((xs[lx[0]] - rng.uniform(0.3, 0.9) * r[0], y, zs[k]), r)
-    out["bowel"] = bowel & ~out["heart"]
     return out
 
 
@@ -406,7 +378,6 @@ def _render(
     dens["lesion"] = dens["liver"] + rng.uniform(-90, 40)
     dens["heart"] = dens["vein"] + rng.uniform(-30, 15)  # the blood pool
     dens["other"] = rng.uniform(-20, 150)
-    dens["bowel"] = rng.uniform(0, 160)  # contents and wall: water to enhancing, liver-like
     groups: dict[str, np.ndarray] = {}
     for name, m in masks.items():
         g = _group_of(name)
