@@ -1,34 +1,14 @@
 """Synthetic CT from real anatomy: the project's offline default data set.
 
 Each case is one patient's 3D-IRCADb-01 label map (:mod:`liverseg.data.labelmaps`) turned into
-a CT scan of random appearance, after SynthSeg's recipe (Billot et al., MedIA 2023): the
-anatomy is real, everything a network could learn instead of the anatomy is drawn at random,
-so that a model trained on it must find the liver by its shape and context, not by one
-scanner's contrast or one phantom's look.
+a CT scan of random geometry, contrast phase, densities, texture, resolution, field of view,
+blur and noise, after SynthSeg's recipe (Billot et al., MedIA 2023), seeded by ``(seed,
+patient number)``. The recipe step by step, and why: docs/data.md, "The synthetic CT".
 
-Per case, from the seeded generator ``(seed, patient number)``:
-
-* geometry: a random affine (rotation about the body axis, small tilts, per-axis scale) and
-  a smooth elastic displacement, both within anatomical plausibility (a few degrees, a few
-  per cent, a few millimetres); an in-plane pixel of a 512-matrix scan drawn in
-  ``pixel_mm`` (written on a ``matrix`` grid over the same field of view), a slice thickness
-  in ``thickness_mm`` (each slice the mean of thinner sub-slices: partial volume), a field of
-  view shifted at random and, with probability ``cut_prob``, cut through the liver by the
-  first or last slice;
-* contrast: a phase (non-contrast, arterial, portal-venous, delayed) and, per structure, a
-  density drawn around real tissue values of that phase, so that the liver is brighter or
-  darker than spleen and muscle, vessels bright or not, lesions darker or brighter than
-  parenchyma;
-* what the map leaves unlabelled inside the body: a subcutaneous fat layer and a muscle wall
-  of random thickness, then random blobs of fat, soft tissue, enhancing tissue, fluid and gas
-  (bowel, mesentery, the organs a map may lack, the heart and lung bases): some of them as
-  dense as the liver, so that density alone never finds it;
-* texture, blur and noise of random strength.
-
-The liver mask is the map's ``liver`` structure (with its lesions and intra-hepatic vessels,
-as in 3D-IRCADb), resampled with the CT (a slice's voxel is liver where most of its
-sub-slices are). Arrays follow :mod:`liverseg.data.volumes`' RAS contract; the written affine
-is diagonal (RAS-aligned).
+The liver mask is the map's ``liver`` structure (lesions and intra-hepatic vessels included,
+as in 3D-IRCADb), resampled with the CT (a slice's voxel is liver where most of its sub-slices
+are). Arrays follow :mod:`liverseg.data.volumes`' RAS contract; the written affine is
+diagonal (RAS-aligned).
 """
 
 from __future__ import annotations
