@@ -24,8 +24,8 @@ from liverseg.errors import DataError
     [(-1000.0, 0.0), (-100.0, 0.0), (150.0, 0.5), (400.0, 1.0), (3000.0, 1.0)],
 )
 def test_window_table(hu: float, expected: float) -> None:
-    assert window(np.array([hu]), -100, 400)[0] == pytest.approx(expected)
-    assert window(np.array([hu]), -100, 400).dtype == np.float32
+    assert window(np.array([hu], np.float32), -100, 400)[0] == pytest.approx(expected)
+    assert window(np.array([hu], np.float32), -100, 400).dtype == np.float32
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(512, 96), (96, 512), (10, 10), (7, 3)])
