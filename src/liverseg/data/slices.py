@@ -92,13 +92,6 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(idx, n_in - 1)
 
 
-def volume_to_stack(volume: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
-    """(X, Y, Z) volume -> (N, X, Y) stack of its axial slices (all, or those at ``indices``)."""
-    if indices is not None:
-        volume = volume[:, :, indices]
-    return np.ascontiguousarray(np.moveaxis(volume, 2, 0))
-
-
 def select_slices(
     mask: np.ndarray, liver_free_fraction: float, rng: np.random.Generator, step: int = 1
 ) -> np.ndarray:
@@ -137,5 +130,5 @@ def prepare_volume(
     image = window(resize_to_stack(hu, size, idx), *window_hu)
     ix = nearest_indices(mask.shape[0], size[0])
     iy = nearest_indices(mask.shape[1], size[1])
-    labels = volume_to_stack(mask[np.ix_(ix, iy, idx)]).astype(np.uint8)
+    labels = np.ascontiguousarray(np.moveaxis(mask[np.ix_(ix, iy, idx)], 2, 0), dtype=np.uint8)
     return image, labels, idx
