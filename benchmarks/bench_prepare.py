@@ -35,7 +35,7 @@ def notebook_prepare(hu: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.nd
         masks.append(
             resize(mask[:, :, k], (size, size), order=0, anti_aliasing=False, preserve_range=True)
         )
-    return window(np.stack(imgs), *WINDOW), np.stack(masks).astype(np.uint8)
+    return window(np.stack(imgs).astype(np.float32), *WINDOW), np.stack(masks).astype(np.uint8)
 
 
 def ours(hu: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ fill holes per slice. The mask comes back on the input's grid and orientation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -138,11 +138,6 @@ class Segmenter:
             return cls.from_dir(found[0].parent, **kwargs)
         return cls.from_dir(Path(s), **kwargs)
 
-    def _batches(self, n: int) -> Iterator[slice]:
-        for start in range(0, n, self.batch_size):
-            stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
-            yield slice(start, min(n, start + self.batch_size))
-
     def _members_model(self) -> object | None:
         """The ensemble with its members' outputs after its own (so the mean, and the mask, are
         unchanged), or None for one model."""
@@ -173,7 +168,9 @@ class Segmenter:
         out = np.empty((x, y, z), dtype=bool)
         prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
         member_out = None if net is None else np.empty((len(net.outputs) - 1, x, y, z), bool)
-        for b in self._batches(z):
+        for start in range(0, z, self.batch_size):
+            stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
+            b = slice(start, min(z, start + self.batch_size))
             small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
             batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
             model: Any = self.model if net is None else net

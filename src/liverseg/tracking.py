@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -136,11 +135,6 @@ def headline_metrics(values: dict[str, float]) -> dict[str, float]:
     as ``<name>_exact``."""
     rounded = {k: round(float(v), HEADLINE_DECIMALS) for k, v in values.items()}
     return {**rounded, **{f"{k}_exact": float(v) for k, v in values.items()}}
-
-
-def dvc_experiment() -> str:
-    """The name of the ``dvc exp run`` experiment running this stage; empty under ``dvc repro``."""
-    return os.environ.get("DVC_EXP_NAME", "")
 
 
 def log_dataset(path: Path, digest: str, context: str) -> None:

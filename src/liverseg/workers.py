@@ -54,23 +54,17 @@ def threads_per_process(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
-def _name_and_tie_to_parent() -> None:
-    """Linux: name this process :data:`WORKER_NAME`; SIGTERM when its parent dies."""
-    pr_set_pdeathsig, pr_set_name = 1, 15
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(pr_set_name, ctypes.c_char_p(WORKER_NAME))
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker(
     target: Callable[[Any, int], Any], payload: Any, threads: int, progress: bool, conn: Connection
 ) -> None:
     """``target(payload, item)`` for each item the stage sends, each result (or its error) sent
     back, until the stage closes its end; exit status 0, or 128 + signal after a stop."""
-    _name_and_tie_to_parent()
+    try:  # Linux: named WORKER_NAME (prctl PR_SET_NAME), SIGTERM when the parent dies (PDEATHSIG)
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, ctypes.c_char_p(WORKER_NAME))
+        libc.prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
     stop.install()
     try:
         if progress:

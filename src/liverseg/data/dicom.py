@@ -110,13 +110,8 @@ def _read_slice(path: Path) -> _Slice:
     if "TransferSyntaxUID" not in ds.file_meta:
         # A bare data set has no file meta; pixel decoding needs the syntax it was parsed with.
         implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian
-            if implicit
-            else ExplicitVRLittleEndian
-            if little
-            else ExplicitVRBigEndian
-        )
+        explicit = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else explicit
     for keyword in _REQUIRED:
         if keyword not in ds:
             raise DataError(f"{path}: DICOM attribute {keyword} is missing")

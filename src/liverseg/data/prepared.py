@@ -73,7 +73,27 @@ def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, 
     masks: list[np.ndarray] = []
     for case_id in case_ids:
         path = Path(prepared_dir) / CASES_DIR / f"{case_id}.npz"
-        image, mask = _load_case(path)
+        if not path.is_file():
+            raise DataError(f"{path}: prepared case file not found (run the prepare stage)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = sorted({"image", "mask"} - set(data.files))
+                if missing:
+                    raise DataError(f"{path}: missing key(s) {missing} (has {sorted(data.files)})")
+                image = np.asarray(data["image"])
+                mask = np.asarray(data["mask"])
+        except DataError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
+        if image.ndim != 3 or image.shape != mask.shape:
+            raise DataError(
+                f"{path}: image {image.shape} and mask {mask.shape} must both be (n, H, W)"
+            )
+        if mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise DataError(
+                f"{path}: mask values must be 0/1, got range [{mask.min()}, {mask.max()}]"
+            )
         if images and image.shape[1:] != images[0].shape[1:]:
             raise DataError(
                 f"{path}: slice size {image.shape[1:]} differs from {images[0].shape[1:]} "
@@ -85,25 +105,3 @@ def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, 
         np.concatenate(images)[..., None].astype(np.float32, copy=False),
         np.concatenate(masks)[..., None].astype(np.float32),
     )
-
-
-def _load_case(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one prepared case file."""
-    if not path.is_file():
-        raise DataError(f"{path}: prepared case file not found (run the prepare stage)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = sorted({"image", "mask"} - set(data.files))
-            if missing:
-                raise DataError(f"{path}: missing key(s) {missing} (has {sorted(data.files)})")
-            image = np.asarray(data["image"])
-            mask = np.asarray(data["mask"])
-    except DataError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
-    if image.ndim != 3 or image.shape != mask.shape:
-        raise DataError(f"{path}: image {image.shape} and mask {mask.shape} must both be (n, H, W)")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise DataError(f"{path}: mask values must be 0/1, got range [{mask.min()}, {mask.max()}]")
-    return image.astype(np.float32, copy=False), mask

@@ -19,20 +19,12 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip HU to [low, high] and scale linearly to [0, 1] as float32.
+def window(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip a float32 HU array the caller owns to [low, high] and scale it to [0, 1], in place.
 
     The liver window keeps soft-tissue contrast (liver vs. spleen vs. lesions); air and bone
     saturate to 0 and 1, so a raw HU value never wraps around as the notebook's uint8 cast did.
     """
-    out = np.clip(hu, low, high, dtype=np.float32)
-    out -= np.float32(low)
-    out *= np.float32(1.0 / (high - low))
-    return out
-
-
-def window_inplace(x: np.ndarray, low: float, high: float) -> np.ndarray:
-    """:func:`window` on a float32 array the caller owns, without allocating."""
     np.clip(x, low, high, out=x)
     x -= np.float32(low)
     x *= np.float32(1.0 / (high - low))
@@ -100,13 +92,6 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(idx, n_in - 1)
 
 
-def volume_to_stack(volume: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
-    """(X, Y, Z) volume -> (N, X, Y) stack of its axial slices (all, or those at ``indices``)."""
-    if indices is not None:
-        volume = volume[:, :, indices]
-    return np.ascontiguousarray(np.moveaxis(volume, 2, 0))
-
-
 def select_slices(
     mask: np.ndarray, liver_free_fraction: float, rng: np.random.Generator, step: int = 1
 ) -> np.ndarray:
@@ -142,8 +127,8 @@ def prepare_volume(
     """
     idx = select_slices(mask, liver_free_fraction, rng, step)
     size = (image_size, image_size)
-    image = window_inplace(resize_to_stack(hu, size, idx), *window_hu)
+    image = window(resize_to_stack(hu, size, idx), *window_hu)
     ix = nearest_indices(mask.shape[0], size[0])
     iy = nearest_indices(mask.shape[1], size[1])
-    labels = volume_to_stack(mask[np.ix_(ix, iy, idx)]).astype(np.uint8)
+    labels = np.ascontiguousarray(np.moveaxis(mask[np.ix_(ix, iy, idx)], 2, 0), dtype=np.uint8)
     return image, labels, idx

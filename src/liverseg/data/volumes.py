@@ -164,7 +164,17 @@ def nifti_from_bytes(data: bytes, limit: int, source: str) -> nib.Nifti1Image | 
     is a DataError starting with ``source``.
     """
     if data[:2] == _GZIP_MAGIC:
-        data = _gunzip(data, limit, source)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise DataError(f"{source}: corrupt gzip data ({exc})") from exc
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise TooLargeError(
+                source, "the NIfTI file after gunzip", max(len(data), limit + 1), limit
+            )
+        if not inflater.eof:
+            raise DataError(f"{source}: truncated gzip data (the stream ends early)")
     cls = _nifti_kind(data, source)
     try:
         img = cls.from_bytes(data)
@@ -186,19 +196,6 @@ def nifti_from_bytes(data: bytes, limit: int, source: str) -> nib.Nifti1Image | 
             f"({n_vox * itemsize} bytes of voxels), the file has {max(len(data) - offset, 0)}"
         )
     return img
-
-
-def _gunzip(data: bytes, limit: int, source: str) -> bytes:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise DataError(f"{source}: corrupt gzip data ({exc})") from exc
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise TooLargeError(source, "the NIfTI file after gunzip", max(len(out), limit + 1), limit)
-    if not inflater.eof:
-        raise DataError(f"{source}: truncated gzip data (the stream ends early)")
-    return out
 
 
 def _nifti_kind(raw: bytes, source: str) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:

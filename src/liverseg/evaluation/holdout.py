@@ -57,12 +57,10 @@ def overlay(
     title: str,
 ) -> None:
     """Write one axial slice with truth (green) and prediction (red) outlines to ``path``."""
-    import matplotlib
+    from matplotlib.figure import Figure  # without pyplot: no backend to choose, nothing to close
 
-    matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
     ax.imshow(ct_hu.T[::-1, ::-1], cmap="gray", vmin=-200.0, vmax=300.0)
     for m, color, label in ((truth, "lime", "truth"), (pred, "red", "prediction")):
         if m.any():
@@ -75,7 +73,6 @@ def overlay(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def score_case(

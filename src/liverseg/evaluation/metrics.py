@@ -85,11 +85,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * inter / (n_p + n_t) if n_p + n_t else 1.0
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
 def surface_distances(
     pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +101,10 @@ def surface_distances(
     # surface voxel lies in the box, the exact EDT only looks at those, and the erosion's
     # outside-is-background border matches the real background around the box.
     box = ndimage.find_objects((p | t).view(np.uint8))[0]
-    surf_p, surf_t = _surface(p[box]), _surface(t[box])
+    cross = ndimage.generate_binary_structure(3, 1)
+    surf_p, surf_t = (
+        m & ~ndimage.binary_erosion(m, cross, border_value=0) for m in (p[box], t[box])
+    )
     dist_to_t = ndimage.distance_transform_edt(~surf_t, sampling=sampling)
     dist_to_p = ndimage.distance_transform_edt(~surf_p, sampling=sampling)
     return np.asarray(dist_to_t[surf_p], np.float64), np.asarray(dist_to_p[surf_t], np.float64)

@@ -118,16 +118,6 @@ def segment_volume_file(
     return float(record["liver_volume_ml"])
 
 
-def _zip_bytes(source: Path) -> bytes:
-    """The bytes of ``source`` if it is a zip, else a zip of the files below the folder."""
-    if source.is_file():
-        return source.read_bytes()
-    if not source.is_dir():
-        raise DataError(f"{source}: not found (expected a DICOM folder or a .zip of one)")
-    with tempfile.TemporaryDirectory(prefix="liverseg-zip-") as tmp:
-        return Path(shutil.make_archive(f"{tmp}/series", "zip", source)).read_bytes()
-
-
 def segment_dicom(
     url: str,
     source: Path,
@@ -141,8 +131,16 @@ def segment_dicom(
     ``out_path`` (a DICOM SEG, or with ``mask_format="nifti"`` a .nii.gz on the series' grid);
     the answer without the mask: ``series``, ``liver_volume_ml``, ``quality`` (with ``review``).
     """
+    source = Path(source)
+    if source.is_dir():  # zipped here
+        with tempfile.TemporaryDirectory(prefix="liverseg-zip-") as tmp:
+            body = Path(shutil.make_archive(f"{tmp}/series", "zip", source)).read_bytes()
+    elif source.is_file():
+        body = source.read_bytes()
+    else:
+        raise DataError(f"{source}: not found (expected a DICOM folder or a .zip of one)")
     params = {"mask_format": mask_format, **({"series": series} if series else {})}
-    record, data = _send_volume(url, "dicom_zip", _zip_bytes(Path(source)), params, timeout)
+    record, data = _send_volume(url, "dicom_zip", body, params, timeout)
     with atomic_file(Path(out_path)) as tmp:
         tmp.write_bytes(data)
     return record

@@ -84,21 +84,17 @@ class LiverSegModel(PythonModel):
         self.segmenter = Segmenter.from_dir(Path(context.artifacts["model"]), post=post)
         quiet_client_disconnects()
 
-    def _segmenter_for(self, params: dict[str, Any] | None) -> Segmenter:
-        post = self.segmenter.post.updated(params or {}, "params")
-        if post == self.segmenter.post:
-            return self.segmenter
-        seg = copy.copy(self.segmenter)  # the same network, another post-processing
-        seg.post = post
-        return seg
-
     # No type hint on the input or the result, on purpose (MLflow warns once at import): MLflow
     # 3 would derive an input schema from it and then pass only the raw ``inputs`` field,
     # refusing the ``dataframe_split`` (volume) form.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):
         """Masks for slices (ndarray) or volumes (DataFrame); bad input -> HTTP 400."""
         try:
-            seg = self._segmenter_for(params)
+            seg = self.segmenter
+            post = seg.post.updated(params or {}, "params")
+            if post != seg.post:
+                seg = copy.copy(seg)  # the same network, another post-processing
+                seg.post = post
             found = volume_payloads(model_input)
             if found is None:
                 codes = slice_orientation(params)
@@ -163,22 +159,6 @@ def quiet_client_disconnects(logger: str = "uvicorn.error") -> None:
 
 
 # ------------------------------------------------------------------------------- logging it
-def serving_requirements() -> list[str]:
-    """pip requirements of the served model: the installed versions (liverseg pins them) of
-    what it imports ("tensorflow": the cpu or the gpu extra's)."""
-    dists = ["mlflow", tensorflow_distribution(), "keras", "numpy", "scipy", "nibabel"]
-    return [f"{d}=={importlib.metadata.version(d)}" for d in [*dists, "pydicom", "highdicom"]]
-
-
-def model_signature(post: PostProcessing) -> ModelSignature:
-    """Params (post-processing overrides, defaulting to ``post``); no input schema (see above)."""
-    kinds = {float: "double", bool: "boolean"}
-    specs = [ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()]
-    strings = {"orientation": "RAS", "series": "", "mask_format": "seg"}
-    specs += [ParamSpec(k, "string", v) for k, v in strings.items()]
-    return ModelSignature(params=ParamSchema(specs))
-
-
 _MODEL_CODE = (
     "# Written by liverseg.serving.model.log_pyfunc (MLflow models-from-code).\n"
     "from mlflow.models import set_model\n\n"
@@ -201,6 +181,15 @@ def log_pyfunc(
     import liverseg
 
     model_file, prep_file = check_model_dir(Path(model_dir))
+    # Params: post-processing overrides, defaulting to ``post``; no input schema (see predict).
+    kinds = {float: "double", bool: "boolean"}
+    specs = [ParamSpec(k, kinds[type(v)], v) for k, v in post.to_dict().items()]
+    strings = {"orientation": "RAS", "series": "", "mask_format": "seg"}
+    specs += [ParamSpec(k, "string", v) for k, v in strings.items()]
+    # The installed versions (liverseg pins them) of what the served model imports
+    # ("tensorflow": the cpu or the gpu extra's).
+    dists = ["mlflow", tensorflow_distribution(), "keras", "numpy", "scipy", "nibabel"]
+    dists += ["pydicom", "highdicom"]
     with tempfile.TemporaryDirectory(prefix="liverseg-pyfunc-") as tmp:
         post_file = Path(tmp) / POSTPROCESSING_FILE
         post_file.write_text(json.dumps(post.to_dict()))
@@ -216,8 +205,8 @@ def log_pyfunc(
                 "postprocessing": str(post_file),
             },
             code_paths=[str(Path(liverseg.__file__).parent)],
-            signature=model_signature(post),
+            signature=ModelSignature(params=ParamSchema(specs)),
             input_example=example,
-            pip_requirements=serving_requirements(),
+            pip_requirements=[f"{d}=={importlib.metadata.version(d)}" for d in dists],
             registered_model_name=registered_model_name,
         )

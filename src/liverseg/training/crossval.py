@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from liverseg.params import TrainParams, as_flat_dict
 from liverseg.tracking import (
     NOTE_TAG,
     content_hash,
-    dvc_experiment,
     dvc_out_hash,
     ensure_experiment,
     git_commit,
@@ -126,7 +126,7 @@ def train(
     FAILED (KILLED after a stop)."""
     keras_session(cfg.precision, cfg.seed)
     exp_id = ensure_experiment(cfg.experiment)
-    dvc_exp = dvc_experiment()
+    dvc_exp = os.environ.get("DVC_EXP_NAME", "")  # the `dvc exp run` experiment, or empty
     tags = {
         "git_commit": git_commit(),
         "data_dvc_md5": dvc_out_hash(prepared),

@@ -92,7 +92,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"params: tune.storage: {redact(url)!r} is not a study storage; use "
             "sqlite:///PATH, postgresql://USER:PW@HOST:PORT/DB, mysql://... or journal:PATH"
         )
-    url = _with_installed_driver(url)
+    # postgresql:// with the psycopg2 driver (which the project installs) when psycopg 3
+    # (SQLAlchemy 2.1's default) is not installed
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         path_part = url.split("///", 1)[1] if "///" in url else ""
@@ -131,18 +137,6 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"tune.storage {redact(url)}: cannot open the study storage after "
             f"{STORAGE_OPEN_ATTEMPTS} attempts: {exc}"
         ) from exc
-
-
-def _with_installed_driver(url: str) -> str:
-    """``postgresql://`` with the psycopg2 driver (which the project installs) when psycopg 3
-    (SQLAlchemy 2.1's default) is not installed."""
-    if not url.startswith("postgresql://"):
-        return url
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
 
 
 def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[str, Any]:
