@@ -14,13 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from liverseg.errors import DataError, error_line
 
 if TYPE_CHECKING:
-    from liverseg.data.dicom import DicomSeries
-    from liverseg.data.volumes import Volume
     from liverseg.inference import Segmenter
 
 FORMATS = ("nifti", "seg")
@@ -187,43 +183,6 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
         raise DataError(f"{failed} of {n} scans failed (their errors: {summary})")
 
 
-def segment_volume(
-    seg: Segmenter,
-    volume: Volume,
-    output: Path,
-    *,
-    series: DicomSeries | None = None,
-    model_name: str = "",
-    probabilities: Path | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> dict[str, Any]:
-    """Segment ``volume``, write its mask to ``output`` (a DICOM SEG of ``series`` if given,
-    else NIfTI) and the probability map if asked; ``liver_volume_ml``, ``liver_voxels`` and
-    the quality report. The one step of ``liverseg predict`` and the served model."""
-    from liverseg.data.volumes import from_canonical, save_mask_like, save_probabilities_like
-    from liverseg.evaluation.quality import quality_report
-
-    pred = seg.predict_ras(
-        volume.data, progress, probabilities=probabilities is not None, members=True
-    )
-    mask = seg.postprocess(pred.mask)
-    if series is not None:
-        from liverseg.data.dicomseg import write_seg
-
-        write_seg(from_canonical(mask, volume), series.datasets, output, model=model_name)
-    else:
-        save_mask_like(mask, volume, output)
-    if probabilities is not None:
-        assert pred.probabilities is not None
-        save_probabilities_like(pred.probabilities, volume, probabilities)
-    voxels = int(np.count_nonzero(mask))
-    return {
-        "liver_volume_ml": voxels * volume.voxel_volume_ml,
-        "liver_voxels": voxels,
-        "quality": quality_report(mask, volume.data, volume.spacing, member_masks=pred.members),
-    }
-
-
 def predict_one(
     ct: Path,
     output: Path,
@@ -237,12 +196,13 @@ def predict_one(
 ) -> dict[str, Any]:
     """Segment ``ct`` into ``output`` and ``<mask>.quality.json``; ``load`` is called once the
     CT is read; ``model_name``: the SEG's (default :func:`describe_model` of ``model``).
-    :func:`segment_volume`'s answer, with the report's path as ``path``."""
+    :func:`liverseg.segment.segment_volume`'s answer, with the report's path as ``path``."""
     from tqdm import tqdm
 
     from liverseg.data.dicom import is_dicom_source, read_ct_series
     from liverseg.data.volumes import load_volume
     from liverseg.fsutil import check_output_path, write_json
+    from liverseg.segment import segment_volume
 
     dicom = is_dicom_source(ct)
     if fmt == "seg" and not dicom:

@@ -32,7 +32,7 @@ from liverseg.errors import DataError
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing, Segmenter
 from liverseg.model.folder import check_model_dir
-from liverseg.predict import segment_volume
+from liverseg.segment import segment_volume
 from liverseg.serving.forms import (
     DICOM_COLUMN,
     max_request_bytes,
