@@ -50,16 +50,19 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float
     from mlflow.exceptions import MlflowException
 
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:  # no such model (SQL stores), or no such alias
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None, None
         raise
+    version = (model.aliases or {}).get(CHAMPION)
+    if version is None:
+        return None, None
     try:
-        dice: float | None = float(champion.tags[DICE_TAG])
+        dice: float | None = float(client.get_model_version(name, str(version)).tags[DICE_TAG])
     except (KeyError, ValueError):
         dice = None
-    return str(champion.version), dice if dice is not None and math.isfinite(dice) else None
+    return str(version), dice if dice is not None and math.isfinite(dice) else None
 
 
 def register_model(
