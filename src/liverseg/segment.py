@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from liverseg.data.dicom import DicomSeries
-from liverseg.data.dicomseg import write_seg
 from liverseg.data.volumes import Volume, from_canonical, save_mask_like, save_probabilities_like
 from liverseg.evaluation.quality import quality_report
-from liverseg.inference import Segmenter
+
+if TYPE_CHECKING:
+    from liverseg.data.dicom import DicomSeries
+    from liverseg.inference import Segmenter
 
 
 def segment_volume(
@@ -34,6 +35,8 @@ def segment_volume(
     )
     mask = seg.postprocess(pred.mask)
     if series is not None:
+        from liverseg.data.dicomseg import write_seg  # highdicom: only when a SEG is written
+
         write_seg(from_canonical(mask, volume), series.datasets, output, model=model_name)
     else:
         save_mask_like(mask, volume, output)
