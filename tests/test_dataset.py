@@ -199,9 +199,9 @@ def test_training_without_augment_only_shuffles() -> None:
 @pytest.mark.parametrize(
     ("img_shape", "mask_shape", "match"),
     [
-        ((4, H, W), (4, H, W), r"\(N, H, W, 1\)"),
-        ((4, H, W, 3), (4, H, W, 3), r"\(N, H, W, 1\)"),
-        ((4, H, W, 1), (4, H, W + 1, 1), "differs"),
+        ((4, H, W), (4, H, W), r"\(N, H, W, C\)"),
+        ((4, H, W, 3), (4, H, W, 3), "does not fit"),
+        ((4, H, W, 1), (4, H, W + 1, 1), "does not fit"),
         ((0, H, W, 1), (0, H, W, 1), "no slices"),
     ],
 )
@@ -264,11 +264,11 @@ def test_load_prepared_missing_case(tmp_path: Path) -> None:
         ({"image": np.zeros((2, 8, 8), np.float32)}, r"missing key\(s\) \['mask'\]"),
         (
             {"image": np.zeros((2, 8, 8), np.float32), "mask": np.zeros((3, 8, 8), np.uint8)},
-            "must both be",
+            r"must be \(n, H, W",
         ),
         (
             {"image": np.zeros((8, 8), np.float32), "mask": np.zeros((8, 8), np.uint8)},
-            "must both be",
+            r"must be \(n, H, W",
         ),
         (
             {"image": np.zeros((1, 8, 8), np.float32), "mask": np.full((1, 8, 8), 2, np.uint8)},
@@ -297,7 +297,7 @@ def test_load_prepared_unreadable_and_pickled(tmp_path: Path) -> None:
 def test_load_prepared_size_mismatch(tmp_path: Path) -> None:
     _write_case(tmp_path, "case_a", 2, 0.25, size=8)
     _write_case(tmp_path, "case_b", 2, 0.25, size=16)
-    with pytest.raises(DataError, match=r"case_b\.npz.*slice size"):
+    with pytest.raises(DataError, match=r"case_b\.npz.*slice shape"):
         load_prepared(tmp_path, ["case_a", "case_b"])
 
 

@@ -40,6 +40,7 @@ def test_save_model_dir_round_trips(model_dir: Path) -> None:
     assert json.loads((model_dir / PREPROCESSING_FILE).read_text()) == {
         "window": [-100, 400],
         "image_size": 16,
+        "context_mm": 0.0,
     }
     seg = Segmenter.from_dir(model_dir)
     assert (seg.window_hu, seg.image_size) == ((-100.0, 400.0), 16)

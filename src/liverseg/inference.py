@@ -1,10 +1,12 @@
 """Segmenter: a CT volume in HU (any size, any orientation) -> a binary liver mask on its grid.
 
 Steps: reorient to RAS (done by :func:`liverseg.data.volumes.load_volume`), HU window and
-scale to [0, 1], resize each axial slice to the model's input size, predict in batches of
-slices (memory stays bounded by the batch, not the volume), resize the probabilities back to
-the slice's own size, threshold, then (switchable) keep the largest 3-D connected component and
-fill holes per slice. The mask comes back on the input's grid and orientation.
+scale to [0, 1], resize each axial slice to the model's input size (a 2.5-D model also gets
+the slice's neighbours ``context_mm`` below and above, interpolated), predict in batches of
+slices (memory stays bounded by the batch and the small resized volume), resize the
+probabilities back to the slice's own size, threshold, then (switchable) keep the largest 3-D
+connected component and fill holes per slice. The mask comes back on the input's grid and
+orientation.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pydantic
 
 from liverseg import stop
-from liverseg.data.slices import resize_xy, window
+from liverseg.data.slices import context_offsets, resize_xy, stack_channels, window
 from liverseg.errors import DataError
 from liverseg.model.folder import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
 from liverseg.postprocess import fill_holes as fill_holes_fn
@@ -102,10 +104,12 @@ class Segmenter:
         image_size: int,
         post: PostProcessing | None = None,
         batch_size: int = 32,
+        context_mm: float = 0.0,
     ) -> None:
         self.model = model
         self.window_hu = (float(window_hu[0]), float(window_hu[1]))
         self.image_size = int(image_size)
+        self.context_mm = float(context_mm)
         self.post = post or PostProcessing()
         self.batch_size = int(batch_size)
         self._with_members: object | None = None
@@ -113,8 +117,14 @@ class Segmenter:
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
         """From a model folder (:mod:`liverseg.model.folder`); a broken one is a DataError."""
-        model, window_hu, image_size = load_model_dir(folder)
-        return cls(model, window_hu=window_hu, image_size=image_size, **kwargs)  # type: ignore[arg-type]
+        model, window_hu, image_size, context_mm = load_model_dir(folder)
+        kwargs = {
+            "window_hu": window_hu,
+            "image_size": image_size,
+            "context_mm": context_mm,
+            **kwargs,
+        }
+        return cls(model, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, source: str | Path, **kwargs: object) -> Segmenter:
@@ -158,12 +168,16 @@ class Segmenter:
         *,
         probabilities: bool = False,
         members: bool = False,
+        slice_mm: float | None = None,
     ) -> Prediction:
         """Network output for a volume (X, Y, Z) in HU, before any post-processing (see
         :class:`Prediction`). Works through ``batch_size`` axial slices at a time, so memory is
-        bounded by the batch and the outputs asked for."""
+        bounded by the batch, the resized volume and the outputs asked for. ``slice_mm``: the
+        z spacing, where a 2.5-D model's neighbours are (None: each slice is its own)."""
         x, y, z = hu_ras.shape
         s, t = self.image_size, self.post.threshold
+        small = window(resize_xy(hu_ras, (s, s)), *self.window_hu)  # (s, s, z)
+        offsets = context_offsets(self.context_mm, slice_mm)
         net: Any = self._members_model() if members else None
         out = np.empty((x, y, z), dtype=bool)
         prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
@@ -171,8 +185,7 @@ class Segmenter:
         for start in range(0, z, self.batch_size):
             stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
             b = slice(start, min(z, start + self.batch_size))
-            small = window(resize_xy(hu_ras[:, :, b], (s, s)), *self.window_hu)  # (s, s, n)
-            batch = np.ascontiguousarray(np.moveaxis(small, 2, 0))[..., None]  # (n, s, s, 1)
+            batch = stack_channels(small, np.arange(b.start, b.stop), offsets)  # (n, s, s, C)
             model: Any = self.model if net is None else net
             outputs = model.predict_on_batch(batch)
             for n, raw in enumerate([outputs] if net is None else outputs):

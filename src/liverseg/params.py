@@ -205,6 +205,7 @@ class PrepareParams:
     ] = 96
     liver_free_fraction: Annotated[Float, _range(0, 1)] = 0.3
     slice_gap_mm: Annotated[Float, _range(0)] = 0.0
+    context_mm: Annotated[Float, _range(0)] = 0.0
     n_test: Annotated[Int, _range(1)] = 3
     test_cases: Annotated[
         tuple[Name, ...], _check(lambda t: len(set(t)) == len(t), "names a case twice")

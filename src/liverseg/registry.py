@@ -222,7 +222,12 @@ def model_card(
             + (f", dvc exp `{train['dvc_exp']}`" if train.get("dvc_exp") else "")
             + ")",
             f"- **Preprocessing**: RAS axial slices, HU window [{window[0]}, {window[1]}] "
-            f"scaled to [0, 1], resized to {preprocessing.get('image_size', '?')} px",
+            f"scaled to [0, 1], resized to {preprocessing.get('image_size', '?')} px"
+            + (
+                f", with the slices {preprocessing['context_mm']} mm below and above as channels"
+                if preprocessing.get("context_mm")
+                else ""
+            ),
             f"- **Post-processing**: threshold {post.get('threshold')}, largest 3-D component "
             f"{post.get('largest_component')}, fill holes {post.get('fill_holes')}",
             "- **Intended use**: research and teaching on abdominal CT like the training data. "

@@ -31,7 +31,11 @@ def segment_volume(
     else NIfTI) and the probability map if asked; ``liver_volume_ml``, ``liver_voxels`` and
     the quality report. The one step of ``liverseg predict`` and the served model."""
     pred = seg.predict_ras(
-        volume.data, progress, probabilities=probabilities is not None, members=True
+        volume.data,
+        progress,
+        probabilities=probabilities is not None,
+        members=True,
+        slice_mm=volume.spacing[2],
     )
     mask = seg.postprocess(pred.mask)
     if series is not None:

@@ -1,6 +1,7 @@
 """The prepare stage's output folder (``data/prepared/``): the one module that writes and reads it.
 
-  cases/<case_id>.npz  image (N, S, S) float32 in [0, 1], mask (N, S, S) uint8 0/1,
+  cases/<case_id>.npz  image (N, S, S) float32 in [0, 1] (with neighbours, prepare.context_mm:
+                       (N, S, S, 3), the slice between them), mask (N, S, S) uint8 0/1,
                        slice_index (N,) int: the axial index k of each slice in the RAS volume
   splits.json          {"test": [...], "folds": [[...], ...], "seed", "n_test", "k_folds"}
   meta.json            {"params": {"window", "image_size", ...}, "cases": {id: {...}}}
@@ -62,10 +63,12 @@ def load_splits(prepared: Path) -> dict[str, Any]:
 
 
 def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the prepared slices of ``case_ids`` into ``(N, H, W, 1)`` float32 images, masks.
+    """Stack the prepared slices of ``case_ids`` into ``(N, H, W, C)`` float32 images and
+    ``(N, H, W, 1)`` masks.
 
-    Each ``prepared_dir/cases/<case_id>.npz`` holds ``image`` (n, H, W) float32 in [0, 1] and
-    ``mask`` (n, H, W) uint8; slices keep the order of ``case_ids`` then of the file.
+    Each ``prepared_dir/cases/<case_id>.npz`` holds ``image`` (n, H, W) or (n, H, W, C) float32
+    in [0, 1] and ``mask`` (n, H, W) uint8; slices keep the order of ``case_ids`` then of the
+    file.
     """
     if not case_ids:
         raise DataError(f"load_prepared: no case ids given for {prepared_dir}")
@@ -82,13 +85,16 @@ def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, 
                     raise DataError(f"{path}: missing key(s) {missing} (has {sorted(data.files)})")
                 image = np.asarray(data["image"])
                 mask = np.asarray(data["mask"])
+                if image.ndim == 3:
+                    image = image[..., None]
         except DataError:
             raise
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
-        if image.ndim != 3 or image.shape != mask.shape:
+        if image.ndim != 4 or image.shape[:3] != mask.shape:
             raise DataError(
-                f"{path}: image {image.shape} and mask {mask.shape} must both be (n, H, W)"
+                f"{path}: image {image.shape} and mask {mask.shape} must be (n, H, W[, C]) and "
+                "(n, H, W)"
             )
         if mask.size and (mask.min() < 0 or mask.max() > 1):
             raise DataError(
@@ -96,12 +102,12 @@ def load_prepared(prepared_dir: Path, case_ids: list[str]) -> tuple[np.ndarray, 
             )
         if images and image.shape[1:] != images[0].shape[1:]:
             raise DataError(
-                f"{path}: slice size {image.shape[1:]} differs from {images[0].shape[1:]} "
+                f"{path}: slice shape {image.shape[1:]} differs from {images[0].shape[1:]} "
                 f"of case {case_ids[0]}"
             )
         images.append(image)
         masks.append(mask)
     return (
-        np.concatenate(images)[..., None].astype(np.float32, copy=False),
+        np.concatenate(images).astype(np.float32, copy=False),
         np.concatenate(masks)[..., None].astype(np.float32),
     )

@@ -86,6 +86,28 @@ def resize_to_stack(
     return np.ascontiguousarray(c.transpose(2, 1, 0))
 
 
+def context_offsets(context_mm: float, slice_mm: float | None) -> np.ndarray:
+    """Where a slice's channels sit along z, in slices from it: ``[0]`` (2-D), or
+    ``[-d, 0, +d]`` with d = ``context_mm / slice_mm`` (the neighbours ``context_mm`` below and
+    above, whatever the slice thickness). Without a ``slice_mm`` (independent slices), a slice
+    is its own neighbour."""
+    if context_mm <= 0:
+        return np.zeros(1, np.float32)
+    d = context_mm / slice_mm if slice_mm else 0.0
+    return np.array([-d, 0.0, d], np.float32)
+
+
+def stack_channels(small: np.ndarray, index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``(N, H, W, C)`` from an ``(H, W, Z)`` volume: for slice ``index[n]``, channel c is the
+    volume at z = index[n] + offsets[c], linearly interpolated and clamped to the volume."""
+    z = np.clip(np.asarray(index, np.float32)[:, None] + offsets[None, :], 0, small.shape[2] - 1)
+    lo = np.floor(z).astype(np.intp)
+    hi = np.minimum(lo + 1, small.shape[2] - 1)
+    w = (z - lo).astype(np.float32)
+    out = small[:, :, lo] * (1 - w) + small[:, :, hi] * w  # (H, W, N, C)
+    return np.ascontiguousarray(out.transpose(2, 0, 1, 3))
+
+
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source index of each output pixel for nearest-neighbour resampling (centres aligned)."""
     idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp)
@@ -116,10 +138,12 @@ def prepare_volume(
     liver_free_fraction: float,
     rng: np.random.Generator,
     step: int = 1,
+    offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case's training slices: (image (N, S, S) float32 [0, 1], mask (N, S, S) uint8, indices).
 
-    ``step``: every step-th slice only (:func:`select_slices`).
+    ``step``: every step-th slice only (:func:`select_slices`). ``offsets``
+    (:func:`context_offsets`): with neighbours, the image is (N, S, S, C).
 
     The whole volume is resized first and the slices picked from the small result: a gather of
     scattered slices from the full-size volume would cost more (a strided copy of most of it)
@@ -127,7 +151,10 @@ def prepare_volume(
     """
     idx = select_slices(mask, liver_free_fraction, rng, step)
     size = (image_size, image_size)
-    image = window(resize_to_stack(hu, size, idx), *window_hu)
+    if offsets is None or offsets.size == 1:
+        image = window(resize_to_stack(hu, size, idx), *window_hu)
+    else:
+        image = stack_channels(window(resize_xy(hu, size), *window_hu), idx, offsets)
     ix = nearest_indices(mask.shape[0], size[0])
     iy = nearest_indices(mask.shape[1], size[1])
     labels = np.ascontiguousarray(np.moveaxis(mask[np.ix_(ix, iy, idx)], 2, 0), dtype=np.uint8)

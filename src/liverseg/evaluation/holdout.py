@@ -81,7 +81,7 @@ def score_case(
     """One case's row of the per-patient table (metrics, volumes, the quality report's agreement
     and review flag, seconds) and the predicted mask (RAS, uint8 0/1) it was computed from."""
     t0 = time.perf_counter()
-    net = seg.predict_ras(case.image.data, members=True)
+    net = seg.predict_ras(case.image.data, members=True, slice_mm=case.image.spacing[2])
     pred = seg.postprocess(net.mask)
     seconds = time.perf_counter() - t0
     q = quality_report(

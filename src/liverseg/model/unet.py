@@ -115,13 +115,14 @@ def _conv_block(
 
 
 def build_unet(
-    image_size: int | None, params: ModelParams, *, seed: int | None = None
+    image_size: int | None, params: ModelParams, *, seed: int | None = None, channels: int = 1
 ) -> keras.Model:
     """Build the (uncompiled) U-Net described in the module docstring.
 
     ``image_size`` only validates the training size against ``params.depth``; the model itself
     accepts any ``H, W`` divisible by ``2**depth``. ``seed`` makes initial weights and dropout
-    masks reproducible (``None``: fresh random weights).
+    masks reproducible (``None``: fresh random weights). ``channels``: 1, or 3 for a slice
+    with its neighbours (``prepare.context_mm``).
     """
     factor = 2**params.depth
     if image_size is not None and (image_size < factor or image_size % factor != 0):
@@ -130,7 +131,7 @@ def build_unet(
             f"2**train.model.depth={factor} (depth {params.depth})"
         )
     seeds: Seeds = itertools.repeat(None) if seed is None else itertools.count(seed + 1)
-    inputs = keras.Input(shape=(None, None, 1), name="image")
+    inputs = keras.Input(shape=(None, None, channels), name="image")
     x = inputs
     skips: list[keras.KerasTensor] = []
     for level in range(params.depth):

@@ -14,7 +14,7 @@ import numpy as np
 from liverseg import stop
 from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.prepared import write_case, write_splits_and_meta
-from liverseg.data.slices import prepare_volume
+from liverseg.data.slices import context_offsets, prepare_volume
 from liverseg.data.splits import make_splits
 from liverseg.data.volumes import load_case
 from liverseg.fsutil import atomic_dir
@@ -43,6 +43,7 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
                 liver_free_fraction=params.liver_free_fraction,
                 rng=rng,
                 step=step,
+                offsets=context_offsets(params.context_mm, case.image.spacing[2]),
             )
             write_case(tmp, pair.case_id, image, mask, idx)
             counts[pair.case_id] = int(idx.size)

@@ -91,7 +91,7 @@ def curves_figure(histories: dict[str, dict[str, list[float]]]) -> Any:
 
 def ensemble(models: list[keras.Model]) -> keras.Model:
     """One Keras model averaging the probabilities of ``models`` (the fold ensemble)."""
-    inp = keras.Input(shape=(None, None, 1), name="image")
+    inp = keras.Input(shape=(None, None, models[0].inputs[0].shape[-1]), name="image")
     # The fold models share one name; a functional model needs unique names, so each member
     # is re-wrapped (same layers and weights) under its own.
     members = [keras.Model(m.input, m.output, name=f"fold_{i}") for i, m in enumerate(models)]
@@ -107,6 +107,7 @@ class TrainOutputs:
     model: keras.Model
     window: list[float]  # the prepare stage's HU window, [low, high]
     image_size: int
+    context_mm: float  # the prepare stage's: where the neighbour channels sit (0: none)
     metrics: dict[str, Any]  # metrics.json: CV summary, learning rate, batch size, folds
     curves: dict[str, dict[str, list[float]]]  # the folds' per-epoch histories (curves.csv)
     run: dict[str, str]  # run.json: the MLflow runs that evaluate and register link to
@@ -232,6 +233,7 @@ def train(
         model=model,
         window=meta["window"],
         image_size=meta["image_size"],
+        context_mm=float(meta.get("context_mm", 0.0)),
         metrics=summary,
         curves=histories,
         run={

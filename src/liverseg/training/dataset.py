@@ -1,7 +1,8 @@
 """tf.data input pipeline: prepared slices in memory -> shuffled, augmented batches.
 
-Shape contract: ``(N, H, W, 1)`` float32 in, ``(B, H, W, 1)`` float32 batches out; images are
-HU-windowed CT in [0, 1], masks 0/1. Augmentation runs per batch, vectorised: geometry (flip,
+Shape contract: images ``(N, H, W, C)`` and masks ``(N, H, W, 1)`` float32 in, batches of the
+same shapes out; images are HU-windowed CT in [0, 1] (C = 1, or 3: the slice between its
+neighbours), masks 0/1. Augmentation runs per batch, vectorised: geometry (flip,
 rotation, zoom) is one affine map per slice applied to image and mask stacked on the channel
 axis (bilinear, the mask re-binarised at 0.5, outside pixels 0); intensity and Gaussian blur
 touch the image only. Determinism: shuffle order and per-batch augmentation seeds come from
@@ -38,11 +39,11 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batched ``(image, mask)`` dataset over in-memory slices: ``training``, shuffled each
     epoch and augmented (with ``augment``); else in their order, untouched."""
-    if images.ndim != 4 or images.shape[-1] != 1:
-        raise DataError(f"make_dataset: images must be (N, H, W, 1), got shape {images.shape}")
-    if masks.shape != images.shape:
+    if images.ndim != 4:
+        raise DataError(f"make_dataset: images must be (N, H, W, C), got shape {images.shape}")
+    if masks.shape != (*images.shape[:3], 1):
         raise DataError(
-            f"make_dataset: masks shape {masks.shape} differs from images shape {images.shape}"
+            f"make_dataset: masks shape {masks.shape} does not fit images shape {images.shape}"
         )
     if images.shape[0] == 0:
         raise DataError("make_dataset: no slices (N = 0)")
@@ -110,8 +111,8 @@ def _augment_batch(
             fill_mode="CONSTANT",
         )
         warped.set_shape(stacked.shape)  # keep the static (H, W) the op cannot infer
-        images = warped[..., :1]
-        masks = tf.cast(warped[..., 1:] >= MASK_THRESHOLD, tf.float32)
+        images = warped[..., :-1]
+        masks = tf.cast(warped[..., -1:] >= MASK_THRESHOLD, tf.float32)
 
     # --- intensity: per-slice contrast (gain) and brightness (offset), image only.
     if params.intensity > 0:

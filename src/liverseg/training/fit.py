@@ -200,11 +200,11 @@ def _policy(precision: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _seeded_unet(image_size: int, spec: ModelSpec, seed: int) -> keras.Model:
+def _seeded_unet(image_size: int, spec: ModelSpec, seed: int, channels: int = 1) -> keras.Model:
     """A freshly initialised U-Net of ``spec`` (seeded), its layers in ``spec.precision``."""
     keras.utils.set_random_seed(seed)
     with _policy(spec.precision):
-        return build_unet(image_size, spec.model, seed=seed)
+        return build_unet(image_size, spec.model, seed=seed, channels=channels)
 
 
 def compile_unet(
@@ -215,10 +215,11 @@ def compile_unet(
     *,
     steps_per_execution: int = 1,
     jit_compile: bool = False,
+    channels: int = 1,
 ) -> keras.Model:
     """A freshly initialised (seeded) U-Net of ``spec`` compiled with its loss and metrics, its
     layers and optimizer in ``spec.precision``."""
-    model = _seeded_unet(image_size, spec, seed)
+    model = _seeded_unet(image_size, spec, seed, channels)
     with _policy(spec.precision):
         model.compile(
             optimizer=FusedAdam(learning_rate=learning_rate),
@@ -244,7 +245,13 @@ def forget_compiled_models() -> None:
 
 
 def _compiled_unet(
-    image_size: int, spec: ModelSpec, learning_rate: float, seed: int, steps: int, jit: bool
+    image_size: int,
+    spec: ModelSpec,
+    learning_rate: float,
+    seed: int,
+    steps: int,
+    jit: bool,
+    channels: int,
 ) -> keras.Model:
     """A compiled U-Net in exactly the state :func:`compile_unet` gives, reused if possible.
 
@@ -254,14 +261,20 @@ def _compiled_unet(
     new optimizer's: training is then the same (tests/test_fit.py).
     """
     # The augmentation acts on the data, not the model: not part of the key.
-    key = (image_size, spec.model, spec.loss, spec.precision, steps, jit)
+    key = (image_size, channels, spec.model, spec.loss, spec.precision, steps, jit)
     model = _COMPILED.get(key)
     if model is None:
         _COMPILED[key] = compile_unet(
-            image_size, spec, learning_rate, seed, steps_per_execution=steps, jit_compile=jit
+            image_size,
+            spec,
+            learning_rate,
+            seed,
+            steps_per_execution=steps,
+            jit_compile=jit,
+            channels=channels,
         )
         return _COMPILED[key]
-    _copy_variables(_seeded_unet(image_size, spec, seed), model)
+    _copy_variables(_seeded_unet(image_size, spec, seed, channels), model)
     for var in model.optimizer.variables:  # zero moments and step count
         var.assign(keras.ops.zeros(var.shape, var.dtype))
     model.optimizer.learning_rate = learning_rate
@@ -301,16 +314,20 @@ def fit(
     """
     if val_stride < 1:
         raise ValueError(f"fit: val_stride must be >= 1, got {val_stride}")
-    image_size = int(train[0].shape[1])
+    image_size, channels = int(train[0].shape[1]), int(train[0].shape[-1])
     if distribute == "none":
         # One bound serves every data size: an execution ends with the epoch's batches.
         steps_now = steps_per_execution or ONE_EXECUTION_PER_EPOCH
-        model = _compiled_unet(image_size, spec, learning_rate, seed, steps_now, jit_compile)
+        model = _compiled_unet(
+            image_size, spec, learning_rate, seed, steps_now, jit_compile, channels
+        )
     else:
         # One step per execution: over a distributed dataset TensorFlow 2.21 fails on a last,
         # shorter execution ("You must feed a value for placeholder tensor").
         with distribute_scope(distribute, batch_size):  # batch_size is the global batch
-            model = compile_unet(image_size, spec, learning_rate, seed, jit_compile=jit_compile)
+            model = compile_unet(
+                image_size, spec, learning_rate, seed, jit_compile=jit_compile, channels=channels
+            )
     train_ds = make_dataset(
         *train, batch_size=batch_size, training=True, augment=spec.augment, seed=seed
     )
@@ -354,7 +371,7 @@ def fit(
     seconds = time.perf_counter() - t0
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     if distribute == "none":  # an uncompiled copy: the compiled model may be reused later
-        copy = _seeded_unet(image_size, spec, 0)
+        copy = _seeded_unet(image_size, spec, 0, channels)
         _copy_variables(model, copy)
         model = copy
     if val is None or not history.get("val_dice"):
