@@ -209,17 +209,3 @@ def test_val_stride_validates_every_kth_slice_and_reports_the_best_on_all() -> N
 def test_val_stride_must_be_positive() -> None:
     with pytest.raises(ValueError, match="val_stride must be >= 1"):
         _fit(val_stride=0)
-
-
-def test_the_cosine_schedule_lowers_the_rate_each_epoch() -> None:
-    import dataclasses
-
-    spec = dataclasses.replace(TINY, lr_schedule="cosine")
-    res = fit(_arrays(8, 0), None, spec, learning_rate=1e-2, batch_size=4, epochs=4, seed=7)
-    np.testing.assert_allclose(
-        res.history["learning_rate"],
-        [1e-2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)],
-        rtol=1e-5,
-    )
-    flat = fit(_arrays(8, 0), None, TINY, learning_rate=1e-2, batch_size=4, epochs=2, seed=7)
-    assert "learning_rate" not in flat.history

@@ -18,7 +18,7 @@ SPEC_FIELDS = [f.name for f in dataclasses.fields(ModelSpec)]
 
 
 def test_spec_is_the_train_fields_that_the_study_hashes_and_dvc_lists() -> None:
-    hashed = study_inputs("0" * 64, TuneParams(), TrainParams(lr_schedule="cosine"))["train"]
+    hashed = study_inputs("0" * 64, TuneParams(), TrainParams())["train"]
     assert sorted(hashed) == sorted(SPEC_FIELDS)
     listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]["params"]
     assert {f"train.{name}" for name in SPEC_FIELDS} <= set(listed)
@@ -30,15 +30,10 @@ def test_train_params_spec_carries_the_section_values() -> None:
         loss="dice",
         augment=AugmentParams(flip=True),
         precision="mixed_bfloat16",
-        lr_schedule="cosine",
         learning_rate=0.5,
     )
     assert cfg.spec == ModelSpec(
-        ModelParams(depth=3, base_filters=8),
-        "dice",
-        AugmentParams(flip=True),
-        "mixed_bfloat16",
-        "cosine",
+        ModelParams(depth=3, base_filters=8), "dice", AugmentParams(flip=True), "mixed_bfloat16"
     )
     # the fields fit does not use are not part of it
     assert not hasattr(cfg.spec, "learning_rate")

@@ -267,7 +267,6 @@ class AugmentParams:
 
 Loss = Literal["dice_bce", "dice"]
 Precision = Literal["float32", "mixed_bfloat16"]
-Schedule = Literal["constant", "cosine"]
 
 
 @_params("train")
@@ -280,7 +279,6 @@ class ModelSpec:
     loss: Loss = "dice_bce"
     augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
     precision: Precision = "float32"
-    lr_schedule: Schedule = "constant"
 
 
 @_params("train")
@@ -300,7 +298,7 @@ class TrainParams(ModelSpec):
     @property
     def spec(self) -> ModelSpec:
         """The fields of this section that define the trained network (see :class:`ModelSpec`)."""
-        return ModelSpec(self.model, self.loss, self.augment, self.precision, self.lr_schedule)
+        return ModelSpec(self.model, self.loss, self.augment, self.precision)
 
 
 # ------------------------------------------------------------------------------------- evaluate

@@ -333,12 +333,6 @@ def fit(
     )
     val_ds = None
     cbs = list(callbacks or [])
-    if spec.lr_schedule == "cosine":  # from learning_rate down to near 0 over the epochs
-        cbs.append(
-            keras.callbacks.LearningRateScheduler(
-                lambda e: learning_rate * 0.5 * (1 + math.cos(math.pi * e / epochs))
-            )
-        )
     if progress is not None:
         cbs.append(EpochProgress(progress, epochs))
 

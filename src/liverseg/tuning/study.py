@@ -167,8 +167,6 @@ def study_inputs(data_hash: str, tune: TuneParams, train: TrainParams) -> dict[s
     # keep theirs and resume.
     if train.val_stride != 1:
         inputs["val_stride"] = train.val_stride
-    if train.lr_schedule != "constant":  # the same way: studies of a constant rate keep theirs
-        inputs["train"]["lr_schedule"] = train.lr_schedule
     return inputs
 
 
