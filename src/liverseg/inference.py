@@ -3,7 +3,7 @@
 Steps: reorient to RAS (done by :func:`liverseg.data.volumes.load_volume`), HU window and
 scale to [0, 1], resize each axial slice to the model's input size (a 2.5-D model also gets
 the slice's neighbours ``context_mm`` below and above, interpolated), predict in batches of
-slices (memory stays bounded by the batch and the small resized volume), resize the
+slices (memory stays bounded by the batch, not the volume), resize the
 probabilities back to the slice's own size, threshold, then (switchable) keep the largest 3-D
 connected component and fill holes per slice. The mask comes back on the input's grid and
 orientation.
@@ -172,12 +172,12 @@ class Segmenter:
     ) -> Prediction:
         """Network output for a volume (X, Y, Z) in HU, before any post-processing (see
         :class:`Prediction`). Works through ``batch_size`` axial slices at a time, so memory is
-        bounded by the batch, the resized volume and the outputs asked for. ``slice_mm``: the
+        bounded by the batch (and its neighbours) and the outputs asked for. ``slice_mm``: the
         z spacing, where a 2.5-D model's neighbours are (None: each slice is its own)."""
         x, y, z = hu_ras.shape
         s, t = self.image_size, self.post.threshold
-        small = window(resize_xy(hu_ras, (s, s)), *self.window_hu)  # (s, s, z)
         offsets = context_offsets(self.context_mm, slice_mm)
+        reach = int(np.ceil(np.abs(offsets).max()))  # slices a neighbour channel reads beyond
         net: Any = self._members_model() if members else None
         out = np.empty((x, y, z), dtype=bool)
         prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
@@ -185,7 +185,9 @@ class Segmenter:
         for start in range(0, z, self.batch_size):
             stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
             b = slice(start, min(z, start + self.batch_size))
-            batch = stack_channels(small, np.arange(b.start, b.stop), offsets)  # (n, s, s, C)
+            lo, hi = max(0, b.start - reach), min(z, b.stop + reach)
+            small = window(resize_xy(hu_ras[:, :, lo:hi], (s, s)), *self.window_hu)
+            batch = stack_channels(small, np.arange(b.start, b.stop) - lo, offsets)  # (n,s,s,C)
             model: Any = self.model if net is None else net
             outputs = model.predict_on_batch(batch)
             for n, raw in enumerate([outputs] if net is None else outputs):
