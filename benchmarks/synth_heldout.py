@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in range(args.seeds):
             out = args.out / f"seed-{k}"
             out.mkdir(parents=True, exist_ok=True)
-            write_synth(out, dataclasses.replace(synth, seed=1000 + k), Path(tmp))
+            write_synth(out, dataclasses.replace(synth, seed=1000 + k, draws=1), Path(tmp))
             print(f"synth_heldout: {out}")
 
 

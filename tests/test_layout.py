@@ -8,7 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverseg.data.layout import CasePaths, case_id_for, find_nifti_pairs, output_paths
+from liverseg.data.layout import (
+    CasePaths,
+    case_id_for,
+    find_nifti_pairs,
+    output_paths,
+    patient_of,
+)
 from liverseg.data.volumes import save_pair
 from liverseg.errors import DataError
 
@@ -30,6 +36,15 @@ def test_output_paths_are_found_again(tmp_path: Path) -> None:
     assert find_nifti_pairs(tmp_path) == [
         CasePaths(case_id_for(n), *output_paths(tmp_path, case_id_for(n))) for n in (2, 10)
     ]
+
+
+def test_synthetic_draws_are_cases_of_their_patient(tmp_path: Path) -> None:
+    """A synthetic data set's draw k of patient NN: case ``eNN-k``, sorted after ``eNN``."""
+    assert case_id_for(2, 1) == "e02-1" and patient_of("e02-1") == patient_of("e02") == "e02"
+    for case in ("10", "02-1", "02", "02-12"):
+        nifti_pair(tmp_path, case)
+    assert [p.case_id for p in find_nifti_pairs(tmp_path)] == ["e02", "e02-1", "e02-12", "e10"]
+    assert find_nifti_pairs(tmp_path)[1] == CasePaths("e02-1", *output_paths(tmp_path, "e02-1"))
 
 
 # ---------------------------------------------------------------------------- NIfTI pairs

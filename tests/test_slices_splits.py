@@ -142,7 +142,7 @@ def test_splits_are_seeded() -> None:
 
 
 def test_too_few_cases() -> None:
-    with pytest.raises(DataError, match="need at least n_test \\+ k_folds = 5 cases, have 4"):
+    with pytest.raises(DataError, match="need at least n_test \\+ k_folds = 5 patients, have 4"):
         make_splits(_counts(4), n_test=2, k_folds=3, seed=0)
 
 
@@ -158,6 +158,20 @@ def test_named_test_cases_are_always_held_out(named: tuple[str, ...]) -> None:
         assert s == make_splits(_counts(12), n_test=3, k_folds=3, seed=seed, test_cases=named)
     # the rest is drawn (seeded), or nothing when all n_test are named
     assert drawn == {()} if len(named) == 3 else len(drawn) > 1
+
+
+def test_a_patients_draws_stay_together() -> None:
+    """Synthetic draws of one anatomy (``e02``, ``e02-1``, ...) are one patient to the splits."""
+    counts = {f"{p}{d}": 10 + i for i, p in enumerate(_counts(12)) for d in ("", "-1", "-2")}
+    s = make_splits(counts, n_test=3, k_folds=3, seed=5, test_cases=("e01",))
+    assert {"e01", "e01-1", "e01-2"} <= set(s["test"]) and len(s["test"]) == 9
+    groups = [s["test"], *s["folds"]]
+    assert sorted(c for g in groups for c in g) == sorted(counts)
+    for g in groups:  # every split holds all three draws of a patient or none
+        assert all({p, f"{p}-1", f"{p}-2"} <= set(g) for p in {c.split("-")[0] for c in g})
+    # the patients of the splits are as without draws (same test draw)
+    one = make_splits(_counts(12), n_test=3, k_folds=3, seed=5, test_cases=("e01",))
+    assert one["test"] == [c for c in s["test"] if "-" not in c]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -173,6 +174,13 @@ def test_write_synth_pairs_load_and_do_not_depend_on_processes(
     assert not np.array_equal(_arrays(tmp_path / "a", "e03")[2], _arrays(tmp_path / "a", "e05")[2])
     write_synth(tmp_path / "d", SynthParams(matrix=64, seed=1), maps)
     assert not np.array_equal(_arrays(tmp_path / "c", "e05")[2], _arrays(tmp_path / "d", "e05")[2])
+    # more draws: draw 0 is the scan of a one-draw data set, draw 1 another scan
+    two = dataclasses.replace(PARAMS, draws=2)
+    assert write_synth(tmp_path / "e", two, maps) == ["e05", "e05-1"]
+    for x, y in zip(_arrays(tmp_path / "c", "e05"), _arrays(tmp_path / "e", "e05"), strict=True):
+        np.testing.assert_array_equal(x, y)
+    draw0, draw1 = _arrays(tmp_path / "e", "e05"), _arrays(tmp_path / "e", "e05-1")
+    assert not np.array_equal(draw0[2], draw1[2]) and not np.array_equal(draw0[0], draw1[0])
 
 
 @pytest.mark.slow

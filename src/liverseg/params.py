@@ -165,6 +165,7 @@ class SynthParams:
     thickness_mm: LowHighMM = (1.0, 5.0)
     matrix: Annotated[Int, _range(64, 1024)] = 256
     cut_prob: Annotated[Float, _range(0, 1)] = 0.5
+    draws: Annotated[Int, _range(1, 100)] = 1
     seed: Int = 0
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from liverseg.data.labelmaps import LabelMap, find_labelmaps, load_labelmap
-from liverseg.data.layout import output_paths
+from liverseg.data.layout import case_id_for, output_paths
 from liverseg.data.volumes import save_pair
 
 if TYPE_CHECKING:
@@ -413,24 +413,31 @@ def _render(
     return hu
 
 
-def _one(path: Path, params: SynthParams, out_dir: Path) -> str:
+def _one(path: Path, params: SynthParams, out_dir: Path) -> list[str]:
     lm = load_labelmap(path)
     number = int(lm.case_id[1:])
-    rng = np.random.default_rng([params.seed, number])
-    hu, mask, affine = synthesize(lm, params, rng)
-    image_path, mask_path = output_paths(out_dir, lm.case_id)
-    save_pair(hu, mask, affine, image_path, mask_path)
-    log.info("%s: %s at %.2f x %.2f x %.2f mm", lm.case_id, hu.shape, *np.diag(affine)[:3])
-    return lm.case_id
+    cases = []
+    for draw in range(params.draws):
+        # draw 0 is seeded as before draws existed: a data set of one draw is unchanged
+        rng = np.random.default_rng([params.seed, number, draw] if draw else [params.seed, number])
+        hu, mask, affine = synthesize(lm, params, rng)
+        case_id = case_id_for(number, draw)
+        save_pair(hu, mask, affine, *output_paths(out_dir, case_id))
+        log.info("%s: %s at %.2f x %.2f x %.2f mm", case_id, hu.shape, *np.diag(affine)[:3])
+        cases.append(case_id)
+    return cases
 
 
 def write_synth(out_dir: Path, params: SynthParams, labelmaps: Path) -> list[str]:
-    """One synthetic CT + liver mask per label map in ``labelmaps``; returns the case ids.
+    """``params.draws`` synthetic CTs + liver masks per label map in ``labelmaps`` (cases
+    ``eNN``, ``eNN-1``, ...); returns the case ids.
 
-    Cases are generated in parallel (one process per CPU); each is a function of
-    ``(params.seed, patient number)`` alone, so the data set does not depend on the machine.
+    Label maps are processed in parallel (one process per CPU); each scan is a function of
+    ``(params.seed, patient number, draw)`` alone, so the data set does not depend on the
+    machine.
     """
     paths = find_labelmaps(labelmaps)
     workers = max(1, min(len(paths), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_one, paths, [params] * len(paths), [out_dir] * len(paths)))
+        jobs = pool.map(_one, paths, [params] * len(paths), [out_dir] * len(paths))
+        return [case for cases in jobs for case in cases]
