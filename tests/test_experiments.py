@@ -199,7 +199,13 @@ def test_decision_reads_as_a_sentence(
 def test_model_card_names_data_test_figures_preprocessing_and_use() -> None:
     card = model_card(
         decision="champion: ...",
-        test={"dice_mean": 0.95712, "dice_std": 0.001, "hd95_mm_mean": 4.27, "n_patients": 3},
+        test={
+            "dice_mean": 0.95712,
+            "dice_std": 0.001,
+            "hd95_mm_mean": 4.27,
+            "n_patients": 3,
+            "n_scans": 6,
+        },
         data={"dvc_md5": "0123456789abcdef0123456789abcdef.dir", "sha256": "f" * 64},
         preprocessing={"window": [-100, 400], "image_size": 96},
         post={"threshold": 0.5, "largest_component": True, "fill_holes": False},
@@ -207,7 +213,7 @@ def test_model_card_names_data_test_figures_preprocessing_and_use() -> None:
     )
     for text in (
         "Decision: champion",
-        "3 held-out patients",
+        "6 scans of 3 held-out patients",
         "Dice 0.9571 ± 0.0010, HD95 4.3 mm",
         "DVC 0123456789abcdef0123456789abcdef.dir",
         "HU window [-100, 400]",

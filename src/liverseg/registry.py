@@ -210,7 +210,8 @@ def model_card(
         [
             f"Decision: {decision}",
             "",
-            f"- **Test** ({test.get('n_patients', '?')} held-out patients, 3-D): Dice "
+            f"- **Test** ({test.get('n_scans', test.get('n_patients', '?'))} scans of "
+            f"{test.get('n_patients', '?')} held-out patients, 3-D): Dice "
             f"{num(test, 'dice_mean', '.4f')} ± {num(test, 'dice_std', '.4f')}, HD95 "
             f"{num(test, 'hd95_mm_mean', '.1f')} mm, ASSD {num(test, 'assd_mm_mean', '.2f')} mm",
             f"- **Cross-validation** Dice {num(train, 'cv_val_dice_mean', '.4f')}; lr "

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 
 from liverseg import tracking
-from liverseg.data.layout import find_nifti_pairs
+from liverseg.data.layout import find_nifti_pairs, patient_of
 from liverseg.data.prepared import load_splits
 from liverseg.data.volumes import Case, load_case
 from liverseg.evaluation.metrics import nsd_key, volume_metrics
@@ -138,7 +138,8 @@ def evaluate(
             vals = np.array([r[k] for r in rows], dtype=float)
             result |= {f"{k}_mean": float(vals.mean()), f"{k}_std": float(vals.std())}
         result |= {
-            "n_patients": len(rows),
+            "n_patients": len({patient_of(r["case"]) for r in rows}),
+            "n_scans": len(rows),  # more than n_patients with synthetic draws (eNN-1, ...)
             "n_review": sum(bool(r["review"]) for r in rows),
             "agreement_vs_dice": agreement_vs_dice(rows),
             "per_patient": rows,
@@ -168,7 +169,8 @@ def log_to_mlflow(
         "git_commit": tracking.git_commit(),
         tracking.NOTE_TAG: (
             f"Test Dice {result['dice_mean']:.4f} ± {result['dice_std']:.4f}, "
-            f"HD95 {result['hd95_mm_mean']:.1f} mm, {result['n_patients']} patients"
+            f"HD95 {result['hd95_mm_mean']:.1f} mm, {result['n_scans']} scans of "
+            f"{result['n_patients']} patients"
         ),
         # Nesting by tag: the training run is finished, and MLflow only nests under active runs.
         "mlflow.parentRunId": parent_id,

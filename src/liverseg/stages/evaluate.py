@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
     result = evaluate(args.raw, args.prepared, args.model_dir, args.out, cfg)
     run_id = log_to_mlflow(result, args.out, cfg, link, args.raw)
     print(
-        f"evaluate: {result['n_patients']} test patients: Dice {result['dice_mean']:.4f} ± "
+        f"evaluate: {result['n_scans']} scans of {result['n_patients']} test patients: Dice "
+        f"{result['dice_mean']:.4f} ± "
         f"{result['dice_std']:.4f}, HD95 {result['hd95_mm_mean']:.1f} mm (MLflow run {run_id})"
     )
