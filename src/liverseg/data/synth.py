@@ -235,7 +235,7 @@ def synthesize(
     curves = np.stack([curve for terms in elastic for _, curve in terms])
     for i in range(3):
         # the six (plane x curve) terms at once: one matrix product
-        weights = np.repeat(inv[i, :3], 2).astype(np.float32)
+        weights = np.repeat(inv[i, :3], [len(terms) for terms in elastic]).astype(np.float32)
         vox[i] = ((planes * weights) @ curves).reshape(shape)
         vox[i] += offset[i]
         for a in range(3):
