@@ -53,6 +53,21 @@ def test_segment_ras_recovers_the_box() -> None:
     assert 2 * inter / (out.sum() + mask.sum()) > 0.9
 
 
+def test_a_body_crop_model_sees_only_the_bodys_square() -> None:
+    hu = np.full((60, 50, 8), -1000.0, np.float32)
+    hu[10:41, 5:36, :] = -50.0  # the body
+    hu[18:30, 12:26, 2:6] = 300.0  # the organ
+    hu[55:59, 45:49, :] = 300.0  # something bright apart from the body, outside its square
+    truth = np.zeros(hu.shape, bool)
+    truth[18:30, 12:26, 2:6] = True
+    post = PostProcessing(largest_component=False)
+    kw = {"window_hu": (-100, 400), "image_size": 32, "post": post}
+    cropped = Segmenter(ThresholdModel(), crop="body", **kw).segment_ras(hu)  # type: ignore[arg-type]
+    whole = Segmenter(ThresholdModel(), **kw).segment_ras(hu)  # type: ignore[arg-type]
+    assert whole[55:59, 45:49].any() and not cropped[55:59, 45:49].any()
+    assert 2 * (cropped & truth).sum() / (cropped.sum() + truth.sum()) > 0.9
+
+
 def test_batching_does_not_change_the_result() -> None:
     hu, _ = blob_volume()
     a = seg().segment_ras(hu)

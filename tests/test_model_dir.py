@@ -41,9 +41,10 @@ def test_save_model_dir_round_trips(model_dir: Path) -> None:
         "window": [-100, 400],
         "image_size": 16,
         "context_mm": 0.0,
+        "crop": "none",
     }
     seg = Segmenter.from_dir(model_dir)
-    assert (seg.window_hu, seg.image_size) == ((-100.0, 400.0), 16)
+    assert (seg.window_hu, seg.image_size, seg.crop) == ((-100.0, 400.0), 16, "none")
     # sigmoid(40 * x - 12) >= 0.5 where the windowed value x >= 0.3, i.e. HU >= 50
     hu = np.full((16, 16, 3), 0.0, np.float32)
     hu[4:12, 4:12, :] = 100.0
@@ -80,13 +81,18 @@ def _broken(tmp_path: Path, model_dir: Path, case: str) -> tuple[Path, str]:
     if case == "bad preprocessing":
         (folder / PREPROCESSING_FILE).write_text('{"window": [-100], "image_size": 16}')
         return folder, r"preprocessing\.json: not a preprocessing\.json of the train stage"
+    if case == "bad crop":
+        (folder / PREPROCESSING_FILE).write_text(
+            '{"window": [-100, 400], "image_size": 16, "crop": "lungs"}'
+        )
+        return folder, r"preprocessing\.json: not a preprocessing\.json .*'lungs'"
     (folder / PREPROCESSING_FILE).write_text('{"window": [-100, 400], "image_size": 16}')
     (folder / MODEL_FILE).write_bytes(b"not a zip")
     return folder, r"model\.keras: not a loadable Keras model"
 
 
 @pytest.mark.parametrize(
-    "case", ["absent", "empty", "no preprocessing", "bad preprocessing", "bad model"]
+    "case", ["absent", "empty", "no preprocessing", "bad preprocessing", "bad crop", "bad model"]
 )
 def test_a_broken_model_folder_is_a_data_error(tmp_path: Path, model_dir: Path, case: str) -> None:
     folder, match = _broken(tmp_path, model_dir, case)

@@ -7,6 +7,8 @@ import pytest
 from skimage.transform import resize
 
 from liverseg.data.slices import (
+    body_box,
+    crop_xy,
     nearest_indices,
     prepare_volume,
     resample_matrix,
@@ -203,3 +205,44 @@ def test_resize_accepts_flipped_views() -> None:
     np.testing.assert_allclose(
         resize_xy(flipped, (8, 6)), resize_xy(np.ascontiguousarray(flipped), (8, 6)), atol=1e-6
     )
+
+
+def _body_on_a_table(shape: tuple[int, int, int] = (120, 100, 6)) -> np.ndarray:
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[30:91, 20:61, :] = 40.0  # the body: x 30..90, y 20..60
+    hu[5:115, 70:74, :] = 200.0  # the table under it: wider than the body, apart from it
+    return hu
+
+
+def test_body_box_is_the_bodys_square_not_the_tables() -> None:
+    x0, y0, w, h = body_box(_body_on_a_table(), margin=0.0)
+    assert (w, h) == (61, 61)  # the body's width; with the table it would be 110
+    assert (x0, x0 + w - 1) == (30, 90)
+    assert y0 + (h - 1) / 2 == 40  # centred on the body
+    assert body_box(_body_on_a_table(), margin=0.05)[2] == round(60 * 1.1) + 1
+    assert body_box(np.full((8, 6, 2), -1000.0, np.float32)) == (0, 0, 8, 6)  # no body
+
+
+def test_crop_xy_fills_past_the_image_and_keeps_a_whole_image() -> None:
+    vol = np.arange(4 * 5 * 2, dtype=np.float32).reshape(4, 5, 2)
+    out = crop_xy(vol, (-1, 2, 4, 4), -7.0)
+    assert out.shape == (4, 4, 2)
+    np.testing.assert_array_equal(out[1:, :3], vol[:3, 2:5])
+    assert (out[0] == -7).all() and (out[:, 3:] == -7).all()
+    assert crop_xy(vol, (0, 0, 4, 5), 0.0) is vol
+
+
+def test_prepare_volume_sees_a_body_at_one_scale_whatever_the_field_of_view() -> None:
+    hu = _body_on_a_table()
+    hu[50:70, 30:45, :] = 120.0
+    mask = (hu == 120.0).astype(np.uint8)
+    wide = ((60, 60), (50, 50), (0, 0))  # the same body in a field of view twice as wide
+    args = {"window_hu": (-100.0, 400.0), "image_size": 32, "liver_free_fraction": 1.0}
+    a = prepare_volume(hu, mask, rng=np.random.default_rng(0), **args)
+    b = prepare_volume(
+        np.pad(hu, wide, constant_values=-1000.0), np.pad(mask, wide),
+        rng=np.random.default_rng(0), **args,
+    )  # fmt: skip
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[1].any()

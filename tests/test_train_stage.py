@@ -54,7 +54,7 @@ def test_train_stage_writes_model_reports_and_finished_runs(
 
     # models/: what inference loads, with the prepare stage's preprocessing
     seg = Segmenter.from_dir(args.model_dir)
-    assert seg.image_size == 32 and seg.window_hu == (-100.0, 400.0)
+    assert seg.image_size == 32 and seg.window_hu == (-100.0, 400.0) and seg.crop == "body"
     mask = seg.segment_slices(np.full((2, 40, 40), -1000.0, dtype=np.float32))
     assert mask.shape == (2, 40, 40)
 

@@ -21,7 +21,16 @@ import numpy as np
 import pydantic
 
 from liverseg import stop
-from liverseg.data.slices import context_offsets, resize_xy, stack_channels, window
+from liverseg.data.slices import (
+    AIR_HU,
+    body_box,
+    box_overlap,
+    context_offsets,
+    crop_xy,
+    resize_xy,
+    stack_channels,
+    window,
+)
 from liverseg.errors import DataError
 from liverseg.model.folder import MODEL_FILE, PREPROCESSING_FILE, load_model_dir
 from liverseg.postprocess import fill_holes as fill_holes_fn
@@ -105,11 +114,13 @@ class Segmenter:
         post: PostProcessing | None = None,
         batch_size: int = 32,
         context_mm: float = 0.0,
+        crop: str = "none",
     ) -> None:
         self.model = model
         self.window_hu = (float(window_hu[0]), float(window_hu[1]))
         self.image_size = int(image_size)
         self.context_mm = float(context_mm)
+        self.crop = crop  # "body": the body's square (data.slices.body_box), as prepare cut it
         self.post = post or PostProcessing()
         self.batch_size = int(batch_size)
         self._with_members: object | None = None
@@ -117,11 +128,12 @@ class Segmenter:
     @classmethod
     def from_dir(cls, folder: Path, **kwargs: object) -> Segmenter:
         """From a model folder (:mod:`liverseg.model.folder`); a broken one is a DataError."""
-        model, window_hu, image_size, context_mm = load_model_dir(folder)
+        model, window_hu, image_size, context_mm, crop = load_model_dir(folder)
         kwargs = {
             "window_hu": window_hu,
             "image_size": image_size,
             "context_mm": context_mm,
+            "crop": crop,
             **kwargs,
         }
         return cls(model, **kwargs)  # type: ignore[arg-type]
@@ -179,26 +191,29 @@ class Segmenter:
         offsets = context_offsets(self.context_mm, slice_mm)
         reach = int(np.ceil(np.abs(offsets).max()))  # slices a neighbour channel reads beyond
         net: Any = self._members_model() if members else None
-        out = np.empty((x, y, z), dtype=bool)
-        prob_out = np.empty((x, y, z), dtype=np.float32) if probabilities else None
-        member_out = None if net is None else np.empty((len(net.outputs) - 1, x, y, z), bool)
+        out = np.zeros((x, y, z), dtype=bool)  # False outside the body's box
+        prob_out = np.zeros((x, y, z), dtype=np.float32) if probabilities else None
+        member_out = None if net is None else np.zeros((len(net.outputs) - 1, x, y, z), bool)
+        box = body_box(hu_ras) if self.crop == "body" else (0, 0, x, y)
+        (sx, sy), inner = box_overlap(box, (x, y))
         for start in range(0, z, self.batch_size):
             stop.check()  # predict's and evaluate's stop point (nothing asks one in a server)
             b = slice(start, min(z, start + self.batch_size))
             lo, hi = max(0, b.start - reach), min(z, b.stop + reach)
-            small = window(resize_xy(hu_ras[:, :, lo:hi], (s, s)), *self.window_hu)
+            crop = crop_xy(hu_ras[:, :, lo:hi], box, AIR_HU)
+            small = window(resize_xy(crop, (s, s)), *self.window_hu)
             batch = stack_channels(small, np.arange(b.start, b.stop) - lo, offsets)  # (n,s,s,C)
             model: Any = self.model if net is None else net
             outputs = model.predict_on_batch(batch)
             for n, raw in enumerate([outputs] if net is None else outputs):
                 p = np.asarray(raw, dtype=np.float32)[..., 0]
-                prob = resize_xy(np.moveaxis(p, 0, 2), (x, y))  # back to (X, Y, n)
+                prob = resize_xy(np.moveaxis(p, 0, 2), box[2:])[inner]  # (X, Y, n) in the box
                 if n > 0:
-                    member_out[n - 1, :, :, b] = prob >= t  # type: ignore[index]
+                    member_out[n - 1, sx, sy, b] = prob >= t  # type: ignore[index]
                     continue
-                out[:, :, b] = prob >= t
+                out[sx, sy, b] = prob >= t
                 if prob_out is not None:
-                    prob_out[:, :, b] = np.clip(prob, 0.0, 1.0)
+                    prob_out[sx, sy, b] = np.clip(prob, 0.0, 1.0)
             if progress is not None:
                 progress(b.stop - b.start)
         return Prediction(mask=out, probabilities=prob_out, members=member_out)

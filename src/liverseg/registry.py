@@ -222,7 +222,9 @@ def model_card(
             f"{str(train.get('git_commit', '?'))[:12]}"
             + (f", dvc exp `{train['dvc_exp']}`" if train.get("dvc_exp") else "")
             + ")",
-            f"- **Preprocessing**: RAS axial slices, HU window [{window[0]}, {window[1]}] "
+            "- **Preprocessing**: RAS axial slices"
+            + (", cut to the body's square" if preprocessing.get("crop") == "body" else "")
+            + f", HU window [{window[0]}, {window[1]}] "
             f"scaled to [0, 1], resized to {preprocessing.get('image_size', '?')} px"
             + (
                 f", with the slices {preprocessing['context_mm']} mm below and above as channels"

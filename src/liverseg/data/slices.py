@@ -1,4 +1,5 @@
-"""From RAS volumes to model-ready 2D slices: HU window, scaling, resizing, slice selection.
+"""From RAS volumes to model-ready 2D slices: body crop, HU window, scaling, resizing, slice
+selection.
 
 Contract: a volume is (X, Y, Z) in RAS (see :mod:`liverseg.data.volumes`); a stack of slices
 is (N, H, W) with slice n = ``volume[:, :, k_n]``, so H runs along x and W along y. CT slices
@@ -9,6 +10,10 @@ volume (each output pixel reads only the few input pixels under its kernel), ins
 Python loop of per-slice ``resize`` calls. The weights are a triangle (bilinear) kernel widened
 by the down-sampling factor, i.e. anti-aliased like ``skimage.transform.resize(anti_aliasing=
 True)`` or PIL's bilinear filter.
+
+The in-plane crop (:func:`body_box`) is a square around the body: the network sees a body at
+about the same scale in every scan, whatever its field of view (benchmarks/README.md, "Body
+crop").
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
+from scipy import ndimage as ndi
+
+# An in-plane box (x0, y0, width, height) in voxels; it may reach past the image.
+Box = tuple[int, int, int, int]
+AIR_HU = -1024.0
 
 
 def window(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -86,6 +96,41 @@ def resize_to_stack(
     return np.ascontiguousarray(c.transpose(2, 1, 0))
 
 
+def body_box(hu: np.ndarray, body_hu: float = -500.0, margin: float = 0.04) -> Box:
+    """The square around the body of an (X, Y, Z) CT in HU, centred on it, with a ``margin``
+    of its size on each side. The body is the largest connected region above ``body_hu`` in
+    the scan's projection along z (so not the table); a scan without one gives the image."""
+    labels, n = ndi.label((hu > body_hu).any(axis=2))
+    if n == 0:
+        return 0, 0, hu.shape[0], hu.shape[1]
+    xs, ys = np.nonzero(labels == 1 + np.argmax(np.bincount(labels.ravel())[1:]))
+    side = round(max(np.ptp(xs), np.ptp(ys)) * (1 + 2 * margin)) + 1
+    x0 = round((xs.min() + xs.max() - side) / 2)
+    return x0, round((ys.min() + ys.max() - side) / 2), side, side
+
+
+Slices = tuple[slice, slice]
+
+
+def box_overlap(box: Box, shape: tuple[int, ...]) -> tuple[Slices, Slices]:
+    """Where ``box`` and an image of ``shape`` overlap: (its slices in the image, in the box)."""
+    x0, y0, w, h = box
+    sx = slice(max(x0, 0), min(x0 + w, shape[0]))
+    sy = slice(max(y0, 0), min(y0 + h, shape[1]))
+    return (sx, sy), (slice(sx.start - x0, sx.stop - x0), slice(sy.start - y0, sy.stop - y0))
+
+
+def crop_xy(volume: np.ndarray, box: Box, fill: float) -> np.ndarray:
+    """The ``box`` of an (X, Y, ...) volume, ``fill`` where it reaches past the volume (the
+    volume itself when the box is the whole image)."""
+    if box == (0, 0, *volume.shape[:2]):
+        return volume
+    out = np.full((box[2], box[3], *volume.shape[2:]), fill, volume.dtype)
+    image_part, box_part = box_overlap(box, volume.shape)
+    out[box_part] = volume[image_part]
+    return out
+
+
 def context_offsets(context_mm: float, slice_mm: float | None) -> np.ndarray:
     """Where a slice's channels sit along z, in slices from it: ``[0]`` (2-D), or
     ``[-d, 0, +d]`` with d = ``context_mm / slice_mm`` (the neighbours ``context_mm`` below and
@@ -145,11 +190,14 @@ def prepare_volume(
     ``step``: every step-th slice only (:func:`select_slices`). ``offsets``
     (:func:`context_offsets`): with neighbours, the image is (N, S, S, C).
 
-    The whole volume is resized first and the slices picked from the small result: a gather of
-    scattered slices from the full-size volume would cost more (a strided copy of most of it)
-    than resizing the few slices that are then dropped.
+    The body's square (:func:`body_box`) is cut out first. The whole volume is resized first
+    and the slices picked from the small result: a gather of scattered slices from the
+    full-size volume would cost more (a strided copy of most of it) than resizing the few
+    slices that are then dropped.
     """
     idx = select_slices(mask, liver_free_fraction, rng, step)
+    box = body_box(hu)
+    hu, mask = crop_xy(hu, box, AIR_HU), crop_xy(mask, box, 0)
     size = (image_size, image_size)
     if offsets is None or offsets.size == 1:
         image = window(resize_to_stack(hu, size, idx), *window_hu)

@@ -1,11 +1,12 @@
 """The model folder (the train stage's ``models/``): one writer, one reader.
 
 It holds ``model.keras`` (custom objects from :mod:`liverseg.model.keras_metrics`) and
-``preprocessing.json``: ``{"window": [low, high], "image_size": n, "context_mm": d}``, the HU
-window, the slice size the network was trained on and how far its neighbour channels sit
-(0: one channel; missing in folders written before it, which are 2-D). Apart from
-``inference.py`` so that the train stage, which writes it, does not depend on the inference
-code.
+``preprocessing.json``: ``{"window": [low, high], "image_size": n, "context_mm": d, "crop": c}``,
+the HU window, the slice size the network was trained on, how far its neighbour channels sit
+(0: one channel; missing in folders written before it, which are 2-D) and the in-plane crop
+(``body``: the body's square, ``none``: the whole image, as in folders written before it).
+Apart from ``inference.py`` so that the train stage, which writes it, does not depend on the
+inference code.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ PREPROCESSING_FILE = "preprocessing.json"
 
 
 def save_model_dir(
-    folder: Path, model: Any, window: Sequence[float], image_size: int, context_mm: float = 0.0
+    folder: Path,
+    model: Any,
+    window: Sequence[float],
+    image_size: int,
+    context_mm: float = 0.0,
+    crop: str = "none",
 ) -> Path:
     """Write ``folder`` atomically: it appears whole or is left as it was."""
     prep = {"window": list(window), "image_size": image_size, "context_mm": context_mm}
+    prep["crop"] = crop
     with atomic_dir(Path(folder)) as tmp:
         model.save(tmp / MODEL_FILE)
         write_json(tmp / PREPROCESSING_FILE, prep)
@@ -49,8 +56,8 @@ def check_model_dir(folder: Path) -> tuple[Path, Path]:
     return model_file, prep_file
 
 
-def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int, float]:
-    """``(keras model, window_hu, image_size, context_mm)`` of a model folder (or of its model
+def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int, float, str]:
+    """``(keras model, window_hu, image_size, context_mm, crop)`` of a model folder (or of its model
     file); a missing or broken folder is a DataError naming the path."""
     model_file, prep_file = check_model_dir(folder)
     prep = read_stage_json(prep_file, "train")
@@ -58,6 +65,9 @@ def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int, float]:
         low, high = prep["window"]
         window_hu, image_size = (float(low), float(high)), int(prep["image_size"])
         context_mm = float(prep.get("context_mm", 0.0))
+        crop = str(prep.get("crop", "none"))
+        if crop not in ("none", "body"):
+            raise ValueError(f"crop {crop!r} is not 'none' or 'body'")
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"{prep_file}: not a {PREPROCESSING_FILE} of the train stage ({exc})"
@@ -72,4 +82,4 @@ def load_model_dir(folder: Path) -> tuple[Any, tuple[float, float], int, float]:
     except Exception as exc:  # Keras raises many types for a file that is not a model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{model_file}: not a loadable Keras model ({first})") from exc
-    return model, window_hu, image_size, context_mm
+    return model, window_hu, image_size, context_mm, crop

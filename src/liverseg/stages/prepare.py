@@ -55,7 +55,8 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
     """Window, resize and select slices of every case in ``raw`` (one process per CPU); write
     ``out`` atomically."""
     pairs = find_nifti_pairs(raw)
-    meta: dict[str, Any] = {"params": as_flat_dict(params), "cases": {}}
+    # the preprocessing a model of these slices needs: the section's values and the crop
+    meta: dict[str, Any] = {"params": {**as_flat_dict(params), "crop": "body"}, "cases": {}}
     counts: dict[str, int] = {}
     workers = max(1, min(len(pairs), os.cpu_count() or 1))
     pool = ProcessPoolExecutor(workers)

@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> None:
     from liverseg.training.crossval import train, write_curves_csv
 
     out = train(args.prepared, cfg, learning_rate=lr, batch_size=batch_size, hparams_source=source)
-    save_model_dir(args.model_dir, out.model, out.window, out.image_size, out.context_mm)
+    save_model_dir(args.model_dir, out.model, out.window, out.image_size, out.context_mm, out.crop)
     with atomic_dir(args.reports) as tmp:
         write_json(tmp / "metrics.json", out.metrics)
         write_curves_csv(tmp / "curves.csv", out.curves)

@@ -108,6 +108,7 @@ class TrainOutputs:
     window: list[float]  # the prepare stage's HU window, [low, high]
     image_size: int
     context_mm: float  # the prepare stage's: where the neighbour channels sit (0: none)
+    crop: str  # the prepare stage's in-plane crop: body (its square) | none (data before it)
     metrics: dict[str, Any]  # metrics.json: CV summary, learning rate, batch size, folds
     curves: dict[str, dict[str, list[float]]]  # the folds' per-epoch histories (curves.csv)
     run: dict[str, str]  # run.json: the MLflow runs that evaluate and register link to
@@ -234,6 +235,7 @@ def train(
         window=meta["window"],
         image_size=meta["image_size"],
         context_mm=float(meta.get("context_mm", 0.0)),
+        crop=str(meta.get("crop", "none")),
         metrics=summary,
         curves=histories,
         run={
