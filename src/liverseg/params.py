@@ -309,7 +309,7 @@ class QualityParams:
 
     min_volume_ml: Annotated[Float, _range(0)] = 600.0
     max_volume_ml: Float = 4000.0
-    min_agreement: Annotated[Float, _range(0, 1)] = 0.90
+    min_agreement: Annotated[Float, _range(0, 1)] = 0.91
     body_hu: Float = -500.0
 
     @model_validator(mode="after")
