@@ -200,3 +200,40 @@ def test_a_registry_uri_scores_like_its_folder(
     assert {k: v for k, v in table_rows(by_folder.stdout)["ct"].items() if k != "s"} == {
         k: v for k, v in row.items() if k != "s"
     }
+
+
+def test_flag_calibration_counts_what_each_threshold_flags(tmp_path: Path) -> None:
+    """``benchmarks/flag_calibration.py`` over two tables of real_ct.py's columns: the rank
+    correlation over both, and per threshold the scans the agreement alone flags in each band."""
+    from scipy.stats import spearmanr
+
+    # (dice, agreement, review): 2 below 0.88, 3 between, 2 above 0.93; and a single model's row
+    rows = [
+        (0.80, 0.85, True), (0.87, 0.905, True), (0.90, 0.89, True), (0.91, 0.92, False),
+        (0.92, 0.915, False), (0.94, 0.93, False), (0.95, 0.895, True), (0.99, None, False),
+    ]  # fmt: skip
+    paths = []
+    for i, part in enumerate((rows[:4], rows[4:])):
+        paths.append(tmp_path / f"t{i}.csv")
+        with paths[-1].open("w", newline="") as f:
+            w = csv.DictWriter(f, ["case", "dice", "agreement", "review"])
+            w.writeheader()
+            for j, (d, a, r) in enumerate(part):
+                w.writerow({"case": f"c{j}", "dice": d, "agreement": "" if a is None else a,
+                            "review": r})  # fmt: skip
+    script = REPO / "benchmarks" / "flag_calibration.py"
+    out = subprocess.run(
+        [sys.executable, str(script), *map(str, paths), "--thresholds", "0.9", "0.91"],
+        env=tool_env(), capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    scored = [(d, a) for d, a, _ in rows if a is not None]
+    rho = spearmanr([a for _, a in scored], [d for d, _ in scored]).statistic
+    assert f"n 7, Spearman rho of agreement and Dice {rho:.3f}" in out
+    table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:5]]
+             for ln in out.splitlines() if ln.startswith("| ")}  # fmt: skip
+    assert list(table)[0] == "flagged"
+    assert table["flagged"] == ["below 0.88 (n 2)", "between (n 3)", "above 0.93 (n 2)"]
+    assert table["agreement < 0.9"] == ["1", "1", "1"]
+    assert table["agreement < 0.91"] == ["2", "1", "1"]
+    assert table["the runs' flag, all reasons"] == ["2", "1", "1"]
+    assert "agreement of the scans below 0.88: [0.85, 0.905]" in out
