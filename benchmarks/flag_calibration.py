@@ -48,17 +48,17 @@ def main(argv: list[str] | None = None) -> None:
         "between": [r for r in rows if args.low <= r["dice"] <= args.high],
         f"above {args.high:g}": [r for r in rows if r["dice"] > args.high],
     }
-    print("| flagged | " + " | ".join(f"{b} (n {len(v)})" for b, v in bands.items()) + " |")
+
+    def row(label: str, cells: list) -> None:
+        print(f"| {label} | " + " | ".join(map(str, cells)) + " |")
+
+    row("flagged", [f"{b} (n {len(v)})" for b, v in bands.items()])
     print("|---" * (len(bands) + 1) + "|")
     for t in args.thresholds:
-        counts = [sum(r["agreement"] < t for r in v) for v in bands.values()]
-        print(f"| agreement < {t:g} | " + " | ".join(map(str, counts)) + " |")
-    print(
-        "| the runs' flag, all reasons | "
-        + " | ".join(str(sum(r["review"] for r in v)) for v in bands.values())
-        + " |"
-    )
-    for name in (f"below {args.low:g}", f"above {args.high:g}"):
+        row(f"agreement < {t:g}", [sum(r["agreement"] < t for r in v) for v in bands.values()])
+    row("the runs' flag, all reasons", [sum(r["review"] for r in v) for v in bands.values()])
+    low, _, high = bands
+    for name in (low, high):
         agreements = sorted(round(r["agreement"], 3) for r in bands[name])
         print(f"agreement of the scans {name}: {agreements}")
 
