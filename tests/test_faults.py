@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from conftest import run, tool_env
 from liverseg import runguard
+from liverseg.data.pool import map_in_processes
 from liverseg.data.volumes import MAX_VOXELS_ENV, load_volume
 from liverseg.errors import DataError, ParamsError
 from liverseg.fsutil import atomic_dir, write_json
@@ -779,6 +780,50 @@ def test_a_stop_keeps_the_last_output(tmp_path: Path) -> None:
         stop.request(signal.SIGTERM)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in final.iterdir()] == ["old"]
+
+
+def _item(arg: tuple[Path, int]) -> int:
+    """A data worker's item (liverseg.data.pool): items 0 and 1 are quick, the rest would
+    take a minute; each leaves a file when it starts and when it ends. Item 99 fails."""
+    folder, i = arg
+    (folder / f"start-{i}").touch()
+    if i == 99:
+        raise ValueError("item 99 is broken")
+    time.sleep(0.2 if i < 2 else 60)
+    (folder / f"end-{i}").touch()
+    return i
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_stop_kills_the_data_workers_and_drops_the_items_not_started(tmp_path: Path) -> None:
+    """A stop asked while the data stages' pool runs: the items running are killed, not
+    waited for, and no item after them starts."""
+    from liverseg import stop
+
+    seen: list[int] = []
+
+    def each(i: int) -> None:
+        seen.append(i)
+        if i == 1:
+            stop.request(signal.SIGTERM)
+
+    with pytest.raises(stop.Interrupted):
+        map_in_processes(_item, [(tmp_path, i) for i in range(10)], 2, each)
+    assert seen == [0, 1]  # in order
+    # items 2 and 3 started when 0 and 1 ended; killed, they never end; 4-9 never start
+    assert _files(tmp_path) == ["end-0", "end-1", "start-0", "start-1", "start-2", "start-3"]
+
+
+def test_a_data_workers_error_ends_the_others(tmp_path: Path) -> None:
+    """An item's error is raised as soon as it happens, before the items ahead of it end."""
+
+    with pytest.raises(ValueError, match="item 99 is broken"):
+        map_in_processes(_item, [(tmp_path, i) for i in (5, 99, 6, 7)], 2, print)
+    # item 5 killed (it would have taken a minute), 6 and 7 never started
+    assert _files(tmp_path) == ["start-5", "start-99"]
 
 
 def test_training_stops_at_its_next_batch() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +17,8 @@ import pytest
 import yaml
 from scipy import ndimage as ndi
 
-from conftest import BIN, REPO, run
+from conftest import BIN, REPO, run, tool_env
+from liverseg import stop
 from liverseg.data import synth
 from liverseg.data.labelmaps import LabelMap, load_labelmap
 from liverseg.data.layout import find_nifti_pairs, output_paths
@@ -181,6 +185,44 @@ def test_write_synth_pairs_load_and_do_not_depend_on_processes(
         np.testing.assert_array_equal(x, y)
     draw0, draw1 = _arrays(tmp_path / "e", "e05"), _arrays(tmp_path / "e", "e05-1")
     assert not np.array_equal(draw0[2], draw1[2]) and not np.array_equal(draw0[0], draw1[0])
+
+
+def test_a_stop_drops_the_maps_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop asked before ``write_synth`` starts: no map is synthesized (the pool itself:
+    test_faults.py, "data workers")."""
+    maps = tmp_path / "maps"
+    for n in range(2, 8):
+        save_map(tiny_map(f"e{n:02d}"), maps)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    stop.request(signal.SIGTERM)
+    with pytest.raises(stop.Interrupted):
+        write_synth(out, PARAMS, maps)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_ingest_within_a_map(tmp_path: Path) -> None:
+    """SIGTERM to ``liverseg ingest`` of the 16 committed maps: it stops after the maps in
+    flight (not after every map), keeps neither output nor temporary, and says so in one line."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": {"synth": {"matrix": 64, "draws": 1}}}))
+    cmd = [str(BIN / "liverseg"), "ingest", "--out", "raw", "--labelmaps", str(REPO / "labelmaps"),
+           "--params", str(params)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the first map's progress line: 15 are still to come
+    assert re.match(r"e\d\d: ", first), first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    done = re.findall(r"^e\d\d: ", first + err, re.M)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1].startswith("liverseg ingest: interrupted by SIGTERM;"), err
+    assert 1 <= len(done) <= 4, err  # two workers: at most what ends in half a second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 
 from liverseg.data.labelmaps import LabelMap, find_labelmaps, load_labelmap
 from liverseg.data.layout import case_id_for, output_paths
+from liverseg.data.pool import map_in_processes
 from liverseg.data.volumes import save_pair
 
 if TYPE_CHECKING:
@@ -442,7 +443,7 @@ def write_synth(out_dir: Path, params: SynthParams, labelmaps: Path) -> list[str
     machine.
     """
     paths = find_labelmaps(labelmaps)
+    cases: list[str] = []
     workers = max(1, min(len(paths), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as pool:
-        jobs = pool.map(_one, paths, [params] * len(paths), [out_dir] * len(paths))
-        return [case for cases in jobs for case in cases]
+    map_in_processes(partial(_one, params=params, out_dir=out_dir), paths, workers, cases.extend)
+    return cases

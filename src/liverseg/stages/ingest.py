@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from liverseg import stop
 from liverseg.data.ircad import ingest_ircad
 from liverseg.data.layout import find_nifti_pairs
 from liverseg.data.phantom import write_phantom
@@ -32,6 +33,7 @@ def ingest(params: IngestParams, out: Path, cache: Path, labelmaps: Path) -> lis
         # Every pair is validated on load (shape, affine, binary mask, NaN, empty liver) before
         # the folder replaces the old one.
         for c in find_nifti_pairs(tmp):
+            stop.check()
             load_case(c.image, c.mask, case_id=c.case_id)
     return cases
 

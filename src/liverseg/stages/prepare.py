@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from liverseg import stop
-from liverseg.data.layout import find_nifti_pairs
+from liverseg.data.layout import CasePaths, find_nifti_pairs
+from liverseg.data.pool import map_in_processes
 from liverseg.data.prepared import write_case, write_splits_and_meta
 from liverseg.data.slices import context_offsets, prepare_volume
 from liverseg.data.splits import make_splits
@@ -23,9 +23,10 @@ from liverseg.fsutil import atomic_dir
 from liverseg.params import PrepareParams, as_flat_dict, load_section
 
 
-def _prepare_case(i: int, image: Path, mask: Path, case_id: str, params: PrepareParams) -> tuple:
-    """One case's slices and its meta.json row (in a worker process)."""
-    case = load_case(image, mask, case_id=case_id)
+def _prepare_case(item: tuple[int, CasePaths], params: PrepareParams) -> tuple:
+    """The ``i``-th case's id, slices and meta.json row (in a worker process)."""
+    i, pair = item
+    case = load_case(pair.image, pair.mask, case_id=pair.case_id)
     # One generator per case (seed, case index): the slices drawn for one case do not change
     # when another case is added or removed.
     rng = np.random.default_rng([params.seed, i])
@@ -48,7 +49,7 @@ def _prepare_case(i: int, image: Path, mask: Path, case_id: str, params: Prepare
         "slices_kept": int(idx.size),
         "liver_slices": int(msk.any(axis=(1, 2)).sum()),
     }
-    return img, msk, idx, row
+    return pair.case_id, img, msk, idx, row
 
 
 def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
@@ -59,29 +60,23 @@ def prepare(raw: Path, out: Path, params: PrepareParams) -> dict[str, Any]:
     meta: dict[str, Any] = {"params": {**as_flat_dict(params), "crop": "body"}, "cases": {}}
     counts: dict[str, int] = {}
     workers = max(1, min(len(pairs), os.cpu_count() or 1))
-    pool = ProcessPoolExecutor(workers)
-    try:
-        jobs = [
-            pool.submit(_prepare_case, i, p.image, p.mask, p.case_id, params)
-            for i, p in enumerate(pairs)
-        ]
-        with atomic_dir(out) as tmp:
-            for pair, job in zip(pairs, jobs, strict=True):
-                stop.check()
-                image, mask, idx, row = job.result()
-                write_case(tmp, pair.case_id, image, mask, idx)
-                counts[pair.case_id] = int(idx.size)
-                meta["cases"][pair.case_id] = row
-            splits = make_splits(
-                counts,
-                n_test=params.n_test,
-                k_folds=params.k_folds,
-                seed=params.seed,
-                test_cases=params.test_cases,
-            )
-            write_splits_and_meta(tmp, splits, meta)
-    finally:  # on an error or a stop, the cases not started are dropped
-        pool.shutdown(cancel_futures=True)
+    with atomic_dir(out) as tmp:
+
+        def keep(result: tuple) -> None:
+            case_id, image, mask, idx, row = result
+            write_case(tmp, case_id, image, mask, idx)
+            counts[case_id] = int(idx.size)
+            meta["cases"][case_id] = row
+
+        map_in_processes(partial(_prepare_case, params=params), enumerate(pairs), workers, keep)
+        splits = make_splits(
+            counts,
+            n_test=params.n_test,
+            k_folds=params.k_folds,
+            seed=params.seed,
+            test_cases=params.test_cases,
+        )
+        write_splits_and_meta(tmp, splits, meta)
     return splits
 
 
