@@ -196,6 +196,12 @@ def test_decision_reads_as_a_sentence(
     assert expected in decision_text(decision, dice, before, before_dice)
 
 
+def test_a_champion_tested_on_other_patients_is_named_with_them() -> None:
+    text = decision_text("challenger", 0.93, "4", 0.90, "e01,e03,e14")
+    assert "champion v4 was tested on other patients (e01,e03,e14)" in text
+    assert "0.9300 against 0.9000" in text and "do not compare" in text
+
+
 def test_model_card_names_data_test_figures_preprocessing_and_use() -> None:
     card = model_card(
         decision="champion: ...",

@@ -154,17 +154,20 @@ def test_max_request_bytes_refuses_bad_values(value: str) -> None:
 
 # -------------------------------------------------------------------------- alias rule (fast)
 @pytest.mark.parametrize(
-    ("new", "champion", "has_champion", "expected"),
+    ("new", "champion", "has_champion", "same_test", "expected"),
     [
-        (0.80, None, False, CHAMPION),  # first version
-        (0.90, 0.85, True, CHAMPION),  # better
-        (0.85, 0.85, True, CHAMPION),  # equal: the newer model wins ties
-        (0.84, 0.85, True, CHALLENGER),  # worse
-        (0.99, None, True, CHALLENGER),  # champion of unknown quality is kept
+        (0.80, None, False, True, CHAMPION),  # first version
+        (0.90, 0.85, True, True, CHAMPION),  # better
+        (0.85, 0.85, True, True, CHAMPION),  # equal: the newer model wins ties
+        (0.84, 0.85, True, True, CHALLENGER),  # worse
+        (0.99, None, True, True, CHALLENGER),  # champion of unknown quality is kept
+        (0.99, 0.85, True, False, CHALLENGER),  # so is one tested on other patients
     ],
 )
-def test_decide(new: float, champion: float | None, has_champion: bool, expected: str) -> None:
-    assert decide(new, champion, has_champion) == expected
+def test_decide(
+    new: float, champion: float | None, has_champion: bool, same_test: bool, expected: str
+) -> None:
+    assert decide(new, champion, has_champion, same_test) == expected
 
 
 @pytest.mark.parametrize(
@@ -486,6 +489,15 @@ def test_aliases_follow_the_test_dice(server: Server, tiny_model: Path, store: S
     assert unknown["decision"] == CHALLENGER
     assert client.get_model_version(MODEL_NAME, "5").tags["champion_dice_before"] == "unknown"
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == "4"
+
+    # Nor is a champion tested on other patients: two test sets' Dice do not compare.
+    client.set_model_version_tag(MODEL_NAME, "4", "test_dice", "0.95")
+    client.set_model_version_tag(MODEL_NAME, "4", "test_cases", "e01,e03,e14")
+    other = register_with(store, tiny_model, 0.99, "v6")
+    assert other["decision"] == CHALLENGER
+    assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == "4"
+    card = client.get_model_version(MODEL_NAME, "6").description
+    assert "champion v4 was tested on other patients (e01,e03,e14)" in card
 
     report = json.loads((store.root / "register-v3" / "register.json").read_text())
     assert report == better

@@ -3,8 +3,9 @@
 A new version takes the alias ``champion`` when its held-out test Dice (evaluate's
 ``dice_mean``) is at least the ``test_dice`` tag of the version holding it, else
 ``challenger``; a champion without a readable tag is kept (no number can beat an unknown
-quality). Aliases only, no registry stages. The register run is nested under the training
-parent run and ends FAILED, not RUNNING, if anything goes wrong.
+quality), and so is one tested on other patients (its ``test_cases`` tag, the training run's:
+two test sets' Dice do not compare). Aliases only, no registry stages. The register run is
+nested under the training parent run and ends FAILED, not RUNNING, if anything goes wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DICE_TAG = "test_dice"
+CASES_TAG = "test_cases"  # the test patients, comma-separated (train's parent run tag)
 NO_CHAMPION = "none"
 UNKNOWN_DICE = "unknown"
 MODEL_DESCRIPTION = (
@@ -35,34 +37,38 @@ MODEL_DESCRIPTION = (
 )
 
 
-def decide(new_dice: float, champion_dice: float | None, has_champion: bool) -> str:
+def decide(
+    new_dice: float, champion_dice: float | None, has_champion: bool, same_test: bool = True
+) -> str:
     """``champion`` or ``challenger`` for a new version (the rule in the module docstring)."""
     if not has_champion:
         return CHAMPION
-    if champion_dice is None:
+    if champion_dice is None or not same_test:
         return CHALLENGER
     return CHAMPION if new_dice >= champion_dice else CHALLENGER
 
 
-def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
-    """(version, test Dice) of the version holding ``champion`` now; Nones if there is none,
-    Dice None if its tag is missing or not a number."""
+def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float | None, str]:
+    """(version, test Dice, test cases) of the version holding ``champion`` now; Nones (and
+    "") if there is none, Dice None if its tag is missing or not a number."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None, None
+            return None, None, ""
         raise
     version = (model.aliases or {}).get(CHAMPION)
     if version is None:
-        return None, None
+        return None, None, ""
+    tags = client.get_model_version(name, str(version)).tags
     try:
-        dice: float | None = float(client.get_model_version(name, str(version)).tags[DICE_TAG])
+        dice: float | None = float(tags[DICE_TAG])
     except (KeyError, ValueError):
         dice = None
-    return str(version), dice if dice is not None and math.isfinite(dice) else None
+    dice = dice if dice is not None and math.isfinite(dice) else None
+    return str(version), dice, tags.get(CASES_TAG, "")
 
 
 def register_model(
@@ -112,13 +118,16 @@ def register_model(
         run_id = str(run.info.run_id)
         mlflow.log_params({"model_name": name, **post.to_dict()})
         mlflow.log_metric(DICE_TAG, test_dice)
-        before_version, before_dice = current_champion(client, name)
+        before_version, before_dice, before_cases = current_champion(client, name)
+        cases = parent.data.tags.get(CASES_TAG, "")
+        same_test = before_version is None or before_cases == cases
         info = log_pyfunc(Path(model_dir), post, registered_model_name=name)
         version = str(info.registered_model_version)
-        decision = decide(test_dice, before_dice, before_version is not None)
+        decision = decide(test_dice, before_dice, before_version is not None, same_test)
         dice_before = UNKNOWN_DICE if before_dice is None else repr(before_dice)
         version_tags = {
             DICE_TAG: repr(test_dice),
+            CASES_TAG: cases,
             "champion_dice_before": dice_before if before_version else NO_CHAMPION,
             "champion_version_before": before_version or NO_CHAMPION,
             "decision": decision,
@@ -133,7 +142,13 @@ def register_model(
         tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
         pre = read_stage_json(prep_file, "train")
         card = model_card(
-            decision=decision_text(decision, test_dice, before_version, before_dice),
+            decision=decision_text(
+                decision,
+                test_dice,
+                before_version,
+                before_dice,
+                None if same_test else before_cases,
+            ),
             test=test,
             data={"dvc_md5": tags.get("data_dvc_md5", "?"), "sha256": tags.get("data_sha256", "?")},
             preprocessing=pre if isinstance(pre, dict) else {},
@@ -174,13 +189,25 @@ def register_model(
 
 
 def decision_text(
-    decision: str, test_dice: float, before_version: str | None, before_dice: float | None
+    decision: str,
+    test_dice: float,
+    before_version: str | None,
+    before_dice: float | None,
+    other_cases: str | None = None,
 ) -> str:
-    """The champion/challenger decision as a sentence."""
+    """The champion/challenger decision as a sentence; ``other_cases``: the champion's test
+    patients when they are not this version's."""
     if before_version is None:
         return f"{decision}: the first version with a test Dice ({test_dice:.4f})."
     if before_dice is None:
         return f"{decision}: champion v{before_version} has no readable test Dice, so it is kept."
+    if other_cases is not None:
+        return (
+            f"{decision}: champion v{before_version} was tested on other patients "
+            f"({other_cases or 'not recorded'}), so the test Dice ({test_dice:.4f} against "
+            f"{before_dice:.4f}) do not compare and it is kept; promote this version by hand "
+            "if it should serve."
+        )
     op = ">=" if test_dice >= before_dice else "<"
     return (
         f"{decision}: test Dice {test_dice:.4f} {op} champion v{before_version}'s "
