@@ -813,8 +813,11 @@ def test_a_stop_kills_the_data_workers_and_drops_the_items_not_started(tmp_path:
     with pytest.raises(stop.Interrupted):
         map_in_processes(_item, [(tmp_path, i) for i in range(10)], 2, each)
     assert seen == [0, 1]  # in order
-    # items 2 and 3 started when 0 and 1 ended; killed, they never end; 4-9 never start
-    assert _files(tmp_path) == ["end-0", "end-1", "start-0", "start-1", "start-2", "start-3"]
+    # items 2 and 3 were handed out when 0 and 1 ended (a loaded machine may kill them before
+    # they start); killed, they never end; 4-9 are never handed out
+    files = set(_files(tmp_path))
+    assert {"start-0", "start-1", "end-0", "end-1"} <= files
+    assert files <= {"start-0", "start-1", "end-0", "end-1", "start-2", "start-3"}
 
 
 def test_a_data_workers_error_ends_the_others(tmp_path: Path) -> None:
@@ -822,8 +825,8 @@ def test_a_data_workers_error_ends_the_others(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="item 99 is broken"):
         map_in_processes(_item, [(tmp_path, i) for i in (5, 99, 6, 7)], 2, print)
-    # item 5 killed (it would have taken a minute), 6 and 7 never started
-    assert _files(tmp_path) == ["start-5", "start-99"]
+    # item 5 killed (it would have taken a minute), 6 and 7 never handed out
+    assert "start-99" in _files(tmp_path) and set(_files(tmp_path)) <= {"start-5", "start-99"}
 
 
 def test_training_stops_at_its_next_batch() -> None:
