@@ -129,6 +129,8 @@ def test_post_processing_round_trip() -> None:
     assert post.updated({"threshold": 0.7, "orientation": "LAS"}, "params") == PostProcessing(
         0.7, False, True
     )
+    # predict on a model folder post-processes as evaluate does by default
+    assert PostProcessing() == PostProcessing.from_params(EvaluateParams())
 
 
 @pytest.mark.parametrize(

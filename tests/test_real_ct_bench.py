@@ -237,3 +237,35 @@ def test_flag_calibration_counts_what_each_threshold_flags(tmp_path: Path) -> No
     assert table["agreement < 0.91"] == ["2", "1", "1"]
     assert table["the runs' flag, all reasons"] == ["2", "1", "1"]
     assert "agreement of the scans below 0.88: [0.85, 0.905]" in out
+
+
+def test_predict_thresholds_as_the_model_was_registered(
+    model: Path, mlflow_store: MlflowStore, tmp_path: Path
+) -> None:
+    """``liverseg predict --model models:/...`` post-processes as the version was registered
+    (its postprocessing.json); a model folder has the defaults; the options override either.
+    The block's probability is 0.32 (one member of three): kept at threshold 0.3, not at 0.55."""
+    import mlflow
+
+    from liverseg.inference import PostProcessing
+    from liverseg.serving.model import log_pyfunc
+
+    registered = PostProcessing(threshold=0.3, largest_component=False, fill_holes=False)
+    with mlflow.start_run(experiment_id=mlflow_store.experiment("t")):
+        log_pyfunc(model, registered, registered_model_name="liver-unet")
+    hu, cube, block = ras_volumes()
+    save_pair(hu, cube, np.diag([*SPACING, 1.0]), tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
+
+    def voxels(model_source: str | Path, *options: str) -> int:
+        cmd = [sys.executable, "-m", "liverseg.cli", "predict", str(tmp_path / "ct.nii.gz")]
+        cmd += ["-o", str(tmp_path / "out.nii.gz"), "--model", str(model_source), *options]
+        env = tool_env(MLFLOW_TRACKING_URI=mlflow_store.uri)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return int(np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).sum())
+
+    both, alone = int(cube.sum() + block.sum()), int(cube.sum())
+    assert voxels("models:/liver-unet/1") == both
+    assert voxels(model) == alone
+    assert voxels(model, "--threshold", "0.3", "--no-largest-component") == both
+    assert voxels("models:/liver-unet/1", "--threshold", "0.55") == alone

@@ -321,7 +321,7 @@ class QualityParams:
 
 @_params("evaluate")
 class EvaluateParams:
-    threshold: Annotated[Float, _range(0, 1, lo_open=True, hi_open=True)] = 0.5
+    threshold: Annotated[Float, _range(0, 1, lo_open=True, hi_open=True)] = 0.55
     largest_component: Bool = True
     fill_holes: Bool = False
     batch_size: Annotated[Int, _range(1)] = 32

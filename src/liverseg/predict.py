@@ -47,10 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probabilities", type=Path, help="also write the probability map (float32 NIfTI)"
     )
     parser.add_argument("--model", default="models", help="folder or models:/liver-unet@champion")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    # The post-processing options override the model's: a registered model's as evaluated
+    # (its postprocessing.json), a model folder's the defaults (threshold 0.55).
+    parser.add_argument("--threshold", type=float)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--no-largest-component", action="store_true")
-    parser.add_argument("--fill-holes", action="store_true", help="per axial slice")
+    parser.add_argument(
+        "--no-largest-component", dest="largest_component", action="store_const", const=False
+    )
+    parser.add_argument("--fill-holes", action="store_const", const=True, help="per axial slice")
 
 
 def _stem(path: Path, suffixes: tuple[str, ...]) -> str:
@@ -75,13 +79,16 @@ def describe_model(source: str) -> str:
 def main(args: argparse.Namespace) -> None:
     from liverseg.inference import PostProcessing, Segmenter
 
-    keys = ("threshold", "largest_component", "fill_holes")
-    values = (args.threshold, not args.no_largest_component, args.fill_holes)
-    post = PostProcessing.from_dict(dict(zip(keys, values, strict=True)), "options")
-    # Loaded once, when the first CT has been read: a bad CT fails before TensorFlow starts.
-    load = functools.cache(
-        lambda: Segmenter.load(args.model, post=post, batch_size=args.batch_size)
-    )
+    options = {k: getattr(args, k) for k in PostProcessing().to_dict()}
+    options = {k: v for k, v in options.items() if v is not None}
+    PostProcessing().updated(options, "options")  # a bad option fails before any reading
+
+    @functools.cache  # once, when the first CT has been read: a bad CT fails before TensorFlow
+    def load() -> Segmenter:
+        seg = Segmenter.load(args.model, batch_size=args.batch_size)
+        seg.post = seg.post.updated(options, "options")
+        return seg
+
     if args.output.name.lower().endswith(MASK_SUFFIXES):  # one scan to one mask file
         if len(args.ct) > 1:
             raise DataError(f"{args.output}: {len(args.ct)} scans need an output folder (-o DIR)")

@@ -32,19 +32,16 @@ def map_in_processes(
     """
     todo = iter(items)
     futures: list[Future[U]] = []  # submitted, not yet handed to each, in order
-    with ProcessPoolExecutor(processes) as pool:
-        try:
-            while True:
-                stop.check()
-                for f in futures:  # an item's error ends the map at once, not in its turn
-                    if f.done() and f.exception() is not None:
-                        f.result()
-                running = sum(not f.done() for f in futures)
-                futures += [pool.submit(fn, x) for x in islice(todo, processes - running)]
-                while futures and futures[0].done():
-                    each(futures.pop(0).result())
-                if not futures:
-                    return
-                wait([f for f in futures if not f.done()], 0.5, FIRST_COMPLETED)
-        finally:
-            pool.shutdown(cancel_futures=True)
+    with ProcessPoolExecutor(processes) as pool:  # its exit waits for the items running
+        while True:
+            stop.check()
+            for f in futures:  # an item's error ends the map at once, not in its turn
+                if f.done() and f.exception() is not None:
+                    f.result()
+            running = sum(not f.done() for f in futures)
+            futures += [pool.submit(fn, x) for x in islice(todo, processes - running)]
+            while futures and futures[0].done():
+                each(futures.pop(0).result())
+            if not futures:
+                return
+            wait([f for f in futures if not f.done()], 0.5, FIRST_COMPLETED)

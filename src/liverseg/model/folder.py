@@ -20,6 +20,7 @@ from liverseg.fsutil import atomic_dir, read_stage_json, write_json
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
+POSTPROCESSING_FILE = "postprocessing.json"  # a registered model's (liverseg.serving.model)
 
 
 def save_model_dir(

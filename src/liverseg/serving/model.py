@@ -31,7 +31,7 @@ from mlflow.types import ParamSchema, ParamSpec
 from liverseg.errors import DataError
 from liverseg.fsutil import read_stage_json
 from liverseg.inference import PostProcessing, Segmenter
-from liverseg.model.folder import check_model_dir
+from liverseg.model.folder import POSTPROCESSING_FILE, check_model_dir
 from liverseg.segment import segment_volume
 from liverseg.serving.forms import (
     DICOM_COLUMN,
@@ -44,7 +44,6 @@ from liverseg.serving.forms import (
 )
 from liverseg.tracking import tensorflow_distribution
 
-POSTPROCESSING_FILE = "postprocessing.json"
 MASK_FORMATS = ("seg", "nifti")
 
 
