@@ -19,7 +19,7 @@ from conftest import tool_env
 from dicomfake import phantom_ijk, read_seg_mask, write_series
 from liverseg.data.dicom import read_ct_series
 from liverseg.data.volumes import from_canonical
-from liverseg.inference import Segmenter
+from liverseg.inference import PostProcessing, Segmenter
 
 WINDOW = (-100.0, 400.0)
 # Windowed levels of the members: the body (40 HU -> 0.28) is liver for the first member only,
@@ -78,7 +78,7 @@ def test_members_leave_the_ensemble_mask_unchanged(models: Path, tmp_path: Path)
         alone = Segmenter(threshold_net(level), window_hu=WINDOW, image_size=32, batch_size=5)
         np.testing.assert_array_equal(full.members[k], alone.predict_ras(hu).mask)
     assert full.probabilities is not None
-    np.testing.assert_array_equal(full.probabilities >= 0.5, full.mask)
+    np.testing.assert_array_equal(full.probabilities >= PostProcessing().threshold, full.mask)
     # A single network has no members.
     single = Segmenter(threshold_net(0.5), window_hu=WINDOW, image_size=32)
     assert single.predict_ras(hu, members=True).members is None
@@ -118,7 +118,7 @@ def test_predict_dicom_to_seg_and_nifti_agree(
     prob = np.asanyarray(nib.load(str(probs)).dataobj)
     assert prob.dtype == np.float32 and prob.shape == expected.shape
     thresholded = from_canonical(seg.predict_ras(vol.data).mask, vol)
-    np.testing.assert_array_equal(prob >= 0.5, thresholded)
+    np.testing.assert_array_equal(prob >= PostProcessing().threshold, thresholded)
 
     report = json.loads((tmp_path / "liver.quality.json").read_text())
     assert report["series"] == series.info.uid and report["format"] == "seg"
