@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from conftest import MlflowStore
 from liverseg.cli import resolve_tracking_uri
 from liverseg.registry import decision_text, model_card
 from liverseg.tracking import (
@@ -307,3 +308,35 @@ def test_compare_shows_the_params_that_differ(
     assert lines[0].split() == ["experiment", "train.epochs"]  # depth, window: the same
     assert lines[1].split() == ["workspace", "16"] and lines[3].split() == ["epochs-4", "4"]
     assert "0.9100" in head and max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_runs_logging_one_new_dataset_at_once_all_get_it(mlflow_store: MlflowStore) -> None:
+    """Folds and tuning trials log the same dataset at once. MLflow checks for the dataset,
+    then inserts it: the losers of that race got a unique-key violation (a tuning worker failed
+    so under load). Eight runs at a barrier: each gets the dataset, none fails."""
+    import threading
+
+    from liverseg.tracking import log_dataset
+
+    exp, n = mlflow_store.experiment("t"), 8
+    barrier, errors, run_ids = threading.Barrier(n), [], []
+
+    def one() -> None:
+        try:
+            with mlflow.start_run(experiment_id=exp) as run:
+                run_ids.append(run.info.run_id)
+                barrier.wait()
+                log_dataset(Path("data/prepared"), "d" * 40, context="training")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("data/prepared", "d" * 36)]

@@ -152,7 +152,12 @@ def log_dataset(path: Path, digest: str, context: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(name)
     dataset = MetaDataset(source=source, name=name, digest=digest[:36])  # type: ignore[abstract]
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException:
+        # Folds or trials logging the same new dataset at once race on MLflow's check-then-insert
+        # into its datasets table: the losers get a unique-key violation. The row exists now.
+        mlflow.log_input(dataset, context=context)
 
 
 DVC_WRITTEN = (":(exclude)dvc.lock", ":(exclude)reports")
