@@ -79,8 +79,7 @@ def describe_model(source: str) -> str:
 def main(args: argparse.Namespace) -> None:
     from liverseg.inference import PostProcessing, Segmenter
 
-    options = {k: getattr(args, k) for k in PostProcessing().to_dict()}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k in PostProcessing().to_dict() if (v := getattr(args, k)) is not None}
     PostProcessing().updated(options, "options")  # a bad option fails before any reading
 
     @functools.cache  # once, when the first CT has been read: a bad CT fails before TensorFlow
