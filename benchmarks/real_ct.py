@@ -42,14 +42,15 @@ def table(rows: list[dict], tolerances: tuple[float, ...]) -> str:
     """The rows as a markdown table."""
     nsd = [nsd_key(t) for t in tolerances]
     head = ["case", "Dice", "HD95 mm", *(f"NSD {t:g} mm" for t in tolerances)]
-    head += ["pred mL", "true mL", "agreement", "review", "reasons", "s"]
+    head += ["pred mL", "true mL", "agreement", "review", "reasons", "notes", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         agreement = "-" if r["agreement"] is None else f"{r['agreement']:.4f}"
         cells = [r["case"], f"{r['dice']:.4f}", f"{r['hd95_mm']:.2f}"]
         cells += [f"{r[k]:.4f}" for k in nsd]
         cells += [f"{r['volume_pred_ml']:.1f}", f"{r['volume_true_ml']:.1f}", agreement]
-        cells += ["yes" if r["review"] else "no", r["review_reasons"] or "-", f"{r['seconds']:.1f}"]
+        cells += ["yes" if r["review"] else "no", r["review_reasons"] or "-", r["notes"] or "-"]
+        cells += [f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -101,6 +101,7 @@ def test_a_folder_of_nifti_and_dicom_scans(models: Path, tmp_path: Path) -> None
         assert float(row["agreement"]) == pytest.approx(report["agreement"], abs=1e-4)
         assert row["review"] == str(report["review"])
         assert row["reasons"] == "; ".join(report["reasons"])
+        assert row["notes"] == "; ".join(report["notes"])
     assert float(good[0]["volume_ml"]) > 0
 
     # The SEG form: the NIfTI file's row fails (a SEG needs DICOM), the series' SEG is its mask.

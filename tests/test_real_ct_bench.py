@@ -124,6 +124,8 @@ def test_table_and_csv_against_the_metrics(model: Path, tmp_path: Path) -> None:
         assert float(cells["agreement"]) == pytest.approx(agreement, abs=5e-5)
         assert row["review"] == "True" and cells["review"] == "yes"
         assert row["review_reasons"] == cells["reasons"] == "; ".join(report["reasons"])
+        assert row["notes"] == "; ".join(report["notes"])
+        assert cells["notes"] == (row["notes"] or "-")
     assert float(rows["same_ct"]["dice"]) == 1.0 and float(rows["same_ct"]["hd95_mm"]) == 0.0
     assert float(rows["e07"]["dice"]) == pytest.approx(5 / 6)
     assert "n 3" in out.stdout  # the rank correlation's line, over the three cases

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 FORMATS = ("nifti", "seg")
 MASK_SUFFIXES = (".nii.gz", ".nii", ".dcm")
 SUMMARY_FILE = "summary.csv"
-SUMMARY_COLUMNS = ("scan", "output", "volume_ml", "agreement", "review", "reasons", "error")
+SUMMARY_COLUMNS = (
+    "scan", "output", "volume_ml", "agreement", "review", "reasons", "notes", "error"
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +107,8 @@ def main(args: argparse.Namespace) -> None:
             "REVIEW: " + "; ".join(report["reasons"]) if report["review"] else "no flag raised"
         )
         print(f"predict: quality ({row['path']}): {verdict}")
+        for note in report["notes"]:
+            print(f"predict: note: {note}")
         return
     for option, value in (("--series", args.series), ("--probabilities", args.probabilities)):
         if value is not None:
@@ -174,6 +178,7 @@ def predict_many(args: argparse.Namespace, load: Callable[[], Segmenter]) -> Non
                 agreement="" if agreement is None else f"{agreement:.4f}",
                 review=report["review"],
                 reasons="; ".join(report["reasons"]),
+                notes="; ".join(report["notes"]),
             )
         rows.append(row)
     summary = out_dir / SUMMARY_FILE

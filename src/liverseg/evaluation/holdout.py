@@ -96,6 +96,7 @@ def score_case(
         "agreement": q["agreement"],
         "review": q["review"],
         "review_reasons": "; ".join(q["reasons"]),
+        "notes": "; ".join(q["notes"]),
         "seconds": round(seconds, 3),
     }
     return row, pred
